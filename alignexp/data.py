@@ -1,0 +1,145 @@
+"""Inspect a task's data: ``python -m alignexp.data task=<name> [task.path=...] [task.split=...] [stage=...]``.
+
+Loads and validates the task's examples for one stage, then prints a JSON summary (records read,
+examples produced, responses per prompt, ties, length percentiles in characters, skips by reason)
+and a few rendered examples. ``stage=auto`` (the default) shows the task's preference data where it
+has its own, its SFT data otherwise (the synthetic task samples preferences from a policy, so it
+shows its SFT demonstrations). The exit status is 1 when an invalid record stops loading (set
+``task.skip_invalid=true`` to count and skip such records instead) and 2 when the data cannot be
+read at all; the message is printed without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import hydra
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from alignexp.tasks.base import DataError, LoadReport, RankedExample, Text, has_ties
+from alignexp.tasks.loading import DataUnavailable, text_length
+
+STAGES = ("auto", "preference", "sft", "eval")
+log = logging.getLogger("alignexp.data")
+
+
+def percentiles(values: Sequence[int]) -> dict[str, float]:
+    """Nearest-rank percentiles (p50, p90, p99), the mean and the extremes; {} for no values."""
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def rank(q: float) -> int:
+        return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+    return {"min": ordered[0], "p50": rank(50), "p90": rank(90), "p99": rank(99), "max": ordered[-1],
+            "mean": round(sum(ordered) / len(ordered), 1)}
+
+
+def summarize(examples: Sequence[RankedExample], report: LoadReport | None, task: str, stage: str,
+              split: str | None) -> dict[str, Any]:
+    """The JSON summary of one stage's examples (and the load report, where the task keeps one)."""
+    sizes = Counter(ex.n for ex in examples)
+    tied_pairs = [has_ties(ex.scores) for ex in examples]
+    summary: dict[str, Any] = {
+        "task": task, "stage": stage, "split": split,
+        "source": report.source if report else task,
+        "records": report.records if report else len(examples),
+        "examples": len(examples),
+        "responses_per_prompt": {str(k): v for k, v in sorted(sizes.items())},
+        "examples_with_scores": sum(ex.scores is not None for ex in examples),
+        "examples_with_ties": sum(t > 0 for t in tied_pairs),
+        "tied_adjacent_pairs": sum(tied_pairs),
+        "examples_with_target": sum(ex.target is not None for ex in examples),
+        "chat_prompts": sum(isinstance(ex.prompt, list) for ex in examples),
+        "prompt_chars": percentiles([text_length(ex.prompt) for ex in examples]),
+        "response_chars": percentiles([text_length(r) for ex in examples for r in ex.responses]),
+        "skipped": dict(sorted(report.skipped.items())) if report else {},
+        "skipped_total": sum(report.skipped.values()) if report else 0,
+        "left_out": dict(sorted(report.filtered.items())) if report else {},
+        "over_length": dict(sorted(report.truncated.items())) if report else {},
+    }
+    return summary
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more chars]"
+
+
+def render_text(text: Text, limit: int) -> str:
+    """A prompt or response for reading: strings as they are, messages one ``[role] content`` per turn."""
+    if isinstance(text, str):
+        return _clip(text, limit)
+    return "\n".join(f"[{m['role']}] {_clip(m['content'], limit)}" for m in text)
+
+
+def render_example(example: RankedExample, number: int, limit: int) -> str:
+    where = ", ".join(f"{k} {example.meta[k]}" for k in ("source", "index") if k in example.meta)
+    lines = [f"=== example {number} ({where}; {example.n} response{'s' * (example.n != 1)}) ==="]
+    lines += ["--- prompt ---", render_text(example.prompt, limit)]
+    for j, response in enumerate(example.responses):
+        score = f" (score {example.scores[j]:g})" if example.scores is not None else ""
+        lines += [f"--- response {j + 1}{score} ---", render_text(response, limit)]
+    if example.target is not None and example.target != example.responses[0]:
+        lines += ["--- target ---", render_text(example.target, limit)]
+    return "\n".join(lines)
+
+
+def load_stage(task, stage: str, cfg_task: DictConfig) -> tuple[str, str | None, list[RankedExample]]:
+    """Run one stage of ``task``; returns (stage, split, examples)."""
+    if stage == "auto":
+        stage = "preference" if getattr(task, "offline_preferences", False) else "sft"
+    if stage == "preference":
+        split = cfg_task.get("split")
+        return stage, split, task.preference_examples(split) if split else task.preference_examples()
+    if stage == "sft":  # tasks with one kind of data (ultrachat, custom) read their SFT data at task.split
+        split = cfg_task.get("sft_split") if "sft_split" in cfg_task else cfg_task.get("split")
+        return stage, split, task.sft_examples(split) if split else task.sft_examples()
+    return stage, cfg_task.get("eval_split"), task.eval_examples()
+
+
+def run(cfg: DictConfig) -> int:
+    """Load, validate, print the summary and examples; the exit status."""
+    if cfg.stage not in STAGES:
+        print(f"stage must be one of {', '.join(STAGES)}, got {cfg.stage!r}", file=sys.stderr)
+        return 2
+    try:
+        task = instantiate(cfg.task)
+    except InstantiationException as error:  # a bad task setting, e.g. task.rank_by=foo
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        stage, split, examples = load_stage(task, cfg.stage, cfg.task)
+    except DataError as error:
+        print(f"invalid data: {error}\n(set task.skip_invalid=true to skip and count invalid records)",
+              file=sys.stderr)
+        return 1
+    except (DataUnavailable, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    summary = summarize(examples, getattr(task, "last_report", None), str(cfg.task.name), stage, split)
+    print(json.dumps(summary, indent=2, ensure_ascii=False))
+    for number, example in enumerate(examples[: cfg.n_show], start=1):
+        print(render_example(example, number, cfg.max_show_chars))
+    return 0
+
+
+@hydra.main(config_path="../conf", config_name="data", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="[%(levelname)s] %(name)s: %(message)s")
+    log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
+    status = run(cfg)
+    if status:
+        sys.exit(status)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The loss registry: each loss is a pure function of (B, n) log-prob tensors.
+
+Contract (../DESIGN.md): ``get_loss(name)(policy_logps, ref_logps=None, lengths=None, rewards=None,
+mask=None, **hparams) -> LossOutput``. Column 0 is the best response. ``policy_logps`` and
+``ref_logps`` are *summed* response log-probabilities; ``lengths`` counts response tokens;
+``mask`` is True where a response exists (lists shorter than n are masked, never padded into a loss).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class LossOutput:
+    """``loss``: the batch mean, a scalar. ``metrics``: named tensors for logging (detached by the caller)."""
+
+    loss: Tensor
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+# Arguments of a loss function that are tensors supplied by the module, never hyper-parameters.
+TENSOR_ARGS = frozenset({"policy_logps", "ref_logps", "lengths", "rewards", "mask", "target_logps"})
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss: the function plus what it needs. Calling the spec calls the function."""
+
+    name: str
+    fn: Callable[..., LossOutput]
+    needs_reference: bool
+    needs_rewards: bool = False
+    listwise: bool = False
+    min_responses: int = 2
+
+    def __call__(self, *args, **kwargs) -> LossOutput:
+        return self.fn(*args, **kwargs)
+
+    @property
+    def hparams(self) -> dict[str, object]:
+        """The loss's hyper-parameters and their defaults, read from the function's signature."""
+        return {name: p.default for name, p in inspect.signature(self.fn).parameters.items()
+                if name not in TENSOR_ARGS and p.kind is p.KEYWORD_ONLY}
+
+
+_REGISTRY: dict[str, LossSpec] = {}
+
+
+def register_loss(name: str, *, needs_reference: bool, needs_rewards: bool = False,
+                  listwise: bool = False, min_responses: int = 2, aliases: tuple[str, ...] = ()):
+    """Decorator: register ``fn`` under ``name`` (and ``aliases``) with what it needs."""
+
+    def decorator(fn: Callable[..., LossOutput]) -> Callable[..., LossOutput]:
+        for key in (name, *aliases):
+            if key in _REGISTRY:
+                raise KeyError(f"loss '{key}' is registered twice")
+            _REGISTRY[key] = LossSpec(key, fn, needs_reference, needs_rewards, listwise, min_responses)
+        return fn
+
+    return decorator
+
+
+def get_loss(name: str) -> LossSpec:
+    """The registered loss ``name``; a KeyError lists the known names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown loss '{name}'; registered losses: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def registered_losses() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def default_mask(policy_logps: Tensor, mask: Tensor | None) -> Tensor:
+    """``mask`` as a bool tensor shaped like ``policy_logps`` (all True when None)."""
+    if mask is None:
+        return torch.ones_like(policy_logps, dtype=torch.bool)
+    return mask.to(torch.bool)
+
+
+def require(value: Tensor | None, what: str, loss: str) -> Tensor:
+    if value is None:
+        raise ValueError(f"loss '{loss}' needs {what}")
+    return value
+
+
+# The one table of hyper-parameter constraints: name -> (test, what the test requires).
+# A hyper-parameter that is not listed here only has its type checked (that of its default).
+HPARAM_CONSTRAINTS: dict[str, tuple[Callable[[float], bool], str]] = {
+    "beta": (lambda v: v > 0, "> 0"),
+    "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+    "margin": (lambda v: v >= 0, ">= 0"),
+    "sft_weight": (lambda v: v >= 0, ">= 0"),
+    "rank_weight": (lambda v: v >= 0, ">= 0"),
+}
+
+
+def check_hparams(name: str, hparams: Mapping[str, object]) -> None:
+    """Validate the hyper-parameters given for loss ``name`` (the ``loss`` config group, minus ``name``).
+
+    Raises ValueError naming the key: an unknown loss, a key that is not a keyword-only parameter of
+    the loss function, a value of the wrong type (a number where the default is a number, a bool
+    where it is a bool), a non-finite number, or a value that breaks :data:`HPARAM_CONSTRAINTS`
+    (e.g. ``loss.beta must be > 0, got -1``). A ``name`` key, if present, is ignored.
+    """
+    if name not in _REGISTRY:
+        raise ValueError(f"loss.name: unknown loss '{name}'; registered losses: {', '.join(registered_losses())}")
+    known = _REGISTRY[name].hparams
+    for key, value in hparams.items():
+        if key == "name":
+            continue
+        if key not in known:
+            allowed = ", ".join(sorted(known)) or "none"
+            raise ValueError(f"loss.{key} is not a hyper-parameter of loss '{name}' (it takes: {allowed})")
+        default = known[key]
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"loss.{key} must be true or false, got {value!r}")
+            continue
+        if isinstance(default, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"loss.{key} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"loss.{key} must be finite, got {value}")
+        if key in HPARAM_CONSTRAINTS:
+            test, requirement = HPARAM_CONSTRAINTS[key]
+            if not test(value):
+                raise ValueError(f"loss.{key} must be {requirement}, got {value}")

@@ -1,0 +1,80 @@
+"""Reference log-probs: computed once per (reference model, data, tokenisation) and cached on disk.
+
+Precomputing is the default where the reference is fixed, so training holds one model in memory,
+and the runs of a sweep that share a reference and data share the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from alignexp.models.logprobs import EncodedExample, pack, sequence_logps
+
+log = logging.getLogger(__name__)
+
+
+def model_fingerprint(model) -> str:
+    """A hash of the model's architecture and weights (names, shapes, two checksums per tensor).
+
+    The weights are those of the function the model computes (:func:`alignexp.models.lora.fingerprint_state`):
+    the reference of a LoRA policy (adapters off) hashes like its base model, so its cached
+    log-probs are the base model's.
+    """
+    from alignexp.models.lora import fingerprint_state
+
+    digest = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, param in fingerprint_state(model).items():
+            p = param.detach().float()
+            digest.update(f"{name}{tuple(p.shape)}{p.sum().item():.6e}{p.abs().sum().item():.6e}".encode())
+    return digest.hexdigest()[:16]
+
+
+def data_fingerprint(encoded: Sequence[EncodedExample]) -> str:
+    digest = hashlib.sha256()
+    for ex in encoded:
+        digest.update(json.dumps([ex.prompt_ids, ex.response_ids]).encode())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def compute_ref_logps(model, encoded: Sequence[EncodedExample], pad_id: int,
+                      batch_size: int = 32) -> list[Tensor]:
+    """Each example's summed reference log-probs of its n responses, (n,) on the CPU."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    rows: list[Tensor] = []
+    try:
+        for start in tqdm(range(0, len(encoded), batch_size), desc="reference log-probs", leave=False):
+            chunk = encoded[start:start + batch_size]
+            batch = pack(chunk, pad_id=pad_id).to(device)
+            logps, _, mask = sequence_logps(model, batch)
+            rows.extend(logps[i][mask[i]].float().cpu() for i in range(len(chunk)))
+    finally:
+        model.train(was_training)
+    return rows
+
+
+def cached_ref_logps(model, encoded: Sequence[EncodedExample], pad_id: int, cache_dir: str | Path,
+                     batch_size: int = 32) -> list[Tensor]:
+    """:func:`compute_ref_logps`, read from ``cache_dir/reference/<model>-<data>.pt`` when present."""
+    path = Path(cache_dir) / "reference" / f"{model_fingerprint(model)}-{data_fingerprint(encoded)}.pt"
+    if path.exists():
+        log.info("reference log-probs: read from %s", path)
+        return torch.load(path)
+    rows = compute_ref_logps(model, encoded, pad_id, batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(rows, tmp)
+    tmp.replace(path)
+    log.info("reference log-probs: computed for %d examples, cached at %s", len(rows), path)
+    return rows

@@ -1,0 +1,96 @@
+"""PreferenceModule: a policy, a registered loss, and (optionally) a frozen reference. Nothing else.
+
+The log-probs come from :func:`alignexp.models.logprobs.sequence_logps`, the maths from
+:func:`alignexp.losses.get_loss`; this module only wires them into Lightning.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from alignexp.losses import LossOutput, get_loss
+from alignexp.models.logprobs import PackedBatch, sequence_logps
+
+
+@dataclass
+class OptimArgs:
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+def uses_target(loss_name: str) -> bool:
+    """Whether the loss takes the target response's log-probs (packed as one more column)."""
+    return "target_logps" in inspect.signature(get_loss(loss_name).fn).parameters
+
+
+class PreferenceModule(L.LightningModule):
+    """Trains ``policy`` with the loss ``loss_name``; the reference comes precomputed in each batch
+    (``batch.ref_logps``) or from ``reference``, a frozen model."""
+
+    def __init__(self, policy: torch.nn.Module, loss_name: str, loss_hparams: dict | None = None,
+                 optim: OptimArgs | None = None, reference: torch.nn.Module | None = None):
+        super().__init__()
+        self.policy, self.reference = policy, reference
+        policy.train()  # from_pretrained returns models in eval mode
+        self.spec = get_loss(loss_name)
+        self.loss_hparams = dict(loss_hparams or {})
+        self.optim = optim or OptimArgs()
+        self.with_target = uses_target(loss_name)
+        if reference is not None:
+            reference.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
+
+    def compute_loss(self, batch: PackedBatch) -> LossOutput:
+        logps, lengths, mask = sequence_logps(self.policy, batch)
+        extra: dict[str, Tensor] = {}
+        if self.with_target:  # the collator packed the target response as the last column
+            extra["target_logps"] = logps[:, -1]
+            logps, lengths, mask = logps[:, :-1], lengths[:, :-1], mask[:, :-1]
+        ref_logps = None
+        if self.spec.needs_reference:
+            ref_logps = batch.ref_logps
+            if ref_logps is None:
+                if self.reference is None:
+                    raise RuntimeError(f"loss '{self.spec.name}' needs a reference: precomputed log-probs or a model")
+                with torch.no_grad():
+                    ref_logps = sequence_logps(self.reference, batch)[0][:, :logps.shape[1]]
+            ref_logps = ref_logps[:, :logps.shape[1]].to(logps.dtype)
+        rewards = batch.rewards[:, :logps.shape[1]] if batch.rewards is not None else None
+        return self.spec(logps, ref_logps=ref_logps, lengths=lengths, rewards=rewards, mask=mask,
+                         **extra, **self.loss_hparams)
+
+    def _step(self, batch: PackedBatch, stage: str) -> Tensor:
+        out = self.compute_loss(batch)
+        size = batch.lengths.shape[0]
+        self.log(f"{stage}/loss", out.loss.detach(), batch_size=size, prog_bar=True,
+                 on_step=stage == "train", on_epoch=True)
+        for name, value in out.metrics.items():
+            self.log(f"{stage}/{name}", value.detach().float(), batch_size=size,
+                     on_step=stage == "train", on_epoch=True)
+        return out.loss
+
+    def training_step(self, batch: PackedBatch, batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: PackedBatch, batch_idx: int) -> Tensor:
+        return self._step(batch, "val")
+
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay,
+                                      betas=tuple(self.optim.betas))
+        warmup = max(1, self.optim.warmup_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,320 @@
+"""Samplers: where each round's training rankings come from (the ``sampler`` config group).
+
+A sampler runs for ``rounds`` rounds; before each round train.py asks it for the round's examples,
+given a :class:`SamplerContext` holding the current policy, the reference (the SFT policy) and the
+task.
+
+* ``offline`` (one round): the task's data as it is (the synthetic task samples its rankings once
+  from the SFT policy and labels them with the gold reward; they are cached on disk).
+* ``rso`` (one round): RSO (Liu et al. 2023, Algorithm 1): ``num_candidates`` SFT samples per prompt,
+  ``num_samples`` of them kept by statistical rejection sampling on the judge's rewards, ranked by
+  reward; train.py pairs them (``pairs=first_round`` or ``tournament``) for ``dpo`` or ``hinge``.
+* ``raft`` (``iterations`` rounds): RAFT (Dong et al. 2023, Algorithm 1): each round samples
+  ``num_candidates`` responses per prompt from the **current** policy, keeps the best per prompt
+  (``selection=per_prompt``) or the best ``top_fraction`` of the whole batch (``selection=global``),
+  and train.py fine-tunes on them (``loss=raft``, SFT on the kept samples).
+* ``self_bootstrap`` (``rounds`` rounds): PRO's self-bootstrapping (Song et al. 2023, Sec. 3.3): each
+  round adds ``num_new`` samples of the current policy to every ranking of the task's data and re-ranks
+  all with the judge, for a listwise loss (``loss=pro``).
+* ``best_of_n``: the inference-time baseline; nothing is trained: train.py evaluates best-of-``n``
+  sampling of the SFT policy under the sampler's judge (``evaluate_policy`` with ``best_of_n=[n]``),
+  at its analytic KL log n - (n - 1) / n (:func:`alignexp.metrics.reward.best_of_n_kl`).
+
+The rewards of ``rso``, ``raft``, ``self_bootstrap`` and ``best_of_n`` come from a judge
+(``judge: {name: gold}`` by default on the synthetic task; ``{name: reward_model, path: <folder>}``
+for a trained reward model; see :func:`alignexp.judges.build_judge`). Each round's figures (mean
+reward of the candidates and of what was kept) are logged and kept in ``history``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from alignexp.judges import build_judge
+from alignexp.judges.base import Judge, ranked_example
+from alignexp.sampling.engine import SamplingParams
+from alignexp.sampling.rejection import rejection_sample
+from alignexp.sampling.text import sample_texts
+from alignexp.tasks.base import RankedExample, Text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SamplerContext:
+    """What a sampler may use. ``policy`` is the model being trained (updated between rounds)."""
+
+    task: Any
+    tokenizer: Any
+    policy: Any
+    reference: Any
+    reference_key: str
+    seed: int
+    cache_dir: Path
+    max_prompt_len: int
+    max_response_len: int
+    task_config: dict = field(default_factory=dict)
+
+
+def digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def read_jsonl_examples(path: Path) -> list[RankedExample]:
+    return [RankedExample(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_jsonl_examples(path: Path, examples: list[RankedExample]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(ex.__dict__) + "\n" for ex in examples))
+    tmp.replace(path)
+
+
+class OfflineSampler:
+    """The task's preference data as it is (one round)."""
+
+    name = "offline"
+
+    def __init__(self, name: str = "offline", **_: object):
+        self.rounds = 1
+
+    def examples(self, ctx: SamplerContext, round_index: int) -> list[RankedExample]:
+        task = ctx.task
+        if not getattr(task, "has_gold_reward", False):
+            return task.preference_examples("train")
+        path = ctx.cache_dir / "preferences" / f"{task.name}-{digest(ctx.reference_key, ctx.task_config)}.jsonl"
+        if path.exists():
+            log.info("preference data: read from %s", path)
+            return read_jsonl_examples(path)
+        params = SamplingParams(temperature=1.0, max_new_tokens=ctx.max_response_len)
+
+        def sample_fn(prompts, n):
+            return sample_texts(ctx.reference, ctx.tokenizer, prompts, n, params, seed=ctx.seed,
+                                max_prompt_len=ctx.max_prompt_len)
+
+        start = time.time()
+        examples = task.preference_examples("train", sample_fn=sample_fn)
+        write_jsonl_examples(path, examples)
+        log.info("preference data: sampled %d rankings from the SFT policy in %.1fs, cached at %s",
+                 len(examples), time.time() - start, path)
+        return examples
+
+
+def task_prompts(task: Any, split: str = "train") -> list[Text]:
+    """The prompts of ``split``: ``task.prompts(split)`` where the task has it (the synthetic task), else
+    the held-out prompts (``split="eval"``) or the distinct prompts of the SFT data, in order."""
+    if hasattr(task, "prompts"):
+        return list(task.prompts(split))
+    examples = task.eval_examples() if split == "eval" else task.sft_examples(split)
+    seen: set[str] = set()
+    prompts = []
+    for ex in examples:
+        key = json.dumps(ex.prompt, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            prompts.append(ex.prompt)
+    return prompts
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else float("nan")
+
+
+class JudgedSampler:
+    """What the samplers that sample and judge share: the judge (built on first use, from the
+    ``judge`` config), sampling settings, the prompts, and a per-round ``history`` of figures."""
+
+    name = "judged"
+
+    def __init__(self, name: str, judge: dict | None = None, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, max_new_tokens: int | None = None, batch_size: int = 64,
+                 max_prompts: int | None = None, **unknown: object):
+        if unknown:
+            raise ValueError(f"sampler.{sorted(unknown)[0]}: not a setting of sampler '{name}'")
+        self.name = name
+        self.judge_config = dict(judge or {"name": "gold"})
+        if "name" not in self.judge_config:
+            raise ValueError(f"sampler.judge.name: missing (one of gold, reward_model, llm) in sampler '{name}'")
+        SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens or 1)
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+        self.max_new_tokens, self.batch_size, self.max_prompts = max_new_tokens, batch_size, max_prompts
+        self.judge: Judge | None = None
+        self.history: list[dict[str, float]] = []
+
+    def judge_for(self, ctx: SamplerContext) -> Judge:
+        if self.judge is None:
+            config = {k: v for k, v in self.judge_config.items() if v is not None}
+            name = config.pop("name")
+            if name == "reward_model":
+                config.setdefault("device", str(next(ctx.policy.parameters()).device))
+            self.judge = build_judge(name, ctx.task, **config)
+            log.info("%s sampler: judge %s", self.name, name)
+        return self.judge
+
+    def prompts(self, ctx: SamplerContext) -> list[Text]:
+        prompts = task_prompts(ctx.task, "train")
+        return prompts[:self.max_prompts] if self.max_prompts else prompts
+
+    def sample(self, model: Any, ctx: SamplerContext, prompts: list[Text], n: int, stream: int) -> list[list[str]]:
+        """n samples per prompt from ``model``; ``stream`` (a round index) picks independent random streams."""
+        params = SamplingParams(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                max_new_tokens=self.max_new_tokens or ctx.max_response_len)
+        base = int(digest(ctx.seed, self.name, stream), 16) % (2 ** 31)
+        start = time.time()
+        texts = sample_texts(model, ctx.tokenizer, prompts, n, params, seed=base,
+                             max_prompt_len=ctx.max_prompt_len, batch_size=self.batch_size)
+        log.info("%s sampler: %d x %d samples in %.1fs", self.name, len(prompts), n, time.time() - start)
+        return texts
+
+    def record(self, round_index: int, **figures: float) -> None:
+        self.history.append({"round": round_index, **figures})
+        log.info("%s sampler, round %d: %s", self.name, round_index,
+                 ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()))
+
+
+class RSOSampler(JudgedSampler):
+    """RSO (Liu et al. 2023): rejection-sampled rankings from the SFT policy (one round)."""
+
+    name = "rso"
+
+    def __init__(self, name: str = "rso", num_candidates: int = 16, num_samples: int = 8, beta: float = 0.1,
+                 **kwargs: object):
+        super().__init__(name, **kwargs)
+        if beta <= 0:
+            raise ValueError(f"sampler.beta must be > 0, got {beta}")
+        if not 2 <= num_samples <= num_candidates:
+            raise ValueError(f"sampler.num_samples must be in [2, sampler.num_candidates = {num_candidates}], "
+                             f"got {num_samples}")
+        self.num_candidates, self.num_samples, self.beta = num_candidates, num_samples, beta
+        self.rounds = 1
+
+    def examples(self, ctx: SamplerContext, round_index: int) -> list[RankedExample]:
+        prompts = self.prompts(ctx)
+        candidates = self.sample(ctx.reference, ctx, prompts, self.num_candidates, round_index)
+        judge = self.judge_for(ctx)
+        flat = judge.score([p for p, cs in zip(prompts, candidates) for _ in cs], [c for cs in candidates for c in cs])
+        out: list[RankedExample] = []
+        all_rewards: list[float] = []
+        kept_rewards: list[float] = []
+        for i, (prompt, cands) in enumerate(zip(prompts, candidates)):
+            rewards = flat[i * self.num_candidates:(i + 1) * self.num_candidates]
+            valid = [k for k, r in enumerate(rewards) if not math.isnan(r)]
+            if len(valid) < self.num_samples:
+                continue  # the judge abstained on too many candidates (counted by the judge)
+            rng = random.Random(f"{ctx.seed}/rso/{round_index}/{i}")
+            result = rejection_sample([rewards[k] for k in valid], self.num_samples, self.beta, rng)
+            chosen = [valid[k] for k in result.accepted]
+            all_rewards.extend(rewards[k] for k in valid)
+            kept_rewards.extend(rewards[k] for k in chosen)
+            out.append(ranked_example(prompt, [cands[k] for k in chosen], [rewards[k] for k in chosen], judge.name,
+                                      {"source": "rso", "index": i, "sweeps": result.sweeps}))
+        self.record(round_index, candidates_reward=_mean(all_rewards), accepted_reward=_mean(kept_rewards),
+                    prompts=len(out))
+        return out
+
+
+class RaftSampler(JudgedSampler):
+    """RAFT (Dong et al. 2023): the current policy's best samples, for SFT on them (``iterations`` rounds)."""
+
+    name = "raft"
+
+    def __init__(self, name: str = "raft", iterations: int = 3, num_candidates: int = 8,
+                 selection: str = "per_prompt", top_fraction: float | None = None, **kwargs: object):
+        super().__init__(name, **kwargs)
+        if iterations < 1 or num_candidates < 1:
+            raise ValueError(f"sampler.iterations and sampler.num_candidates must be >= 1, got {iterations}, "
+                             f"{num_candidates}")
+        if selection not in ("per_prompt", "global"):
+            raise ValueError(f"sampler.selection must be per_prompt or global, got {selection!r}")
+        if top_fraction is not None and not 0 < top_fraction <= 1:
+            raise ValueError(f"sampler.top_fraction must be in (0, 1], got {top_fraction}")
+        self.rounds, self.num_candidates, self.selection = iterations, num_candidates, selection
+        self.top_fraction = top_fraction if top_fraction is not None else 1.0 / num_candidates
+
+    def examples(self, ctx: SamplerContext, round_index: int) -> list[RankedExample]:
+        prompts = self.prompts(ctx)
+        candidates = self.sample(ctx.policy, ctx, prompts, self.num_candidates, round_index)
+        ranked = self.judge_for(ctx).rank_all(prompts, candidates)
+        if self.selection == "per_prompt":  # RAFT's local ranking: the best of each prompt's K samples
+            kept = [(ex.prompt, ex.responses[0], ex.scores[0]) for ex in ranked]
+        else:  # RAFT's global ranking: the best top_fraction of all b * K samples of the batch
+            pool = [(ex.prompt, y, s) for ex in ranked for y, s in zip(ex.responses, ex.scores)]
+            pool.sort(key=lambda item: -item[2])
+            kept = pool[:max(1, math.ceil(self.top_fraction * len(pool)))]
+        self.record(round_index, candidates_reward=_mean([s for ex in ranked for s in ex.scores]),
+                    kept_reward=_mean([s for _, _, s in kept]), kept=len(kept))
+        return [RankedExample(prompt=p, responses=[y], scores=[s], meta={"source": "raft", "round": round_index})
+                for p, y, s in kept]
+
+
+class SelfBootstrapSampler(JudgedSampler):
+    """PRO's self-bootstrapping (Song et al. 2023): the task's rankings plus the current policy's samples,
+    re-ranked by the judge each round."""
+
+    name = "self_bootstrap"
+
+    def __init__(self, name: str = "self_bootstrap", rounds: int = 2, num_new: int = 1, **kwargs: object):
+        super().__init__(name, **kwargs)
+        if rounds < 1 or num_new < 1:
+            raise ValueError(f"sampler.rounds and sampler.num_new must be >= 1, got {rounds}, {num_new}")
+        self.rounds, self.num_new = rounds, num_new
+        self._base: list[RankedExample] | None = None
+
+    def examples(self, ctx: SamplerContext, round_index: int) -> list[RankedExample]:
+        if self._base is None:
+            self._base = OfflineSampler().examples(ctx, 0)
+            if self.max_prompts:
+                self._base = self._base[:self.max_prompts]
+        prompts = [ex.prompt for ex in self._base]
+        new = self.sample(ctx.policy, ctx, prompts, self.num_new, round_index)
+        ranked = self.judge_for(ctx).rank_all(
+            prompts, [list(ex.responses) + ys for ex, ys in zip(self._base, new)],
+            [{"source": "self_bootstrap", "index": i, "round": round_index} for i in range(len(prompts))])
+        # meta["order"][k] is the input index of the k-th ranked response: the new samples come last
+        new_rewards = [s for ex, base in zip(ranked, self._base)
+                       for s, index in zip(ex.scores, ex.meta["order"]) if index >= base.n]
+        self.record(round_index, new_samples_reward=_mean(new_rewards),
+                    ranking_reward=_mean([s for ex in ranked for s in ex.scores]), rankings=len(ranked))
+        return ranked
+
+
+class BestOfNSampler(JudgedSampler):
+    """Best-of-N sampling of the SFT policy against a judge: an inference-time baseline, nothing is trained.
+
+    It holds ``n`` and the selection judge (:meth:`judge_for`); train.py evaluates best-of-``n`` instead
+    of training, so ``examples`` is never called, and raises if it is.
+    """
+
+    name = "best_of_n"
+
+    def __init__(self, name: str = "best_of_n", n: int = 16, **kwargs: object):
+        super().__init__(name, **kwargs)
+        if n < 1:
+            raise ValueError(f"sampler.n must be >= 1, got {n}")
+        self.n, self.rounds = n, 1
+
+    def examples(self, ctx: SamplerContext, round_index: int) -> list[RankedExample]:
+        raise RuntimeError("sampler=best_of_n is an inference-time baseline with nothing to train: train.py "
+                           "evaluates best-of-n sampling of the SFT policy instead of training")
+
+
+SAMPLERS: dict[str, Callable[..., Any]] = {"offline": OfflineSampler, "rso": RSOSampler, "raft": RaftSampler,
+                                           "self_bootstrap": SelfBootstrapSampler, "best_of_n": BestOfNSampler}
+
+
+def build_sampler(name: str, **kwargs: object):
+    """The sampler ``name`` built from its config (``conf/sampler/<name>.yaml``)."""
+    if name not in SAMPLERS:
+        raise KeyError(f"unknown sampler '{name}'; known: {', '.join(sorted(SAMPLERS))}")
+    return SAMPLERS[name](name=name, **kwargs)

@@ -1,0 +1,312 @@
+"""The RankedExample contract and the validation every task applies while it parses.
+
+A task turns raw records into :class:`RankedExample` objects: one prompt and its responses,
+best first. Validation happens here, once, so every task reports bad input the same way: an
+error that names the source, the record index and the field, or (with ``skip_invalid``) a
+counted skip that is reported by reason at the end of loading.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+Message = dict[str, str]
+Text = Union[str, list[Message]]
+
+
+@dataclass
+class RankedExample:
+    """One prompt and its n >= 1 responses, ranked best first.
+
+    Attributes:
+        prompt: a string, or a list of chat messages ``{"role", "content"}``.
+        responses: n strings (or message lists), best first. A pair is n = 2.
+        scores: optional n floats aligned with ``responses`` (non-increasing); equal scores are ties.
+        target: optional reference response for SFT terms (SLiC's y_ref, TL;DR's human summary).
+        meta: free-form provenance (source file, record index, ids); never used by losses.
+    """
+
+    prompt: Text
+    responses: list[Text]
+    scores: list[float] | None = None
+    target: Text | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return len(self.responses)
+
+
+class DataError(ValueError):
+    """Bad input: names the source, the record index and the field."""
+
+    def __init__(self, source: str, index: int | None, field_name: str, reason: str):
+        self.source, self.index, self.field_name, self.reason = source, index, field_name, reason
+        where = f"{source}, record {index}" if index is not None else source
+        super().__init__(f"{where}, field '{field_name}': {reason}")
+
+
+@dataclass
+class LoadReport:
+    """What loading read, produced and skipped (by reason); printed at the end of loading.
+
+    ``skipped`` counts invalid records dropped under ``skip_invalid``; ``filtered`` counts valid records
+    a task leaves out by design (e.g. CNN/DM articles among TL;DR comparisons); ``truncated`` counts
+    texts over a length limit (they are cut at tokenisation time, not here).
+    """
+
+    source: str
+    records: int = 0
+    examples: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    truncated: Counter = field(default_factory=Counter)
+    filtered: Counter = field(default_factory=Counter)
+
+    def summary(self) -> str:
+        text = f"{self.source}: {self.records} records read, {self.examples} examples"
+        if self.filtered:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.filtered.items()))
+            text += f", {sum(self.filtered.values())} left out by design ({reasons})"
+        if self.skipped:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
+            text += f", {sum(self.skipped.values())} skipped ({reasons})"
+        if self.truncated:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.truncated.items()))
+            text += f", truncated ({reasons})"
+        return text
+
+
+def _is_empty(text: Any) -> bool:
+    if isinstance(text, str):
+        return not text.strip()
+    if isinstance(text, list):
+        return not text or all(not str(m.get("content", "")).strip() for m in text if isinstance(m, dict))
+    return True
+
+
+def _check_text(value: Any, source: str, index: int | None, field_name: str) -> None:
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(source, index, field_name, "empty text")
+        return
+    if isinstance(value, list):
+        if not value:
+            raise DataError(source, index, field_name, "empty message list")
+        for j, message in enumerate(value):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
+                    or not isinstance(message.get("content"), str):
+                raise DataError(source, index, f"{field_name}[{j}]",
+                                "expected a message {'role': str, 'content': str}")
+        if _is_empty(value):
+            raise DataError(source, index, field_name, "all messages are empty")
+        return
+    raise DataError(source, index, field_name,
+                    f"expected a string or a list of messages, got {type(value).__name__}")
+
+
+def validate_example(example: RankedExample, source: str, index: int | None,
+                     min_responses: int = 1) -> RankedExample:
+    """Check ``example`` against the RankedExample contract; raise :class:`DataError` naming the field."""
+    _check_text(example.prompt, source, index, "prompt")
+    if not isinstance(example.responses, list):
+        raise DataError(source, index, "responses", "expected a list")
+    if len(example.responses) < min_responses:
+        raise DataError(source, index, "responses",
+                        f"{len(example.responses)} responses, the loss needs at least {min_responses}")
+    for j, response in enumerate(example.responses):
+        _check_text(response, source, index, f"responses[{j}]")
+    if example.target is not None:
+        _check_text(example.target, source, index, "target")
+    if example.scores is not None:
+        if len(example.scores) != len(example.responses):
+            raise DataError(source, index, "scores",
+                            f"{len(example.scores)} scores for {len(example.responses)} responses")
+        for j, score in enumerate(example.scores):
+            if isinstance(score, bool) or not isinstance(score, (int, float)):
+                raise DataError(source, index, f"scores[{j}]", f"expected a number, got {score!r}")
+            if math.isnan(score) or math.isinf(score):
+                raise DataError(source, index, f"scores[{j}]", f"score is {score}")
+        if any(a < b for a, b in zip(example.scores, example.scores[1:])):
+            raise DataError(source, index, "scores", "responses are not ranked best first (scores increase)")
+    return example
+
+
+def sort_by_scores(responses: Sequence[Text], scores: Sequence[float]) -> tuple[list[Text], list[float]]:
+    """Order responses best first by score; the sort is stable, so ties keep their given order."""
+    order = sorted(range(len(responses)), key=lambda i: -scores[i])
+    return [responses[i] for i in order], [float(scores[i]) for i in order]
+
+
+class Validator:
+    """Validates examples one by one: raises on the first bad one, or counts skips by reason.
+
+    Usage::
+
+        validator = Validator(source, skip_invalid, min_responses)
+        examples = list(validator.run(records, parse))
+        print(validator.report.summary())
+    """
+
+    def __init__(self, source: str, skip_invalid: bool = False, min_responses: int = 1):
+        self.report = LoadReport(source)
+        self.skip_invalid = skip_invalid
+        self.min_responses = min_responses
+
+    def run(self, records: Iterable[Any], parse) -> Iterator[RankedExample]:
+        """Parse each record with ``parse(record, index) -> RankedExample | list[RankedExample]``."""
+        for index, record in enumerate(records):
+            self.report.records += 1
+            try:
+                parsed = parse(record, index)
+                examples = parsed if isinstance(parsed, list) else [parsed]
+                for example in examples:
+                    validate_example(example, self.report.source, index, self.min_responses)
+            except DataError as error:
+                if not self.skip_invalid:
+                    raise
+                self.report.skipped[f"{error.field_name.split('[')[0]}: {error.reason}"] += 1
+                continue
+            self.report.examples += len(examples)
+            yield from examples
+
+
+def truncate_rankings(examples: list[RankedExample], ranking_length: int | None) -> list[RankedExample]:
+    """Keep ``ranking_length`` responses of each ranking: the best, the worst and evenly spaced between.
+
+    With k kept out of n, positions round(i * (n - 1) / (k - 1)) for i = 0..k-1 are kept, so k = 2
+    keeps (best, worst) and k >= n keeps everything. Scores follow their responses.
+    """
+    if ranking_length is None:
+        return examples
+    if ranking_length < 1:
+        raise ValueError(f"task.ranking_length must be >= 1, got {ranking_length}")
+    out = []
+    for ex in examples:
+        n = ex.n
+        if ranking_length >= n:
+            out.append(ex)
+            continue
+        if ranking_length == 1:
+            keep = [0]
+        else:
+            keep = sorted({round(i * (n - 1) / (ranking_length - 1)) for i in range(ranking_length)})
+        out.append(RankedExample(
+            prompt=ex.prompt,
+            responses=[ex.responses[i] for i in keep],
+            scores=None if ex.scores is None else [ex.scores[i] for i in keep],
+            target=ex.target, meta=dict(ex.meta)))
+    return out
+
+
+# -- reading fields of raw records --------------------------------------------------------------
+# Parsers use these so that every error names the record's own field ("summaries[1].text"), not the
+# RankedExample field it becomes.
+
+ROLES = frozenset({"system", "user", "assistant", "tool"})
+_MISSING = object()
+
+
+def get_field(record: Any, key: str, source: str, index: int | None, field_name: str | None = None,
+              *, optional: bool = False) -> Any:
+    """``record[key]``; a missing key (or None, unless ``optional``) is a :class:`DataError`."""
+    name = field_name or key
+    if not isinstance(record, dict):
+        raise DataError(source, index, name.rsplit(".", 1)[0] if "." in name else "<record>",
+                        f"expected an object, got {type(record).__name__}")
+    value = record.get(key, _MISSING)
+    if value is _MISSING:
+        if optional:
+            return None
+        raise DataError(source, index, name, "missing field")
+    if value is None and not optional:
+        raise DataError(source, index, name, "is null")
+    return value
+
+
+def text_field(record: Any, key: str, source: str, index: int | None, field_name: str | None = None,
+               *, optional: bool = False) -> str | None:
+    """A non-empty string field (None only where ``optional`` and the field is absent or null)."""
+    name = field_name or key
+    value = get_field(record, key, source, index, name, optional=optional)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise DataError(source, index, name, f"expected a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(source, index, name, "empty text")
+    return value
+
+
+def number_value(value: Any, source: str, index: int | None, field_name: str) -> float:
+    """A finite number (strings such as ``"4"`` are parsed; ``"N/A"``, NaN and booleans are errors)."""
+    if isinstance(value, str):
+        try:
+            parsed = float(value.strip())
+        except ValueError:
+            raise DataError(source, index, field_name, f"not a number: {value!r}") from None
+        value = parsed
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(source, index, field_name,
+                        f"expected a number, got {'null' if value is None else type(value).__name__}")
+    if math.isnan(value) or math.isinf(value):
+        raise DataError(source, index, field_name, f"score is {value}")
+    return float(value)
+
+
+def messages_value(value: Any, source: str, index: int | None, field_name: str,
+                   *, allow_empty_content: bool = False) -> list[Message]:
+    """A non-empty list of chat messages ``{"role", "content"}`` with known roles."""
+    if not isinstance(value, list):
+        raise DataError(source, index, field_name, f"expected a list of messages, got {type(value).__name__}")
+    if not value:
+        raise DataError(source, index, field_name, "empty message list")
+    messages = []
+    for j, message in enumerate(value):
+        where = f"{field_name}[{j}]"
+        if not isinstance(message, dict):
+            raise DataError(source, index, where, f"expected a message object, got {type(message).__name__}")
+        role = message.get("role")
+        if role not in ROLES:
+            raise DataError(source, index, f"{where}.role", f"unknown role {role!r} (expected one of "
+                            f"{', '.join(sorted(ROLES))})")
+        content = message.get("content")
+        if not isinstance(content, str):
+            raise DataError(source, index, f"{where}.content",
+                            f"expected a string, got {'null' if content is None else type(content).__name__}")
+        if not allow_empty_content and not content.strip():
+            raise DataError(source, index, f"{where}.content", "empty text")
+        messages.append({"role": role, "content": content})
+    return messages
+
+
+def assistant_turn_examples(messages: list[Message], source: str, index: int, field_name: str = "messages",
+                            meta: dict[str, Any] | None = None) -> list[RankedExample]:
+    """One SFT example per assistant turn: the messages before it as the prompt, its content as the response.
+
+    Summing the log-probs of these responses sums exactly the conversation's assistant tokens, so
+    multi-turn SFT trains on assistant turns only.
+    """
+    examples = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if i == 0:
+            raise DataError(source, index, f"{field_name}[0]", "the conversation starts with an assistant turn")
+        if not message["content"].strip():
+            raise DataError(source, index, f"{field_name}[{i}].content", "empty text")
+        examples.append(RankedExample(prompt=messages[:i], responses=[message["content"]],
+                                      meta={**(meta or {}), "source": source, "index": index, "turn": i}))
+    if not examples:
+        raise DataError(source, index, field_name, "no assistant turn")
+    return examples
+
+
+def has_ties(scores: Sequence[float] | None) -> int:
+    """How many adjacent pairs of a best-first ranking have equal scores."""
+    if not scores:
+        return 0
+    return sum(a == b for a, b in zip(scores, scores[1:]))

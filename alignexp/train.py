@@ -1,0 +1,208 @@
+"""``python -m alignexp.train``: one place builds everything, flat and in plain sight.
+
+Stages (each logged): policy and reference -> preference data -> reference log-probs -> training ->
+the trained policy in Hugging Face format -> evaluation (``eval.json`` and a printed table).
+With no overrides it runs the default experiment on CPU: the synthetic task's SFT policy (trained and
+cached when missing), rankings sampled from it and labelled by the gold reward, preference training
+from it, and evaluation of policy against reference on held-out prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from alignexp.config import CONF_DIR, ConfigError, setup_runtime, validate
+from alignexp.evaluate import EvalArgs, evaluate_policy, format_table, write_eval_json
+from alignexp.hardware import HardwareArgs, trainer_kwargs
+from alignexp.losses import get_loss
+from alignexp.models.backbone import ModelArgs, build_model, build_tokenizer
+from alignexp.models.reference import cached_ref_logps
+from alignexp.modules.datamodule import RankingDataset, encode_all, make_loader
+from alignexp.modules.preference import OptimArgs, PreferenceModule, uses_target
+from alignexp.modules.sft import SFTModule
+from alignexp.sampling.pairing import pairs_for_loss
+from alignexp.sampling.samplers import SamplerContext, build_sampler, digest
+from alignexp.tasks.base import RankedExample, truncate_rankings
+
+log = logging.getLogger("alignexp.train")
+
+SFT_LOSSES = ("sft", "preferred_ft")
+
+
+def make_loggers(cfg: DictConfig, out: Path, stage: str) -> list:
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
+
+    loggers: list = [CSVLogger(save_dir=str(out), name="logs", version=stage)]
+    if cfg.logger.tensorboard:
+        loggers.append(TensorBoardLogger(save_dir=str(out), name="tensorboard", version=stage))
+    if cfg.logger.wandb:
+        loggers.append(WandbLogger(project=cfg.logger.wandb_project, save_dir=str(out), name=f"{out.name}-{stage}",
+                                   offline=cfg.logger.get("wandb_offline", True)))
+    return loggers
+
+
+def fit(module: L.LightningModule, loader, cfg: DictConfig, section: DictConfig, out: Path, stage: str,
+        hw: HardwareArgs) -> None:
+    """Train ``module`` with Lightning under the hardware option's strategy."""
+    trainer = L.Trainer(**trainer_kwargs(hw), max_epochs=section.max_epochs,
+                        max_steps=section.get("max_steps", -1),
+                        accumulate_grad_batches=section.get("accumulate_grad_batches", 1),
+                        gradient_clip_val=section.get("gradient_clip_val", None) or None,
+                        log_every_n_steps=cfg.train.log_every_n_steps, logger=make_loggers(cfg, out, stage),
+                        enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(out),
+                        num_sanity_val_steps=0)
+    trainer.fit(module, train_dataloaders=loader)
+
+
+def save_policy(model, tokenizer, folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def ensure_sft_policy(cfg: DictConfig, model_args: ModelArgs, tokenizer, task, hw: HardwareArgs) -> Path:
+    """The task's SFT policy, trained on its demonstrations and cached; its folder is returned."""
+    task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
+    for key in ("ranking_length", "skip_invalid", "n_train_prompts", "n_eval_prompts", "n_responses", "tau"):
+        task_cfg.pop(key, None)
+    key = digest(OmegaConf.to_container(cfg.model, resolve=True), task_cfg,
+                  OmegaConf.to_container(cfg.sft, resolve=True))
+    folder = Path(cfg.paths.cache_dir) / "sft" / f"{task.name}-{model_args.name}-{key}"
+    if (folder / "config.json").exists():
+        log.info("SFT policy: cached at %s", folder)
+        return folder
+    print(f"[alignexp] no SFT policy for this task and model yet: training one (cached at {folder})", flush=True)
+    model = build_model(model_args, tokenizer, hw.device_type)
+    examples = task.sft_examples("train")
+    encoded = encode_all(tokenizer, examples, model_args.max_prompt_len, model_args.max_response_len)
+    loader = make_loader(RankingDataset(encoded), cfg.sft.batch_size, tokenizer.pad_token_id, shuffle=True,
+                         seed=cfg.seed)
+    module = SFTModule(model, OptimArgs(lr=cfg.sft.lr, warmup_steps=cfg.train.warmup_steps))
+    fit(module, loader, cfg, cfg.sft, folder.parent / f".{folder.name}-logs", "sft", hw)
+    tmp = folder.with_name(folder.name + ".tmp")
+    save_policy(model, tokenizer, tmp)
+    tmp.replace(folder)
+    return folder
+
+
+def training_data(cfg: DictConfig, spec, task, sampler, ctx: SamplerContext, round_index: int, tokenizer,
+                  model_args: ModelArgs, with_target: bool) -> list:
+    """One round's examples, shaped for the loss (ranking length, pairs) and tokenised."""
+    if spec.name == "sft":
+        examples = task.sft_examples("train")
+    else:
+        examples = sampler.examples(ctx, round_index)
+        examples = truncate_rankings(examples, cfg.task.get("ranking_length"))
+        if spec.name == "preferred_ft":
+            examples = [RankedExample(ex.prompt, ex.responses[:1], None, ex.target, ex.meta) for ex in examples]
+        else:
+            examples = pairs_for_loss(examples, spec, cfg.pairs, rng=random.Random(cfg.seed + round_index))
+    encoded = encode_all(tokenizer, examples, model_args.max_prompt_len, model_args.max_response_len, with_target)
+    log.info("training data: %d examples, %s responses each", len(encoded),
+             sorted({len(e.response_ids) for e in encoded}))
+    return encoded
+
+
+def run(cfg: DictConfig) -> dict:
+    """The whole experiment for a composed, validated config; returns the eval.json record."""
+    hw = HardwareArgs(**cfg.hardware)
+    setup_runtime(cfg.seed, hw.threads)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(cfg, out / "config.yaml", resolve=True)
+    model_args = ModelArgs(**OmegaConf.to_container(cfg.model, resolve=True))
+    spec = get_loss(cfg.loss.name)
+    hparams = {k: v for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items() if k != "name"}
+    log.info("run folder: %s", out)
+
+    tokenizer = build_tokenizer(model_args)
+    task = instantiate(cfg.task)
+    log.info("task: %s; loss: %s %s; model: %s; hardware: %s", task.name, spec.name, hparams, model_args.name, hw.name)
+
+    # Policy init and reference: init_from, else the task's SFT policy where the task trains one.
+    if cfg.init_from:
+        init = str(cfg.init_from)
+    elif getattr(task, "has_gold_reward", False) and model_args.path is None and spec.name != "sft":
+        init = str(ensure_sft_policy(cfg, model_args, tokenizer, task, hw))
+    else:
+        init = model_args.path
+    init_args = ModelArgs(**{**model_args.__dict__, "path": init})
+    if init is not None:
+        tokenizer = build_tokenizer(init_args)
+    policy = build_model(init_args, tokenizer, hw.device_type)
+    reference = build_model(init_args, tokenizer, hw.device_type).requires_grad_(False).eval()
+    log.info("policy and reference: %s", init or f"{model_args.name} built from its config")
+
+    # Rounds: each asks the sampler for its rankings, then trains on them (offline: one round)
+    sampler = build_sampler(**OmegaConf.to_container(cfg.sampler, resolve=True))
+    ctx = SamplerContext(task=task, tokenizer=tokenizer, policy=policy, reference=reference,
+                         reference_key=init or "", seed=cfg.seed, cache_dir=Path(cfg.paths.cache_dir),
+                         max_prompt_len=model_args.max_prompt_len, max_response_len=model_args.max_response_len,
+                         task_config=OmegaConf.to_container(cfg.task, resolve=True))
+    optim = OptimArgs(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, warmup_steps=cfg.train.warmup_steps)
+    with_target = uses_target(spec.name)
+    for round_index in range(sampler.rounds):
+        stage = "train" if sampler.rounds == 1 else f"train-round{round_index}"
+        encoded = training_data(cfg, spec, task, sampler, ctx, round_index, tokenizer, model_args, with_target)
+        ref_rows, frozen = None, None
+        if spec.needs_reference:  # reference log-probs, once, before training
+            if cfg.train.reference == "precompute":
+                ref_rows = cached_ref_logps(reference, encoded, tokenizer.pad_token_id, cfg.paths.cache_dir,
+                                            cfg.train.batch_size)
+            else:
+                frozen = reference
+        if spec.name in SFT_LOSSES:
+            module = SFTModule(policy, optim, loss_name=spec.name)
+        else:
+            module = PreferenceModule(policy, spec.name, hparams, optim, reference=frozen)
+        loader = make_loader(RankingDataset(encoded, ref_rows), cfg.train.batch_size, tokenizer.pad_token_id,
+                             shuffle=True, seed=cfg.seed + round_index, with_target=with_target)
+        start = time.time()
+        fit(module, loader, cfg, cfg.train, out, stage, hw)
+        log.info("%s: %.1fs", stage, time.time() - start)
+    save_policy(policy, tokenizer, out / "policy")
+    print(f"[alignexp] trained policy (Hugging Face format): {out / 'policy'}", flush=True)
+
+    # Evaluation
+    record = {"task": task.name, "loss": spec.name, "model": model_args.name}
+    if cfg.eval.enabled:
+        eval_args = EvalArgs(temperatures=list(cfg.eval.temperatures), max_new_tokens=cfg.eval.max_new_tokens,
+                             batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
+                             max_prompt_len=model_args.max_prompt_len, judge=cfg.eval.judge)
+        result = evaluate_policy(policy, reference, tokenizer, task, eval_args)
+        record = write_eval_json(out / "eval.json", task=task.name, loss=spec.name, model=model_args.name,
+                                 result=result, hparams=hparams, init_from=init)
+        print(format_table(result), flush=True)
+        print(f"[alignexp] eval.json: {out / 'eval.json'}", flush=True)
+    return record
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        validate(cfg)
+    except ConfigError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        record = run(cfg)
+    except RuntimeError as error:  # clear, user-facing failures (missing model, bad data)
+        if "model.path" in str(error) or "task." in str(error):
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(1)
+        raise
+    policy = record.get("policy", {})
+    return policy.get("gold_reward")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Shared test setup: offline, 2 threads, a session cache for the synthetic SFT policy."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A small synthetic task and short schedules: enough to exercise every stage in seconds.
+TINY_RUN = [
+    "task.n_sft=512", "task.n_train_prompts=32", "task.n_eval_prompts=16",
+    "sft.max_epochs=1", "train.max_steps=2", "train.batch_size=8",
+    "eval.temperatures=[1.0]", "eval.max_new_tokens=16", "model.max_response_len=24",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache per test session, so the synthetic SFT policy is trained once."""
+    return tmp_path_factory.mktemp("alignexp-cache")
+
+
+@pytest.fixture
+def compose(cache_dir, tmp_path):
+    """Compose conf/train.yaml with overrides, outside a Hydra run (paths given explicitly)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from alignexp.config import CONF_DIR
+
+    def _compose(*overrides: str, config_name: str = "train"):
+        paths = [f"paths.output_dir={tmp_path / 'run'}", f"paths.cache_dir={cache_dir}"] \
+            if config_name == "train" else []
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=[*paths, *overrides])
+
+    return _compose

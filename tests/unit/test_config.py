@@ -1,0 +1,58 @@
+"""Bad overrides fail when the config is composed, with a message that names the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from alignexp.config import ConfigError, validate
+from tests.conftest import REPO
+
+
+@pytest.mark.parametrize("override, key", [
+    ("loss.beta=-1", "loss.beta"),
+    ("loss=dpo loss.label_smoothing=0.7", "loss.label_smoothing"),
+    ("+loss.not_a_knob=1", "not_a_knob"),
+    ("pairs=sideways", "pairs"),
+    ("train.lr=0", "train.lr"),
+    ("task.ranking_length=1", "task.ranking_length"),
+    ("+model.not_a_field=1", "model.not_a_field"),
+    ("train.reference=sometimes", "train.reference"),
+    ("eval.temperatures=[-1.0]", "eval.temperatures"),
+    ("loss.name=nonexistent", "loss.name"),
+])
+def test_bad_values_name_the_key(compose, override, key):
+    cfg = compose(*override.split())
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert key in str(info.value)
+
+
+def test_missing_required_value_is_named(compose):
+    cfg = compose("init_from=???")
+    with pytest.raises(ConfigError, match="init_from"):
+        validate(cfg)
+
+
+def test_default_config_is_valid(compose):
+    validate(compose())
+
+
+def test_cli_fails_in_the_first_seconds_with_the_key():
+    start = time.time()
+    result = subprocess.run([sys.executable, "-m", "alignexp.train", "loss.beta=-1"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "loss.beta must be > 0, got -1" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert time.time() - start < 60
+
+
+def test_unknown_option_of_a_group_is_refused_by_hydra():
+    result = subprocess.run([sys.executable, "-m", "alignexp.train", "loss=nonexistent"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "nonexistent" in result.stderr and "loss" in result.stderr

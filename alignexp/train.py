@@ -24,14 +24,15 @@ from alignexp.config import CONF_DIR, ConfigError, setup_runtime, validate
 from alignexp.evaluate import EvalArgs, evaluate_policy, format_table, write_eval_json
 from alignexp.hardware import HardwareArgs, trainer_kwargs
 from alignexp.losses import get_loss
-from alignexp.models.backbone import ModelArgs, build_model, build_tokenizer
+from alignexp.models.backbone import ModelArgs, ModelUnavailable, build_model, build_tokenizer
 from alignexp.models.reference import cached_ref_logps
 from alignexp.modules.datamodule import RankingDataset, encode_all, make_loader
 from alignexp.modules.preference import OptimArgs, PreferenceModule, uses_target
 from alignexp.modules.sft import SFTModule
 from alignexp.sampling.pairing import pairs_for_loss
 from alignexp.sampling.samplers import SamplerContext, build_sampler, digest
-from alignexp.tasks.base import RankedExample, truncate_rankings
+from alignexp.tasks.base import DataError, RankedExample, truncate_rankings
+from alignexp.tasks.loading import DataUnavailable
 
 log = logging.getLogger("alignexp.train")
 
@@ -102,6 +103,11 @@ def training_data(cfg: DictConfig, spec, task, sampler, ctx: SamplerContext, rou
     else:
         examples = sampler.examples(ctx, round_index)
         examples = truncate_rankings(examples, cfg.task.get("ranking_length"))
+        too_short = sum(ex.n < spec.min_responses for ex in examples)
+        if too_short:
+            log.info("%d of %d rankings have fewer than the %d responses loss '%s' needs: left out",
+                     too_short, len(examples), spec.min_responses, spec.name)
+            examples = [ex for ex in examples if ex.n >= spec.min_responses]
         if spec.name == "preferred_ft":
             examples = [RankedExample(ex.prompt, ex.responses[:1], None, ex.target, ex.meta) for ex in examples]
         else:
@@ -195,11 +201,9 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     try:
         record = run(cfg)
-    except RuntimeError as error:  # clear, user-facing failures (missing model, bad data)
-        if "model.path" in str(error) or "task." in str(error):
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(1)
-        raise
+    except (ModelUnavailable, DataUnavailable, DataError) as error:  # clear, user-facing failures
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     policy = record.get("policy", {})
     return policy.get("gold_reward")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from alignexp.hub import ensure_offline_if_unreachable
 from alignexp.models.tokenizer import build_byte_tokenizer, ensure_chat_template
 
 log = logging.getLogger(__name__)
@@ -158,17 +159,24 @@ def _check_arch(args: ModelArgs, config) -> None:
                     ", ".join(f"{k}: arch {a!r}, checkpoint {b!r}" for k, (a, b) in sorted(differ.items())))
 
 
+class ModelUnavailable(RuntimeError):
+    """The model or tokenizer at ``model.path`` cannot be loaded (no local copy, no network, bad folder)."""
+
+
 def _from_pretrained(loader, path: str, what: str, **kwargs):
     """``loader(path)`` with a clear message when the path is neither a local folder nor reachable."""
+    if not Path(path).expanduser().is_dir():
+        ensure_offline_if_unreachable()
     try:
         return loader(path, **kwargs)
     except (OSError, ValueError) as error:
         local = Path(path).expanduser()
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
         if local.exists():
-            raise RuntimeError(f"model.path={path}: the {what} in this folder could not be loaded: {error}") from None
-        raise RuntimeError(
+            raise ModelUnavailable(f"model.path={path}: the {what} in this folder could not be loaded: {error}") \
+                from None
+        raise ModelUnavailable(
             f"model.path={path}: no local folder of that name, and the hub "
-            f"{'is switched off (HF_HUB_OFFLINE=1)' if offline else 'could not be reached'}, so the {what} "
+            f"{'cannot be reached from here (offline mode)' if offline else 'did not serve it'}, so the {what} "
             f"cannot be loaded. Download it where there is network (`huggingface-cli download {path} "
             f"--local-dir /some/folder`) and run with model.path=/some/folder.") from None

@@ -91,6 +91,9 @@ class OfflineSampler:
     def examples(self, ctx: SamplerContext, round_index: int) -> list[RankedExample]:
         task = ctx.task
         if not getattr(task, "has_gold_reward", False):
+            if not getattr(task, "offline_preferences", True):
+                raise ValueError(f"task '{task.name}' has no preference data of its own: train it with loss=sft, "
+                                 f"or draw rankings with a sampler that uses a judge (e.g. sampler=best_of_n)")
             return task.preference_examples("train")
         path = ctx.cache_dir / "preferences" / f"{task.name}-{digest(ctx.reference_key, ctx.task_config)}.jsonl"
         if path.exists():

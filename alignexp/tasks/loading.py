@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alignexp.hub import ensure_offline_if_unreachable
 from alignexp.tasks.base import DataError, LoadReport, RankedExample, Text, Validator, truncate_rankings
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,7 @@ def local_sources(path: str | os.PathLike, split: str | None = None, config: str
 def hub_source(hub_id: str, split: str, config: str | None = None, hub_kwargs: dict[str, Any] | None = None,
                path_key: str = "task.path") -> RecordSource:
     """``datasets.load_dataset(hub_id, config, split=split, **hub_kwargs)``, with a clear error offline."""
+    ensure_offline_if_unreachable()
     import datasets
 
     kwargs = dict(hub_kwargs or {})

@@ -56,3 +56,16 @@ def test_unknown_option_of_a_group_is_refused_by_hydra():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "nonexistent" in result.stderr and "loss" in result.stderr
+
+
+def test_the_users_command_fails_fast_offline_and_says_how_to_fix_it():
+    """`python -m alignexp.train loss=ranked_dpo task=tldr model=mistral7b` with no network or local copy."""
+    start = time.time()
+    result = subprocess.run([sys.executable, "-m", "alignexp.train", "loss=ranked_dpo", "task=tldr",
+                             "model=mistral7b", "hydra.run.dir=/tmp/alignexp-offline-check"], cwd=REPO,
+                            capture_output=True, text=True, timeout=180)
+    elapsed = time.time() - start
+    assert result.returncode == 1
+    assert "model.path=mistralai/Mistral-7B-v0.1" in result.stderr and "model.path=/some/folder" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert elapsed < 90  # dominated by importing torch and transformers on 2 busy cores

@@ -46,6 +46,13 @@ def validate(cfg: DictConfig) -> None:
         check_hparams(str(name), loss)
     except (KeyError, ValueError) as error:
         raise ConfigError(str(error.args[0])) from None
+    if name == "ppo":  # its settings are checked as a whole (ranges, and how they combine)
+        from alignexp.modules.ppo import PPOArgs
+
+        try:
+            PPOArgs.from_hparams(loss)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
     known = {f.name for f in dataclasses.fields(ModelArgs)}
     unknown = sorted(set(cfg.model) - known)
     if unknown:

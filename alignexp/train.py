@@ -27,6 +27,7 @@ from alignexp.losses import get_loss
 from alignexp.models.backbone import ModelArgs, ModelUnavailable, build_model, build_tokenizer
 from alignexp.models.reference import cached_ref_logps
 from alignexp.modules.datamodule import RankingDataset, encode_all, make_loader
+from alignexp.modules.ppo import PPOArgs, train_ppo
 from alignexp.modules.preference import OptimArgs, PreferenceModule, uses_target
 from alignexp.modules.sft import SFTModule
 from alignexp.sampling.pairing import pairs_for_loss
@@ -118,6 +119,37 @@ def training_data(cfg: DictConfig, spec, task, sampler, ctx: SamplerContext, rou
     return encoded
 
 
+def preference_rounds(cfg: DictConfig, spec, hparams: dict, task, tokenizer, model_args: ModelArgs, policy,
+                      reference, init: str | None, optim: OptimArgs, out: Path, hw: HardwareArgs) -> None:
+    """SFT and preference training: each round asks the sampler for its rankings, then trains on them."""
+    # Rounds: each asks the sampler for its rankings, then trains on them (offline: one round)
+    sampler = build_sampler(**OmegaConf.to_container(cfg.sampler, resolve=True))
+    ctx = SamplerContext(task=task, tokenizer=tokenizer, policy=policy, reference=reference,
+                         reference_key=init or "", seed=cfg.seed, cache_dir=Path(cfg.paths.cache_dir),
+                         max_prompt_len=model_args.max_prompt_len, max_response_len=model_args.max_response_len,
+                         task_config=OmegaConf.to_container(cfg.task, resolve=True))
+    with_target = uses_target(spec.name)
+    for round_index in range(sampler.rounds):
+        stage = "train" if sampler.rounds == 1 else f"train-round{round_index}"
+        encoded = training_data(cfg, spec, task, sampler, ctx, round_index, tokenizer, model_args, with_target)
+        ref_rows, frozen = None, None
+        if spec.needs_reference:  # reference log-probs, once, before training
+            if cfg.train.reference == "precompute":
+                ref_rows = cached_ref_logps(reference, encoded, tokenizer.pad_token_id, cfg.paths.cache_dir,
+                                            cfg.train.batch_size)
+            else:
+                frozen = reference
+        if spec.name in SFT_LOSSES:
+            module = SFTModule(policy, optim, loss_name=spec.name)
+        else:
+            module = PreferenceModule(policy, spec.name, hparams, optim, reference=frozen)
+        loader = make_loader(RankingDataset(encoded, ref_rows), cfg.train.batch_size, tokenizer.pad_token_id,
+                             shuffle=True, seed=cfg.seed + round_index, with_target=with_target)
+        start = time.time()
+        fit(module, loader, cfg, cfg.train, out, stage, hw)
+        log.info("%s: %.1fs", stage, time.time() - start)
+
+
 def run(cfg: DictConfig) -> dict:
     """The whole experiment for a composed, validated config; returns the eval.json record."""
     hw = HardwareArgs(**cfg.hardware)
@@ -148,33 +180,16 @@ def run(cfg: DictConfig) -> dict:
     reference = build_model(init_args, tokenizer, hw.device_type).requires_grad_(False).eval()
     log.info("policy and reference: %s", init or f"{model_args.name} built from its config")
 
-    # Rounds: each asks the sampler for its rankings, then trains on them (offline: one round)
-    sampler = build_sampler(**OmegaConf.to_container(cfg.sampler, resolve=True))
-    ctx = SamplerContext(task=task, tokenizer=tokenizer, policy=policy, reference=reference,
-                         reference_key=init or "", seed=cfg.seed, cache_dir=Path(cfg.paths.cache_dir),
-                         max_prompt_len=model_args.max_prompt_len, max_response_len=model_args.max_response_len,
-                         task_config=OmegaConf.to_container(cfg.task, resolve=True))
     optim = OptimArgs(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, warmup_steps=cfg.train.warmup_steps)
-    with_target = uses_target(spec.name)
-    for round_index in range(sampler.rounds):
-        stage = "train" if sampler.rounds == 1 else f"train-round{round_index}"
-        encoded = training_data(cfg, spec, task, sampler, ctx, round_index, tokenizer, model_args, with_target)
-        ref_rows, frozen = None, None
-        if spec.needs_reference:  # reference log-probs, once, before training
-            if cfg.train.reference == "precompute":
-                ref_rows = cached_ref_logps(reference, encoded, tokenizer.pad_token_id, cfg.paths.cache_dir,
-                                            cfg.train.batch_size)
-            else:
-                frozen = reference
-        if spec.name in SFT_LOSSES:
-            module = SFTModule(policy, optim, loss_name=spec.name)
-        else:
-            module = PreferenceModule(policy, spec.name, hparams, optim, reference=frozen)
-        loader = make_loader(RankingDataset(encoded, ref_rows), cfg.train.batch_size, tokenizer.pad_token_id,
-                             shuffle=True, seed=cfg.seed + round_index, with_target=with_target)
-        start = time.time()
-        fit(module, loader, cfg, cfg.train, out, stage, hw)
-        log.info("%s: %.1fs", stage, time.time() - start)
+    start = time.time()
+    if spec.name == "ppo":  # online RL on the policy's own samples instead of preference rounds
+        train_ppo(policy, reference, tokenizer, task, PPOArgs.from_hparams(hparams), out,
+                  {**trainer_kwargs(hw), "logger": make_loggers(cfg, out, "ppo")}, optim=optim,
+                  max_grad_norm=cfg.train.gradient_clip_val or None, seed=cfg.seed,
+                  max_prompt_len=model_args.max_prompt_len)
+    else:
+        preference_rounds(cfg, spec, hparams, task, tokenizer, model_args, policy, reference, init, optim, out, hw)
+    log.info("training: %.1fs", time.time() - start)
     save_policy(policy, tokenizer, out / "policy")
     print(f"[alignexp] trained policy (Hugging Face format): {out / 'policy'}", flush=True)
 

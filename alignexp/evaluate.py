@@ -56,15 +56,15 @@ import hydra
 from omegaconf import DictConfig
 
 from alignexp.config import CONF_DIR
-from alignexp.judges.gold import GoldJudge
-from alignexp.metrics.overlap import reference_metrics, sentence_bleu, sentence_rouge
+from alignexp.judges.base import verdicts
+from alignexp.metrics.overlap import plain_text, reference_metrics, sentence_bleu, sentence_rouge
 from alignexp.metrics.preference import (
     LabelledPair,
     agreement,
     labelled_pairs,
     pairs_from_rankings,
+    prompt_key,
     ranking_accuracy,
-    verdict,
 )
 from alignexp.metrics.reward import best_of_n_indices, best_of_n_kl, length_stats
 from alignexp.metrics.stats import summary
@@ -159,19 +159,18 @@ class EvalArgs:
 
 
 # -- judges ------------------------------------------------------------------------------------------
-def build_judge(name: str, task: Any = None, **judge_args: Any) -> Judge:
-    """The judge ``name``: ``gold`` (the task's gold reward), else ``alignexp.judges.build_judge(name, **args)``."""
-    if name == "gold":
-        if task is None or not getattr(task, "has_gold_reward", False):
-            raise ValueError(f"eval.judge=gold: task {getattr(task, 'name', None)!r} has no gold reward; "
-                             "use eval.judge=reward_model or eval.judge=llm (with eval.judge_args)")
-        return GoldJudge(task.gold_reward)
+def build_judge(name: str, task: Any = None, key: str = "eval.judge", **judge_args: Any) -> Judge:
+    """The judge ``name`` (:func:`alignexp.judges.build_judge`) with its arguments; errors name ``key``
+    (``eval.judge``, ``agreement.judges``, ``export.judge``) and its ``..._args``."""
+    from alignexp.judges import build_judge as build_named_judge
+
+    if name == "gold" and (task is None or not getattr(task, "has_gold_reward", False)):
+        raise ValueError(f"{key}=gold: task {getattr(task, 'name', None)!r} has no gold reward; "
+                         f"use {key}=reward_model or {key}=llm (with {key.rsplit('.', 1)[0]}.judge_args)")
     try:
-        from alignexp.judges import build_judge as build_named_judge
-    except ImportError:
-        raise ValueError(f"eval.judge={name}: alignexp.judges offers no build_judge(name, **args) "
-                         "yet; only eval.judge=gold is available") from None
-    return build_named_judge(name, **judge_args)
+        return build_named_judge(name, task, **judge_args)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{key}={name}: {error}") from None
 
 
 def _scores_cheaply(judge: Judge) -> bool:
@@ -188,7 +187,7 @@ def sample(model, tokenizer, prompts: Sequence[Text], n: int, params: SamplingPa
     if args.progress:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc=desc, unit="batch", leave=False)
+        starts = tqdm(starts, desc=desc, unit="batch", leave=False, disable=None)
     out: list[list[Generation]] = []
     for start in starts:
         out.extend(sample_responses(model, tokenizer, prompts[start:start + chunk], n, params, seed=args.seed,
@@ -274,20 +273,21 @@ def preference_metrics(policy, reference, tokenizer, task, judge: Judge | None, 
 
 
 # -- the evaluation ------------------------------------------------------------------------------------
-def _baseline(args: EvalArgs, task) -> str:
+def _baseline(args: EvalArgs, task: Any) -> str:
     if args.baseline != "auto":
         return args.baseline
     return "reference" if getattr(task, "has_gold_reward", False) else "dataset"
 
 
-def _use_reference_metrics(args: EvalArgs, task) -> bool:
+def _use_reference_metrics(args: EvalArgs, task: Any) -> bool:
     if args.reference_metrics == "auto":
         return not getattr(task, "has_gold_reward", False)
     return bool(args.reference_metrics)
 
 
-def _text_metrics(judge: Judge | None, task, prompts, texts, generations, references, baseline_texts,
-                  args: EvalArgs, use_references: bool) -> dict[str, Any]:
+def _text_metrics(judge: Judge | None, task: Any, prompts: Sequence[Text], texts: Sequence[str],
+                  generations: Sequence[Generation], references: Sequence[Text] | None,
+                  baseline_texts: Sequence[Text] | None, args: EvalArgs, use_references: bool) -> dict[str, Any]:
     """Per-model metrics of one set of samples (no log-probs)."""
     out: dict[str, Any] = {}
     if getattr(task, "has_gold_reward", False):
@@ -304,7 +304,8 @@ def _text_metrics(judge: Judge | None, task, prompts, texts, generations, refere
     return out
 
 
-def _best_of_n(reference, tokenizer, prompts, judge: Judge, task, args: EvalArgs) -> list[dict[str, float]]:
+def _best_of_n(reference: Any, tokenizer: Any, prompts: Sequence[Text], judge: Judge, task: Any,
+               args: EvalArgs) -> list[dict[str, float]]:
     """Best-of-N from the reference at temperature 1, selected by the judge's score, for each N."""
     n_max = max(args.best_of_n)
     params = SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens)
@@ -321,7 +322,8 @@ def _best_of_n(reference, tokenizer, prompts, judge: Judge, task, args: EvalArgs
         entry: dict[str, float] = {"n": n, "kl": best_of_n_kl(n)}
         if getattr(task, "has_gold_reward", False):
             entry.update(summary("gold_reward", [task.gold_reward(p, t) for p, t in zip(prompts, picks)]))
-        entry.update(summary("judge_score", [row[i] for row, i in zip(scores, chosen)]))
+        if judge.name != "gold":
+            entry.update(summary("judge_score", [row[i] for row, i in zip(scores, chosen)]))
         out.append(entry)
     return out
 
@@ -464,19 +466,26 @@ def _score_verdicts(score_fn: Callable[[list[Text], list[Text]], list[float]], p
                      progress=progress)
     worse = batched(score_fn, prompts, [p.worse for p in pairs], batch_size=batch_size, desc=desc,
                     progress=progress)
-    return [verdict(b, w) for b, w in zip(better, worse)]
+    return verdicts(better, worse)
+
+
+def _is_one_of_pair(pair: LabelledPair) -> bool:
+    """Whether the reference is one of the two responses (HH's eval "reference" is its chosen response;
+    TL;DR compares the human reference itself): such a pair would leak its label, so it is left out."""
+    reference = plain_text(pair.reference).strip()
+    return reference in (plain_text(pair.better).strip(), plain_text(pair.worse).strip())
 
 
 def _reference_verdicts(metric: Callable[[list[Text], list[Text]], list[float]],
                         pairs: Sequence[LabelledPair]) -> list[float | None]:
-    rows = [i for i, p in enumerate(pairs) if p.reference is not None]
+    rows = [i for i, p in enumerate(pairs) if p.reference is not None and not _is_one_of_pair(p)]
     out: list[float | None] = [None] * len(pairs)
     if rows:
         references = [pairs[i].reference for i in rows]
         better = metric([pairs[i].better for i in rows], references)
         worse = metric([pairs[i].worse for i in rows], references)
-        for i, b, w in zip(rows, better, worse):
-            out[i] = verdict(b, w)
+        for i, v in zip(rows, verdicts(better, worse)):
+            out[i] = v
     return out
 
 
@@ -484,17 +493,17 @@ def agreement_scorers(judges: Sequence[Judge], batch_size: int = 64, progress: b
                       implicit_reward: PairScorer | None = None) -> dict[str, PairScorer]:
     """The automatic metrics whose agreement with human labels is measured, by name.
 
-    ``rouge_l``/``rouge_1``/``bleu``: against the pair's reference (pairs without one are left out);
+    ``rouge_l``/``rouge_1``/``bleu``: against the pair's reference (pairs without one, or whose
+    reference is one of the two responses, are left out);
     ``length``: the longer response (in characters) wins; each judge: by its scores, or, for the
     ``llm`` judge, by ``compare`` in both orders; ``implicit_reward``: a policy's DPO reward.
     """
-    from alignexp.metrics.overlap import plain_text
-
     scorers: dict[str, PairScorer] = {
         "rouge_l": lambda pairs: _reference_verdicts(lambda h, r: sentence_rouge(h, r)["rouge_l"], pairs),
         "rouge_1": lambda pairs: _reference_verdicts(lambda h, r: sentence_rouge(h, r)["rouge_1"], pairs),
         "bleu": lambda pairs: _reference_verdicts(sentence_bleu, pairs),
-        "length": lambda pairs: [verdict(len(plain_text(p.better)), len(plain_text(p.worse))) for p in pairs],
+        "length": lambda pairs: verdicts([len(plain_text(p.better)) for p in pairs],
+                                         [len(plain_text(p.worse)) for p in pairs]),
     }
     for judge in judges:
         if _scores_cheaply(judge):
@@ -545,8 +554,7 @@ def reference_texts(task, sources: Sequence[str]) -> dict[str, Text]:
             log.warning("references from the task's %s data: unavailable (%s)", source, error)
             continue
         for ex in examples:
-            if isinstance(ex.prompt, str):
-                out.setdefault(ex.prompt, ex.target if ex.target is not None else ex.responses[0])
+            out.setdefault(prompt_key(ex.prompt), ex.target if ex.target is not None else ex.responses[0])
     return out
 
 
@@ -561,7 +569,7 @@ def _run_folder_info(policy: Path) -> tuple[dict, dict]:
     return config, record
 
 
-def _load(path: str, cfg, tokenizer, device_type: str):
+def _load(path: str, cfg: DictConfig, tokenizer: Any, device_type: str) -> Any:
     from omegaconf import OmegaConf
 
     from alignexp.models.backbone import ModelArgs, build_model
@@ -628,7 +636,8 @@ def run(cfg) -> dict:
                 examples = examples[: agreement_cfg.max_examples]
         references = reference_texts(task, list(agreement_cfg.references or []))
         pairs = pairs_from_rankings(examples, references)
-        judges = [build_judge(name, task, **dict((agreement_cfg.judge_args or {}).get(name, {})))
+        judges = [build_judge(name, task, key="agreement.judges",
+                              **dict((agreement_cfg.judge_args or {}).get(name, {})))
                   for name in agreement_cfg.judges or []]
         implicit = None
         if policy is not None and reference is not None:
@@ -637,7 +646,7 @@ def run(cfg) -> dict:
                                           args.max_prompt_len, cfg.model.max_response_len) for p in pairs_]
                 rewards = implicit_rewards(policy, reference, encoded, tokenizer.pad_token_id, args.beta,
                                            args.batch_size)
-                return [verdict(r[0], r[1]) for r in rewards]
+                return verdicts([r[0] for r in rewards], [r[1] for r in rewards])
         report = agreement_report(pairs, agreement_scorers(judges, args.batch_size, args.progress, implicit))
         record = {"task": task.name, "n_rankings": len(examples), "n_pairs": len(pairs),
                   "n_pairs_with_reference": sum(p.reference is not None for p in pairs), "agreement": report}
@@ -671,11 +680,8 @@ def run(cfg) -> dict:
             record["mt_bench"] = str(exports.write_jsonl(out / "mt_bench" / "model_answer" / f"{model_id}.jsonl",
                                                          answers))
             if export_cfg.judge:
-                judge = build_judge(export_cfg.judge, task, **dict(export_cfg.judge_args or {}))
-                complete = getattr(judge, "chat", None)
-                if complete is None:
-                    raise ValueError(f"export.judge={export_cfg.judge}: the judge has no chat(messages) -> str "
-                                     "method, which MT-Bench grading needs")
+                judge = build_judge(export_cfg.judge, task, key="export.judge", **dict(export_cfg.judge_args or {}))
+                complete = exports.chat_completion(judge)
                 judgments, scores = exports.grade_mt_bench(questions, answers, complete,
                                                            getattr(judge, "model", export_cfg.judge),
                                                            progress=args.progress)

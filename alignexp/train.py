@@ -23,12 +23,21 @@ from omegaconf import DictConfig, OmegaConf
 from alignexp.config import CONF_DIR, ConfigError, setup_runtime, validate
 from alignexp.evaluate import EvalArgs, evaluate_policy, format_table, write_eval_json
 from alignexp.hardware import HardwareArgs, trainer_kwargs
+from alignexp.judges.reward_model import build_reward_model, score_encoded
 from alignexp.losses import get_loss
+from alignexp.metrics.preference import ranking_accuracy
 from alignexp.models.backbone import ModelArgs, ModelUnavailable, build_model, build_tokenizer
 from alignexp.models.reference import cached_ref_logps
 from alignexp.modules.datamodule import RankingDataset, encode_all, make_loader
 from alignexp.modules.ppo import PPOArgs, train_ppo
 from alignexp.modules.preference import OptimArgs, PreferenceModule, uses_target
+from alignexp.modules.reward import (
+    RewardModule,
+    normalise_rewards,
+    ranking_labels,
+    save_reward_model,
+    split_heldout,
+)
 from alignexp.modules.sft import SFTModule
 from alignexp.sampling.pairing import pairs_for_loss
 from alignexp.sampling.samplers import SamplerContext, build_sampler, digest
@@ -119,15 +128,75 @@ def training_data(cfg: DictConfig, spec, task, sampler, ctx: SamplerContext, rou
     return encoded
 
 
-def preference_rounds(cfg: DictConfig, spec, hparams: dict, task, tokenizer, model_args: ModelArgs, policy,
-                      reference, init: str | None, optim: OptimArgs, out: Path, hw: HardwareArgs) -> None:
-    """SFT and preference training: each round asks the sampler for its rankings, then trains on them."""
-    # Rounds: each asks the sampler for its rankings, then trains on them (offline: one round)
+def sampler_and_context(cfg: DictConfig, task, tokenizer, model_args: ModelArgs, policy, reference,
+                        init: str | None) -> tuple:
+    """The ``sampler`` group's sampler and the context it samples in (policy, reference, task)."""
     sampler = build_sampler(**OmegaConf.to_container(cfg.sampler, resolve=True))
     ctx = SamplerContext(task=task, tokenizer=tokenizer, policy=policy, reference=reference,
                          reference_key=init or "", seed=cfg.seed, cache_dir=Path(cfg.paths.cache_dir),
                          max_prompt_len=model_args.max_prompt_len, max_response_len=model_args.max_response_len,
                          task_config=OmegaConf.to_container(cfg.task, resolve=True))
+    return sampler, ctx
+
+
+def train_reward_model(cfg: DictConfig, hparams: dict, task, tokenizer, init_args: ModelArgs, policy, reference,
+                       init: str | None, optim: OptimArgs, out: Path, hw: HardwareArgs) -> dict:
+    """loss=reward: a reward model trained on the sampler's rankings (a held-out share measured), normalised
+    to mean 0 over the training responses, saved in HF format as <run>/reward_model."""
+    sampler, ctx = sampler_and_context(cfg, task, tokenizer, init_args, policy, reference, init)
+    examples = truncate_rankings(sampler.examples(ctx, 0), cfg.task.get("ranking_length"))
+    train_examples, heldout = split_heldout(examples, cfg.reward_model.heldout_fraction, cfg.seed)
+    train_encoded, heldout_encoded = (encode_all(tokenizer, part, init_args.max_prompt_len, init_args.max_response_len)
+                                      for part in (train_examples, heldout))
+    model = build_reward_model(init_args, tokenizer, hw.device_type)
+    loader = make_loader(RankingDataset(train_encoded), cfg.train.batch_size, tokenizer.pad_token_id, shuffle=True,
+                         seed=cfg.seed)
+    start = time.time()
+    fit(RewardModule(model, hparams, optim), loader, cfg, cfg.train, out, "reward", hw)
+    log.info("reward model: trained on %d rankings in %.1fs", len(train_examples), time.time() - start)
+    pad, batch_size = tokenizer.pad_token_id, cfg.train.batch_size
+    metrics = {"reward_offset": normalise_rewards(model, train_encoded, pad, batch_size),
+               "train_rankings": len(train_examples), "heldout_rankings": len(heldout)}
+    if heldout:
+        rows = [r.tolist() for r in score_encoded(model, heldout_encoded, pad, batch_size)]
+        metrics.update(ranking_accuracy(rows, [ranking_labels(ex) for ex in heldout], prefix="heldout_accuracy"))
+        if all("gold_rewards" in ex.meta for ex in heldout):  # the synthetic task's exact order too
+            metrics.update(ranking_accuracy(rows, [ranking_labels(ex, "gold_rewards") for ex in heldout],
+                                            prefix="heldout_gold_accuracy"))
+    folder = save_reward_model(model, tokenizer, out / "reward_model")
+    log.info("reward model: %s", metrics)
+    print(f"[alignexp] reward model (Hugging Face format, reward_offset in config.json): {folder}", flush=True)
+    if heldout:
+        print(f"[alignexp] held-out ranking accuracy: {metrics['heldout_accuracy']:.3f} "
+              f"± {metrics['heldout_accuracy_stderr']:.3f} over {metrics['heldout_accuracy_n_pairs']} pairs",
+              flush=True)
+    return write_eval_json(out / "eval.json", task=task.name, loss="reward", model=init_args.name,
+                           result={"n_prompts": len(heldout), "policy": {}, "reference": {}, "comparisons": {},
+                                   "reward_model": metrics}, hparams=hparams, init_from=init)
+
+
+def evaluate_best_of_n(cfg: DictConfig, task, tokenizer, model_args: ModelArgs, policy, reference,
+                       init: str | None, out: Path) -> dict:
+    """sampler=best_of_n: nothing is trained; best-of-n sampling of the SFT policy under the sampler's judge
+    is evaluated (eval.json's ``best_of_n``, at its analytic KL log n - (n - 1) / n)."""
+    sampler, ctx = sampler_and_context(cfg, task, tokenizer, model_args, policy, reference, init)
+    eval_args = EvalArgs(temperatures=list(cfg.eval.temperatures), max_new_tokens=cfg.eval.max_new_tokens,
+                         batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
+                         max_prompt_len=model_args.max_prompt_len, judge=cfg.sampler.judge.name,
+                         best_of_n=[sampler.n])
+    result = evaluate_policy(policy, reference, tokenizer, task, eval_args, judge=sampler.judge_for(ctx))
+    record = write_eval_json(out / "eval.json", task=task.name, loss="best_of_n", model=model_args.name,
+                             result=result, init_from=init)
+    print(format_table(result), flush=True)
+    print(f"[alignexp] eval.json: {out / 'eval.json'}", flush=True)
+    return record
+
+
+def preference_rounds(cfg: DictConfig, spec, hparams: dict, task, tokenizer, model_args: ModelArgs, policy,
+                      reference, init: str | None, optim: OptimArgs, out: Path, hw: HardwareArgs) -> None:
+    """SFT and preference training: each round asks the sampler for its rankings, then trains on them."""
+    # Rounds: each asks the sampler for its rankings, then trains on them (offline: one round)
+    sampler, ctx = sampler_and_context(cfg, task, tokenizer, model_args, policy, reference, init)
     with_target = uses_target(spec.name)
     for round_index in range(sampler.rounds):
         stage = "train" if sampler.rounds == 1 else f"train-round{round_index}"
@@ -181,6 +250,10 @@ def run(cfg: DictConfig) -> dict:
     log.info("policy and reference: %s", init or f"{model_args.name} built from its config")
 
     optim = OptimArgs(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, warmup_steps=cfg.train.warmup_steps)
+    if spec.name == "reward":  # a reward model, not a policy (alignexp/modules/reward.py)
+        return train_reward_model(cfg, hparams, task, tokenizer, init_args, policy, reference, init, optim, out, hw)
+    if cfg.sampler.name == "best_of_n":  # an inference-time baseline: nothing is trained
+        return evaluate_best_of_n(cfg, task, tokenizer, model_args, policy, reference, init, out)
     start = time.time()
     if spec.name == "ppo":  # online RL on the policy's own samples instead of preference rounds
         train_ppo(policy, reference, tokenizer, task, PPOArgs.from_hparams(hparams), out,

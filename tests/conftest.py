@@ -20,6 +20,7 @@ TINY_RUN = [
     "task.n_sft=512", "task.n_train_prompts=32", "task.n_eval_prompts=16",
     "sft.max_epochs=1", "train.max_steps=2", "train.batch_size=8",
     "eval.temperatures=[1.0]", "eval.max_new_tokens=16", "model.max_response_len=24",
+    "hardware.threads=1",
 ]
 
 
@@ -37,10 +38,13 @@ def compose(cache_dir, tmp_path):
 
     from alignexp.config import CONF_DIR
 
-    def _compose(*overrides: str, config_name: str = "train"):
+    def _compose(*overrides: str, config_name: str = "train", return_hydra_config: bool = False):
         paths = [f"paths.output_dir={tmp_path / 'run'}", f"paths.cache_dir={cache_dir}"] \
-            if config_name == "train" else []
+            if config_name in ("train", "sample") else []
+        if config_name == "sample":
+            paths.append(f"output={tmp_path / 'samples.jsonl'}")
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=[*paths, *overrides])
+            return hydra_compose(config_name=config_name, overrides=[*paths, *overrides],
+                                 return_hydra_config=return_hydra_config)
 
     return _compose

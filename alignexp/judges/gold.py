@@ -9,7 +9,8 @@ from alignexp.tasks.base import Text
 
 
 class GoldJudge(ScoreJudge):
-    """Scores responses with the task's gold reward; compares two by their scores (ties are ties)."""
+    """Scores responses with the task's gold reward; ``compare`` (1 / 0 / 0.5 for a tie) and ``rank`` follow
+    from the scores (:class:`alignexp.judges.base.ScoreJudge`)."""
 
     name = "gold"
 
@@ -20,7 +21,3 @@ class GoldJudge(ScoreJudge):
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
         return [float(self.reward_fn(p, r)) for p, r in zip(prompts, responses)]
-
-    def compare(self, prompts: Sequence[Text], first: Sequence[Text], second: Sequence[Text]) -> list[float]:
-        """1 where ``first`` wins, 0 where ``second`` wins, 0.5 for a tie."""
-        return super().compare(prompts, first, second)

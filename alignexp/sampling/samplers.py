@@ -149,7 +149,10 @@ class JudgedSampler:
         self.judge_config = dict(judge or {"name": "gold"})
         if "name" not in self.judge_config:
             raise ValueError(f"sampler.judge.name: missing (one of gold, reward_model, llm) in sampler '{name}'")
-        SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens or 1)
+        try:
+            SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens or 1)
+        except ValueError as error:
+            raise ValueError(f"sampler.{error}") from None
         self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
         self.max_new_tokens, self.batch_size, self.max_prompts = max_new_tokens, batch_size, max_prompts
         self.judge: Judge | None = None

@@ -35,11 +35,23 @@ def test_entry_config_composes(compose, name):
     assert compose(config_name=Path(name).stem) is not None
 
 
+# Groups that belong to another entry config than train.yaml.
+GROUP_ENTRY = {"judge": "sample"}
+
+
 @pytest.mark.parametrize("option", GROUP_OPTIONS)
 def test_group_option_composes_and_validates(compose, option):
     group, name = option.rsplit("/", 1)
-    cfg = compose(f"{group}={Path(name).stem}")
+    entry = GROUP_ENTRY.get(group, "train")
+    cfg = compose(f"{group}={Path(name).stem}", config_name=entry)
     validate(cfg)
+
+
+@pytest.mark.parametrize("option", HYDRA_OPTIONS)
+def test_hydra_option_composes(compose, option):
+    group, name = option.rsplit("/", 1)
+    cfg = compose(f"{group}={Path(name).stem}", return_hydra_config=True)
+    assert cfg.hydra.launcher is not None
 
 
 @pytest.mark.parametrize("loss", LOSS_OPTIONS)
@@ -49,6 +61,11 @@ def test_each_loss_trains_a_few_steps(compose, loss, tmp_path):
     validate(cfg)
     record = run(cfg)
     assert record["loss"] == cfg.loss.name
-    saved = json.loads((Path(cfg.paths.output_dir) / "eval.json").read_text())
-    assert saved["n_prompts"] == 16
-    assert (Path(cfg.paths.output_dir) / "policy" / "config.json").exists()
+    out = Path(cfg.paths.output_dir)
+    saved = json.loads((out / "eval.json").read_text())
+    if cfg.loss.name == "reward":  # a reward model, measured on held-out rankings
+        assert (out / "reward_model" / "config.json").exists()
+        assert 0.0 <= saved["reward_model"]["heldout_accuracy"] <= 1.0
+    else:
+        assert saved["n_prompts"] == 16
+        assert (out / "policy" / "config.json").exists()

@@ -1,0 +1,156 @@
+"""The generation engine: top-k/top-p on hand-made logits, greedy determinism, EOS stops, per-prompt seeds
+independent of the batch, and log-probs equal to the one log-prob function's."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from alignexp.config import CONF_DIR
+from alignexp.models.backbone import ModelArgs, build_model, build_tokenizer
+from alignexp.models.logprobs import EncodedExample, encode_text, pack, sequence_logps
+from alignexp.sampling.engine import SamplingParams, _filter_logits, generate
+from alignexp.sampling.text import sample_responses, sample_seed
+
+NEG = float("-inf")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matrices: one intra-op thread is as fast, and far faster on a shared, busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The 2-layer tiny model (conf/model/tiny.yaml) with its seeded weights, and the byte tokenizer."""
+    args = ModelArgs(**OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "model" / "tiny.yaml")))
+    tokenizer = build_tokenizer(args)
+    return build_model(args, tokenizer).eval(), tokenizer
+
+
+def prompt_ids(tokenizer, texts):
+    return [encode_text(tokenizer, t, is_prompt=True) for t in texts]
+
+
+# -- filtering on hand-made logits ------------------------------------------------------------------
+def test_top_k_keeps_the_k_largest():
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [5.0, 4.0, 6.0, 7.0]])
+    out = _filter_logits(logits, top_k=2, top_p=1.0)
+    assert out.tolist() == [[NEG, 3.0, 2.0, NEG], [NEG, NEG, 6.0, 7.0]]
+    assert torch.equal(_filter_logits(logits, top_k=0, top_p=1.0), logits)  # 0: off
+    assert torch.equal(_filter_logits(logits, top_k=9, top_p=1.0), logits)  # k >= vocabulary: off
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    """probs (0.1, 0.5, 0.15, 0.25): sorted 0.5, 0.25, 0.15, 0.1 with mass before each 0, 0.5, 0.75, 0.9.
+    top_p = 0.7 keeps 0.5 and 0.25 (the mass before 0.15 already reaches 0.7); 0.3 keeps 0.5 alone."""
+    logits = torch.log(torch.tensor([[0.1, 0.5, 0.15, 0.25]]))
+    kept = torch.isfinite(_filter_logits(logits, top_k=0, top_p=0.7))
+    assert kept.tolist() == [[False, True, False, True]]
+    kept = torch.isfinite(_filter_logits(logits, top_k=0, top_p=0.3))
+    assert kept.tolist() == [[False, True, False, False]]
+    kept = torch.isfinite(_filter_logits(logits, top_k=0, top_p=0.95))
+    assert kept.tolist() == [[True, True, True, True]]
+    # top-k then top-p: k = 3 drops 0.1, then p = 0.6 of the kept logits' softmax (0.556, 0.278, 0.167)
+    kept = torch.isfinite(_filter_logits(logits, top_k=3, top_p=0.6))
+    assert kept.tolist() == [[False, True, False, True]]
+
+
+def test_sampling_params_are_checked():
+    for bad in ({"temperature": -1}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}, {"max_new_tokens": 0}):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+
+
+# -- a scripted model: EOS stops and padding after it ---------------------------------------------------
+class ScriptedLM(torch.nn.Module):
+    """Row r emits token ``script[r][step]`` with near-certainty (vocabulary 8, EOS = 7)."""
+
+    def __init__(self, script: list[list[int]]):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.script, self.step = script, 0
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=True, past_key_values=None):
+        logits = torch.full((input_ids.shape[0], input_ids.shape[1], 8), -30.0)
+        for row, tokens in enumerate(self.script):
+            logits[row, -1, tokens[min(self.step, len(tokens) - 1)]] = 30.0
+        self.step += 1
+        return SimpleNamespace(logits=logits, past_key_values=None)
+
+
+def test_eos_stops_a_row_and_max_new_tokens_caps_the_others():
+    model = ScriptedLM([[1, 2, 7, 3, 3], [4, 4, 4, 4, 4]])
+    out = generate(model, [[0, 1], [0]], SamplingParams(max_new_tokens=4), eos_id=7, pad_id=0, seeds=[0, 1])
+    assert out[0].token_ids == [1, 2, 7] and out[0].finished  # EOS included, nothing after it
+    assert out[1].token_ids == [4, 4, 4, 4] and not out[1].finished
+    assert len(out[0].logprobs) == 3 and all(abs(lp) < 1e-6 for lp in out[0].logprobs)
+
+
+# -- the tiny model ---------------------------------------------------------------------------------------
+def test_greedy_is_deterministic_and_is_the_argmax(tiny):
+    model, tokenizer = tiny
+    ids = prompt_ids(tokenizer, ["abcd:", "hello there:"])
+    params = SamplingParams(temperature=0.0, max_new_tokens=6)
+    first = generate(model, ids, params, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, seeds=[1, 2])
+    second = generate(model, ids, params, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, seeds=[9, 8])
+    assert [g.token_ids for g in first] == [g.token_ids for g in second]
+    with torch.no_grad():  # the argmax, one token at a time, without cache or padding
+        for prompt, generation in zip(ids, first):
+            seq = list(prompt)
+            for token in generation.token_ids:
+                assert int(model(torch.tensor([seq])).logits[0, -1].argmax()) == token
+                seq.append(token)
+
+
+def test_a_prompts_sample_does_not_depend_on_its_batch(tiny):
+    model, tokenizer = tiny
+    ids = prompt_ids(tokenizer, ["abcd:", "a much longer prompt here:", "xy:"])
+    seeds = [sample_seed(3, i, 0) for i in range(3)]
+    kwargs = {"eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id}
+    params = SamplingParams(temperature=1.0, top_k=50, top_p=0.95, max_new_tokens=10)
+    together = generate(model, ids, params, seeds=seeds, **kwargs)
+    alone = [generate(model, [p], params, seeds=[s], **kwargs)[0] for p, s in zip(ids, seeds)]
+    reordered = generate(model, ids[::-1], params, seeds=seeds[::-1], **kwargs)[::-1]
+    small_batches = generate(model, ids, params, seeds=seeds, batch_size=2, **kwargs)
+    for other in (alone, reordered, small_batches):
+        assert [g.token_ids for g in other] == [g.token_ids for g in together]
+    assert len({tuple(g.token_ids) for g in together}) == 3
+    different_seed = generate(model, ids[:1], params, seeds=[seeds[0] + 1], **kwargs)[0]
+    assert different_seed.token_ids != together[0].token_ids
+
+
+def test_resuming_at_a_prompt_index_reproduces_its_samples(tiny):
+    """sample_responses(first_index=i) gives prompt i the streams it had in the full run (what resuming uses)."""
+    model, tokenizer = tiny
+    prompts = ["abcd:", "efgh:", "ijkl:"]
+    params = SamplingParams(max_new_tokens=8)
+    full = sample_responses(model, tokenizer, prompts, 2, params, seed=5)
+    tail = sample_responses(model, tokenizer, prompts[1:], 2, params, seed=5, first_index=1)
+    assert [[g.token_ids for g in row] for row in tail] == [[g.token_ids for g in row] for row in full[1:]]
+    assert full[0][0].token_ids != full[0][1].token_ids  # the n samples of a prompt differ
+
+
+def test_logprobs_equal_sequence_logps(tiny):
+    """Per-token log-probs are those of the unmodified distribution (temperature 1, no truncation), even
+    when sampling is tempered and truncated; their sum equals models.logprobs.sequence_logps."""
+    model, tokenizer = tiny
+    ids = prompt_ids(tokenizer, ["abcd:", "a longer prompt:", "z:"])
+    for params in (SamplingParams(max_new_tokens=12), SamplingParams(temperature=0.7, top_k=20, top_p=0.9,
+                                                                      max_new_tokens=12)):
+        gens = generate(model, ids, params, eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id,
+                        seeds=[1, 2, 3])
+        batch = pack([EncodedExample(p, [g.token_ids]) for p, g in zip(ids, gens)], pad_id=tokenizer.pad_token_id)
+        with torch.no_grad():
+            summed = sequence_logps(model, batch)[0][:, 0]
+        for g, expected in zip(gens, summed.tolist()):
+            assert math.isclose(sum(g.logprobs), expected, abs_tol=1e-3)

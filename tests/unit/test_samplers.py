@@ -1,0 +1,167 @@
+"""Samplers: RSO's statistical rejection sampling (acceptance frequencies against exp((r - r_max)/beta)),
+what RSO, RAFT and self-bootstrapping keep, their configs, and how loss=rso / loss=raft select them."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from alignexp.config import CONF_DIR
+from alignexp.losses import get_loss
+from alignexp.sampling import samplers
+from alignexp.sampling.rejection import rejection_sample
+from alignexp.sampling.samplers import SAMPLERS, SamplerContext, build_sampler
+from alignexp.tasks.base import RankedExample, validate_example
+from alignexp.tasks.synthetic import SyntheticTask
+
+
+# -- RSO Algorithm 1 ----------------------------------------------------------------------------------------
+def test_first_sweep_acceptance_matches_exp_r_minus_rmax_over_beta():
+    """Over 4000 independent runs on a fixed reward vector, each candidate's first-sweep acceptance
+    frequency is within 4 binomial standard errors of exp((r_i - r_max) / beta) (the best: exactly 1)."""
+    rewards = [0.30, 0.25, 0.10, 0.0, -0.20, 0.28]
+    beta, trials = 0.1, 4000
+    rng = random.Random(1234)
+    counts = [0] * len(rewards)
+    for _ in range(trials):
+        result = rejection_sample(rewards, num_samples=len(rewards), beta=beta, rng=rng)
+        for index, sweep in zip(result.accepted, result.sweeps):
+            counts[index] += sweep == 1
+    for r, count in zip(rewards, counts):
+        expected = math.exp((r - max(rewards)) / beta)
+        stderr = math.sqrt(expected * (1 - expected) / trials)
+        assert abs(count / trials - expected) <= 4 * stderr + 1e-12, (r, count / trials, expected)
+    assert counts[0] == trials  # the best candidate is always accepted in the first sweep
+
+
+def test_r_max_is_recomputed_each_sweep():
+    """rewards (0, -10, -10), beta 0.1: the first sweep accepts only the best (exp(-100) ~ 0); the second
+    sweep's r_max is -10, so both others are then accepted with probability 1."""
+    result = rejection_sample([0.0, -10.0, -10.0], num_samples=3, beta=0.1, rng=random.Random(0))
+    assert result.accepted == [0, 1, 2] and result.sweeps == [1, 2, 2]
+
+
+def test_rejection_sampling_stops_at_num_samples_and_checks_its_settings():
+    for seed in range(20):
+        result = rejection_sample([0.1 * k for k in range(10)], num_samples=4, beta=1e6, rng=random.Random(seed))
+        assert len(result.accepted) == 4 == len(set(result.accepted))
+        assert result.accepted == [0, 1, 2, 3]  # beta -> infinity accepts everything, in order: a sweep stops at 4
+    with pytest.raises(ValueError, match="sampler.num_samples"):
+        rejection_sample([0.0, 1.0], num_samples=3, beta=1.0, rng=random.Random(0))
+    with pytest.raises(ValueError, match="sampler.beta"):
+        rejection_sample([0.0, 1.0], num_samples=1, beta=0.0, rng=random.Random(0))
+
+
+# -- the samplers, with canned candidates --------------------------------------------------------------------
+TASK = SyntheticTask(n_sft=8, n_train_prompts=6, n_eval_prompts=4)
+
+
+def candidate(k: int, length: int = 8) -> str:
+    """A response whose gold reward is k / length (k positive letters 'a', the rest neutral 'e')."""
+    return "a" * k + "e" * (length - k)
+
+
+def context(tmp_path: Path) -> SamplerContext:
+    return SamplerContext(task=TASK, tokenizer=None, policy=None, reference=None, reference_key="", seed=0,
+                          cache_dir=tmp_path, max_prompt_len=64, max_response_len=16)
+
+
+def canned(per_prompt: list[int]):
+    """A ``sample`` replacement: prompt i gets candidates with k = per_prompt rotated by i."""
+    def sample(model, ctx, prompts, n, stream):
+        return [[candidate((k + i + stream) % 9) for k in per_prompt[:n]] for i in range(len(prompts))]
+    return sample
+
+
+def test_rso_keeps_higher_reward_samples_ranked_best_first(tmp_path):
+    sampler = build_sampler("rso", num_candidates=8, num_samples=4, beta=0.1)
+    sampler.sample = canned(list(range(8)))
+    examples = sampler.examples(context(tmp_path), 0)
+    assert len(examples) == 6
+    for ex in examples:
+        validate_example(ex, "rso", None, min_responses=2)  # ranked best first, scores consistent
+        assert ex.n == 4 and ex.scores == [TASK.gold_reward(ex.prompt, y) for y in ex.responses]
+        assert ex.meta["judge"] == "gold" and ex.meta["sweeps"][0] == 1
+    figures = sampler.history[0]
+    assert figures["accepted_reward"] > figures["candidates_reward"]
+
+
+def test_raft_keeps_the_best_per_prompt_or_the_top_fraction(tmp_path):
+    per_prompt = build_sampler("raft", iterations=2, num_candidates=4)
+    per_prompt.sample = canned([0, 2, 4, 6])
+    kept = per_prompt.examples(context(tmp_path), 0)
+    assert len(kept) == 6 and all(ex.n == 1 for ex in kept)
+    for i, ex in enumerate(kept):  # the best of prompt i's candidates k + i (mod 9), k in (0, 2, 4, 6)
+        assert ex.scores[0] == max(((k + i) % 9) / 8 for k in (0, 2, 4, 6))
+    assert per_prompt.rounds == 2
+
+    global_ = build_sampler("raft", iterations=1, num_candidates=4, selection="global", top_fraction=0.25)
+    global_.sample = canned([0, 2, 4, 6])
+    kept = global_.examples(context(tmp_path), 0)
+    pool = sorted((((k + i) % 9) / 8 for i in range(6) for k in (0, 2, 4, 6)), reverse=True)
+    assert [ex.scores[0] for ex in kept] == pool[:6]  # 25% of 24 samples
+
+
+def test_self_bootstrap_adds_the_policys_samples_and_reranks(tmp_path, monkeypatch):
+    base = [RankedExample(p, [candidate(2), candidate(1)], [0.9, 0.1]) for p in TASK.prompts("train")]
+    monkeypatch.setattr(samplers.OfflineSampler, "examples", lambda self, ctx, round_index: base)
+    sampler = build_sampler("self_bootstrap", rounds=2, num_new=2)
+    sampler.sample = canned([8, 0])
+    for round_index in range(2):
+        examples = sampler.examples(context(tmp_path), round_index)
+        for ex in examples:
+            validate_example(ex, "self_bootstrap", None, min_responses=2)
+            assert ex.n == 4 and ex.scores == [TASK.gold_reward(ex.prompt, y) for y in ex.responses]
+    assert [h["round"] for h in sampler.history] == [0, 1]
+
+
+def test_best_of_n_trains_nothing():
+    sampler = build_sampler("best_of_n", n=4)
+    assert sampler.n == 4
+    with pytest.raises(RuntimeError, match="nothing to train"):
+        sampler.examples(None, 0)
+
+
+# -- configs ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", sorted((Path(CONF_DIR) / "sampler").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_sampler_config_builds(path):
+    config = OmegaConf.to_container(OmegaConf.load(path))
+    assert config["name"] == path.stem and path.stem in SAMPLERS
+    sampler = build_sampler(**config)
+    assert sampler.rounds >= 1
+
+
+def test_bad_sampler_settings_name_the_key():
+    with pytest.raises(ValueError, match="sampler.num_candidates"):
+        build_sampler("rso", num_candidates=4, num_samples=8)
+    with pytest.raises(ValueError, match="sampler.selection"):
+        build_sampler("raft", selection="best")
+    with pytest.raises(ValueError, match="sampler.temprature"):
+        build_sampler("raft", temprature=1.0)
+    with pytest.raises(ValueError, match="sampler.temperature must be >= 0"):
+        build_sampler("rso", temperature=-1.0)
+    with pytest.raises(ValueError, match="sampler.judge.name"):
+        build_sampler("raft", judge={"path": "x"})
+
+
+def test_raft_loss_is_sft_on_the_kept_samples():
+    raft, sft = get_loss("raft"), get_loss("sft")
+    assert raft.fn is sft.fn and not raft.needs_reference and raft.min_responses == 1
+    logps, lengths = torch.tensor([[-6.0], [-2.0]]), torch.tensor([[3], [1]])
+    assert raft(logps, lengths=lengths).loss.item() == pytest.approx(2.0)  # 8 nats over 4 tokens
+
+
+def test_loss_options_select_their_sampler(compose):
+    assert compose("loss=rso").sampler.name == "rso"
+    assert compose("loss=rso").loss.name == "dpo"
+    assert compose("loss=rso", "loss.name=hinge").loss.name == "hinge"
+    assert compose("loss=raft").sampler.name == "raft"
+    assert compose("loss=rso", "sampler=offline").sampler.name == "offline"  # the command line wins
+    assert compose("sampler=self_bootstrap", "loss=pro").sampler.name == "self_bootstrap"
+    reward = compose("loss=reward")
+    assert reward.loss.name == "reward" and reward.reward_model.heldout_fraction == 0.1

@@ -9,9 +9,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from alignexp.hardware import HardwareArgs
 from alignexp.losses import get_loss
 from alignexp.losses.registry import check_hparams
 from alignexp.models.backbone import ModelArgs
+from alignexp.models.lora import lora_args
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 """The config tree (``conf/`` at the repository root), given to Hydra as an absolute path."""
@@ -53,6 +55,11 @@ def validate(cfg: DictConfig) -> None:
             PPOArgs.from_hparams(loss)
         except ValueError as error:
             raise ConfigError(str(error)) from None
+    try:
+        HardwareArgs(**OmegaConf.to_container(cfg.hardware, resolve=True))
+        lora_args(OmegaConf.to_container(cfg.model.lora, resolve=True) if cfg.model.get("lora") else None)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(str(error)) from None
     known = {f.name for f in dataclasses.fields(ModelArgs)}
     unknown = sorted(set(cfg.model) - known)
     if unknown:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,12 +27,14 @@ from alignexp.evaluate import EvalArgs, evaluate_policy, format_table, write_eva
 from alignexp.hardware import HardwareArgs, trainer_kwargs
 from alignexp.judges.reward_model import build_reward_model, score_encoded
 from alignexp.losses import get_loss
+from alignexp.losses.registry import loss_kwargs
 from alignexp.metrics.preference import ranking_accuracy
 from alignexp.models.backbone import ModelArgs, ModelUnavailable, build_model, build_tokenizer
+from alignexp.models.lora import AdaptersOff, apply_lora, lora_args, save_pretrained_merged
 from alignexp.models.reference import cached_ref_logps
 from alignexp.modules.datamodule import RankingDataset, encode_all, make_loader
 from alignexp.modules.ppo import PPOArgs, train_ppo
-from alignexp.modules.preference import OptimArgs, PreferenceModule, uses_target
+from alignexp.modules.preference import OptimArgs, PreferenceModule
 from alignexp.modules.reward import (
     RewardModule,
     normalise_rewards,
@@ -76,7 +80,7 @@ def fit(module: L.LightningModule, loader, cfg: DictConfig, section: DictConfig,
 
 def save_policy(model, tokenizer, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    save_pretrained_merged(model, folder)  # LoRA adapters merged into full weights
     tokenizer.save_pretrained(folder)
 
 
@@ -85,7 +89,9 @@ def ensure_sft_policy(cfg: DictConfig, model_args: ModelArgs, tokenizer, task, h
     task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
     for key in ("ranking_length", "skip_invalid", "n_train_prompts", "n_eval_prompts", "n_responses", "tau"):
         task_cfg.pop(key, None)
-    key = digest(OmegaConf.to_container(cfg.model, resolve=True), task_cfg,
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    model_cfg.pop("lora", None)  # the SFT policy is trained in full; LoRA applies to the runs after it
+    key = digest(model_cfg, task_cfg,
                   OmegaConf.to_container(cfg.sft, resolve=True))
     folder = Path(cfg.paths.cache_dir) / "sft" / f"{task.name}-{model_args.name}-{key}"
     if (folder / "config.json").exists():
@@ -197,7 +203,7 @@ def preference_rounds(cfg: DictConfig, spec, hparams: dict, task, tokenizer, mod
     """SFT and preference training: each round asks the sampler for its rankings, then trains on them."""
     # Rounds: each asks the sampler for its rankings, then trains on them (offline: one round)
     sampler, ctx = sampler_and_context(cfg, task, tokenizer, model_args, policy, reference, init)
-    with_target = uses_target(spec.name)
+    with_target = spec.uses_target
     for round_index in range(sampler.rounds):
         stage = "train" if sampler.rounds == 1 else f"train-round{round_index}"
         encoded = training_data(cfg, spec, task, sampler, ctx, round_index, tokenizer, model_args, with_target)
@@ -228,7 +234,9 @@ def run(cfg: DictConfig) -> dict:
     OmegaConf.save(cfg, out / "config.yaml", resolve=True)
     model_args = ModelArgs(**OmegaConf.to_container(cfg.model, resolve=True))
     spec = get_loss(cfg.loss.name)
-    hparams = {k: v for k, v in OmegaConf.to_container(cfg.loss, resolve=True).items() if k != "name"}
+    hparams, ignored = loss_kwargs(spec.name, OmegaConf.to_container(cfg.loss, resolve=True))
+    for key in ignored:
+        log.warning("loss.%s does not apply to loss '%s': ignored", key, spec.name)
     log.info("run folder: %s", out)
 
     tokenizer = build_tokenizer(model_args)
@@ -246,7 +254,12 @@ def run(cfg: DictConfig) -> dict:
     if init is not None:
         tokenizer = build_tokenizer(init_args)
     policy = build_model(init_args, tokenizer, hw.device_type)
-    reference = build_model(init_args, tokenizer, hw.device_type).requires_grad_(False).eval()
+    lora = lora_args(model_args.lora)
+    if lora is not None:  # the reference is the policy with its adapters off: one set of base weights
+        policy = apply_lora(policy, lora)
+        reference = AdaptersOff(policy)
+    else:
+        reference = build_model(init_args, tokenizer, hw.device_type).requires_grad_(False).eval()
     log.info("policy and reference: %s", init or f"{model_args.name} built from its config")
 
     optim = OptimArgs(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, warmup_steps=cfg.train.warmup_steps)
@@ -284,14 +297,13 @@ def run(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> float | None:
     try:
         validate(cfg)
-    except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        sys.exit(2)
-    try:
         record = run(cfg)
-    except (ModelUnavailable, DataUnavailable, DataError) as error:  # clear, user-facing failures
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    except (ConfigError, ModelUnavailable, DataUnavailable, DataError) as error:  # clear, user-facing failures
+        kind = "config error" if isinstance(error, ConfigError) else "error"
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # a failed job is recorded (jobs.jsonl) and the sweep's other jobs still run
+        print(f"{kind}: {error}", file=sys.stderr)
+        sys.exit(2 if isinstance(error, ConfigError) else 1)
     policy = record.get("policy", {})
     return policy.get("gold_reward")
 

@@ -44,6 +44,11 @@ class LossSpec:
         return self.fn(*args, **kwargs)
 
     @property
+    def uses_target(self) -> bool:
+        """Whether the loss takes the target response's log-probs (``target_logps``, packed as one more column)."""
+        return "target_logps" in inspect.signature(self.fn).parameters
+
+    @property
     def hparams(self) -> dict[str, object]:
         """The loss's hyper-parameters and their defaults, read from the function's signature."""
         return {name: p.default for name, p in inspect.signature(self.fn).parameters.items()
@@ -103,6 +108,20 @@ HPARAM_CONSTRAINTS: dict[str, tuple[Callable[[float], bool], str]] = {
 }
 
 
+SWEEP_SHARED_HPARAMS = ("beta",)
+"""Keys a sweep across losses sets for every loss (``-m loss=dpo,rrhf loss.beta=0.1,0.5``). A loss that
+does not take one declares it ``null`` in its YAML, so the override composes, and ignores its value
+(:func:`loss_kwargs` leaves it out; train.py logs that it does not apply)."""
+
+
+def loss_kwargs(name: str, hparams: Mapping[str, object]) -> tuple[dict[str, object], list[str]]:
+    """The keyword arguments for loss ``name``, and the shared sweep keys it does not take (ignored)."""
+    known = get_loss(name).hparams
+    kwargs = {k: v for k, v in hparams.items() if k != "name" and (k in known or k not in SWEEP_SHARED_HPARAMS)}
+    ignored = sorted(k for k in hparams if k in SWEEP_SHARED_HPARAMS and k not in known)
+    return kwargs, ignored
+
+
 def check_hparams(name: str, hparams: Mapping[str, object]) -> None:
     """Validate the hyper-parameters given for loss ``name`` (the ``loss`` config group, minus ``name``).
 
@@ -115,7 +134,7 @@ def check_hparams(name: str, hparams: Mapping[str, object]) -> None:
         raise ValueError(f"loss.name: unknown loss '{name}'; registered losses: {', '.join(registered_losses())}")
     known = _REGISTRY[name].hparams
     for key, value in hparams.items():
-        if key == "name":
+        if key == "name" or (key in SWEEP_SHARED_HPARAMS and key not in known):
             continue
         if key not in known:
             allowed = ", ".join(sorted(known)) or "none"

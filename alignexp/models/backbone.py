@@ -42,7 +42,7 @@ def attention_implementation(requested: str, device_type: str) -> str:
     (:func:`alignexp.models.logprobs.sequence_logps`, shared-prefix packing) needs one. A model
     built with ``flash_attention_2`` therefore runs every call that carries a 4D mask through SDPA
     (see :func:`route_block_masks_to_sdpa`): FlashAttention-2 serves generation and any forward with
-    a padding mask, SDPA (its memory-efficient kernel on CUDA takes arbitrary boolean masks) the packed
+    a padding mask, SDPA (its memory-efficient kernel on CUDA takes arbitrary masks) the packed
     forward.
     """
     if requested != "auto":

@@ -6,7 +6,6 @@ The log-probs come from :func:`alignexp.models.logprobs.sequence_logps`, the mat
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import lightning as L
@@ -25,11 +24,6 @@ class OptimArgs:
     betas: tuple[float, float] = (0.9, 0.999)
 
 
-def uses_target(loss_name: str) -> bool:
-    """Whether the loss takes the target response's log-probs (packed as one more column)."""
-    return "target_logps" in inspect.signature(get_loss(loss_name).fn).parameters
-
-
 class PreferenceModule(L.LightningModule):
     """Trains ``policy`` with the loss ``loss_name``; the reference comes precomputed in each batch
     (``batch.ref_logps``) or from ``reference``, a frozen model."""
@@ -42,7 +36,7 @@ class PreferenceModule(L.LightningModule):
         self.spec = get_loss(loss_name)
         self.loss_hparams = dict(loss_hparams or {})
         self.optim = optim or OptimArgs()
-        self.with_target = uses_target(loss_name)
+        self.with_target = self.spec.uses_target
         if reference is not None:
             reference.requires_grad_(False).eval()
 

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from alignexp.losses import check_hparams, get_loss, registered_losses
-from alignexp.losses.registry import HPARAM_CONSTRAINTS
+from alignexp.losses.registry import HPARAM_CONSTRAINTS, SWEEP_SHARED_HPARAMS, loss_kwargs
 
 LN2, LN3 = math.log(2), math.log(3)
 CONF = Path(__file__).resolve().parents[2] / "conf" / "loss"
@@ -69,6 +69,8 @@ def test_yaml_keys_are_the_function_hparams_and_valid(name):
     """conf/loss/<name>.yaml names the loss and lists exactly its keyword-only hyper-parameters."""
     config = yaml.safe_load((CONF / f"{name}.yaml").read_text())
     assert config.pop("name") == name
+    shared = {k for k in SWEEP_SHARED_HPARAMS if k in config and k not in get_loss(name).hparams}
+    assert all(config.pop(k) is None for k in shared)  # declared for cross-loss sweeps, null
     assert set(config) == set(get_loss(name).hparams)
     check_hparams(name, config)
     check_hparams(name, get_loss(name).hparams)  # the defaults are valid too
@@ -86,7 +88,7 @@ def test_yaml_keys_are_the_function_hparams_and_valid(name):
     ("rrhf", {"rank_weight": -2}, "loss.rank_weight must be >= 0"),
     ("dpo", {"margin": 1.0}, "loss.margin is not a hyper-parameter of loss 'dpo'"),
     ("dpo", {"bet": 0.1}, "loss.bet is not a hyper-parameter of loss 'dpo' .*beta, label_smoothing"),
-    ("sft", {"beta": 0.1}, "loss.beta is not a hyper-parameter of loss 'sft'"),
+    ("sft", {"margin": 0.1}, "loss.margin is not a hyper-parameter of loss 'sft'"),
     ("dpo", {"target_logps": 1.0}, "loss.target_logps is not a hyper-parameter"),
     ("dpo", {"beta": "0.1"}, "loss.beta must be a number, got '0.1'"),
     ("dpo", {"beta": True}, "loss.beta must be a number, got True"),
@@ -488,3 +490,12 @@ def test_ranked_dpo_matches_the_plackett_luce_loop():
     u = 0.1 * (lp - lr)
     expected = -sum(u[:, k] - torch.logsumexp(u[:, k:], dim=1) for k in range(3)).mean()
     torch.testing.assert_close(get_loss("ranked_dpo")(lp, lr, beta=0.1).loss, expected)
+
+
+def test_a_shared_sweep_key_is_ignored_by_a_loss_that_does_not_take_it():
+    """`-m loss=dpo,rrhf loss.beta=0.1,0.5`: rrhf has no beta; it is left out of its kwargs and reported."""
+    check_hparams("rrhf", {"rank_weight": 1.0, "beta": 0.5})
+    kwargs, ignored = loss_kwargs("rrhf", {"name": "rrhf", "rank_weight": 1.0, "beta": 0.5})
+    assert kwargs == {"rank_weight": 1.0} and ignored == ["beta"]
+    kwargs, ignored = loss_kwargs("dpo", {"name": "dpo", "beta": 0.5, "label_smoothing": 0.0})
+    assert kwargs == {"beta": 0.5, "label_smoothing": 0.0} and ignored == []

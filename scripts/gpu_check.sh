@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# `make gpu-check`: a few bf16 preference-training steps of a 7B-architecture model on one GPU;
+# prints one JSON line (tokens/s, MFU, peak memory). Arguments go to `python -m alignexp.gpu_check`
+# (e.g. --layers 4 --lora-r 16; --help lists them). See docs/scale.md.
+#
+# Runs from the repository without installing alignexp. Packages the machine lacks (DeepSpeed, and
+# what it needs) can travel as wheels in .whl/ (or $GPU_CHECK_WHEELS): they are installed into
+# /tmp/site, with no index and no network, and put first on PYTHONPATH.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+PY="${PYTHON:-}"
+if [[ -z "$PY" ]]; then
+  if [[ -x .venv/bin/python ]]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+
+shopt -s nullglob
+wheels=("${GPU_CHECK_WHEELS:-.whl}"/*.whl)
+if (( ${#wheels[@]} )); then
+  echo "[gpu_check] installing ${#wheels[@]} wheel(s) from ${GPU_CHECK_WHEELS:-.whl} into /tmp/site" >&2
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}"
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+exec "$PY" -m alignexp.gpu_check "$@"

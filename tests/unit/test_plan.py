@@ -1,0 +1,197 @@
+"""``alignexp.plan``: parameter counts from the architecture, model states against DeepSpeed's own
+estimators, activations against what autograd keeps for the tiny model, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+from alignexp.hardware import HardwareArgs
+from alignexp.models.lora import LoraArgs
+from alignexp.plan import GIB, activation_bytes, count_parameters, model_state_bytes, plan_inputs, plan_memory
+from tests.conftest import REPO
+
+# Published sizes: Llama-7B 6,738,415,616 (Touvron et al. 2023, the 6.7B row), Mistral-7B 7,241,732,096.
+EXPECTED_PARAMS = {"llama7b": 6_738_415_616, "mistral7b": 7_241_732_096, "zephyr7b": 7_241_732_096}
+SEVEN_B = sorted(EXPECTED_PARAMS)
+
+
+def _arch(compose, model: str) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(compose(f"model={model}").model.arch, resolve=True)
+
+
+@pytest.mark.parametrize("model", SEVEN_B)
+def test_parameter_count_of_the_7b_configs(compose, model):
+    counts = count_parameters(_arch(compose, model))
+    assert counts.total == EXPECTED_PARAMS[model]
+    assert counts.largest_module == 32_000 * 4096  # the embedding (and the untied head)
+
+
+@pytest.mark.parametrize("model", ["llama7b", "mistral7b"])
+def test_closed_form_count_equals_the_model_built_on_the_meta_device(compose, model):
+    """Two layers of each architecture, built by transformers on the meta device and counted."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = {**_arch(compose, model), "num_hidden_layers": 2}
+    counts = count_parameters(arch)
+    config_args = dict(arch)
+    config = AutoConfig.for_model(config_args.pop("model_type"), **config_args)
+    with torch.device("meta"):
+        built = AutoModelForCausalLM.from_config(config)
+    assert counts.total == sum(p.numel() for p in built.parameters())
+    assert counts.largest_module == max(sum(p.numel() for p in m.parameters(recurse=False)) for m in built.modules())
+
+
+def test_lora_trainable_count_equals_peft(compose):
+    """LoRA r=8 on q, v of a 2-layer Mistral-7B-shaped model: the count equals PEFT's own."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    arch = {**_arch(compose, "mistral7b"), "num_hidden_layers": 2}
+    lora = LoraArgs(r=8, target_modules=["q_proj", "v_proj"])
+    config_args = dict(arch)
+    config = AutoConfig.for_model(config_args.pop("model_type"), **config_args)
+    with torch.device("meta"):
+        peft_model = get_peft_model(AutoModelForCausalLM.from_config(config),
+                                    LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    assert count_parameters(arch, lora).trainable == sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+
+
+# (hardware option, overrides, DeepSpeed estimator, its keyword arguments)
+DEEPSPEED_CASES = [
+    ("deepspeed_zero2", {}, "zero2", {"cpu_offload": False}),
+    ("deepspeed_zero2", {"offload_optimizer": True}, "zero2", {"cpu_offload": True}),
+    ("deepspeed_zero3", {}, "zero3", {"cpu_offload": False, "cpu_offload_params": False}),
+    ("deepspeed_zero3", {"offload_optimizer": True}, "zero3", {"cpu_offload": True, "cpu_offload_params": False}),
+    ("deepspeed_zero3_offload", {}, "zero3", {"cpu_offload": True, "cpu_offload_params": True}),
+]
+GPU_LAYOUTS = [(1, 1), (8, 1), (8, 2)]  # (GPUs per node, nodes)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_estimators():
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    return {"zero2": estimate_zero2_model_states_mem_needs, "zero3": estimate_zero3_model_states_mem_needs}
+
+
+def test_model_states_agree_with_deepspeed_within_10_percent(compose, deepspeed_estimators, capsys):
+    """Per-GPU model-state bytes for the 7B configs under every DeepSpeed option and GPU layout.
+
+    DeepSpeed's ``estimate_zero{2,3}_model_states_mem_needs_all_cold`` print these same functions'
+    numbers (they run on CPU from parameter counts); here the functions are called directly.
+    """
+    rows = []
+    for model in SEVEN_B:
+        counts = count_parameters(_arch(compose, model))
+        for option, extra, stage, kwargs in DEEPSPEED_CASES:
+            hw_cfg = {k: v for k, v in compose(f"hardware={option}").hardware.items()}
+            for per_node, nodes in GPU_LAYOUTS:
+                hw = HardwareArgs(**{**hw_cfg, **extra, "devices": per_node, "num_nodes": nodes})
+                ours = model_state_bytes(counts, hw, "bfloat16", hw.world_size).gpu
+                if stage == "zero2":
+                    _, theirs = deepspeed_estimators[stage](counts.total, per_node, nodes, **kwargs)
+                else:
+                    _, theirs, _ = deepspeed_estimators[stage](counts.total, counts.largest_module, per_node,
+                                                               nodes, zero_init=True, **kwargs)
+                rows.append((model, option + ("+offload_optimizer" if extra else ""), per_node * nodes, ours, theirs))
+    with capsys.disabled():
+        print("\nmodel      option                            GPUs   plan GiB  DeepSpeed GiB  ratio")
+        for model, option, gpus, ours, theirs in rows:
+            print(f"{model:<10} {option:<33} {gpus:>4} {ours / GIB:>10.2f} {theirs / GIB:>14.2f}  {ours / theirs:.4f}")
+    for model, option, gpus, ours, theirs in rows:
+        assert abs(ours / theirs - 1) <= 0.10, (model, option, gpus, ours, theirs)
+
+
+def _profiled_bytes_kept(fn) -> int:
+    """CPU bytes allocated inside ``fn`` and still alive when it returns (torch profiler's allocator counter)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as handle:
+            events = json.load(handle)["traceEvents"]
+    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    start = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
+    return memory[-1]["args"]["Total Allocated"] - start
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_activation_estimate_matches_what_autograd_keeps(checkpointing):
+    """A 3-layer GQA Mistral (h=256, i=704, 4 heads, 2 KV heads), fp32 on CPU, 2 rows of a 64-token
+    prompt and 4 responses of 32: the bytes alive after the packed forward vs the plan's ``saved``."""
+    from alignexp.models.backbone import ModelArgs, build_model
+    from alignexp.models.logprobs import EncodedExample, pack, sequence_logps
+    from alignexp.models.tokenizer import build_byte_tokenizer
+
+    arch = dict(model_type="mistral", hidden_size=256, intermediate_size=704, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
+    tokenizer = build_byte_tokenizer()
+    model = build_model(ModelArgs(arch=arch, gradient_checkpointing=checkpointing), tokenizer).train()
+    generator = torch.Generator().manual_seed(0)
+    rows, prompt_len, response_len, n = 2, 64, 32, 4
+    batch = pack([EncodedExample(torch.randint(0, 256, (prompt_len,), generator=generator).tolist(),
+                                 [torch.randint(0, 256, (response_len,), generator=generator).tolist()
+                                  for _ in range(n)]) for _ in range(rows)], pad_id=tokenizer.pad_token_id)
+    kept: dict = {}
+    measured = _profiled_bytes_kept(lambda: kept.setdefault("logps", sequence_logps(model, batch)[0]))
+    counts = count_parameters({**arch, "vocab_size": len(tokenizer)})
+    estimate = activation_bytes(counts, rows, prompt_len, response_len, n, act_bytes=4, checkpointing=checkpointing,
+                                reference_forward=False).saved
+    print(f"checkpointing={checkpointing}: measured {measured} bytes, estimated {int(estimate)}")
+    assert 0.9 <= estimate / measured <= 1.15
+
+
+def test_plan_of_a_7b_lora_run_and_the_frozen_reference(compose):
+    lora = plan_memory(plan_inputs(compose("model=mistral7b", "hardware=gpu", "model.lora.enabled=true",
+                                           "train.batch_size=1")))
+    assert lora.inputs.reference == "adapters_off" and lora.reference_weights == 0
+    assert lora.counts.trainable == 32 * 16 * (4096 + 4096 + 2 * (4096 + 1024) + 4096 + 4096)
+    assert lora.fits
+    frozen = plan_memory(plan_inputs(compose("model=mistral7b", "hardware=deepspeed_zero3", "hardware.devices=8",
+                                             "train.reference=frozen")))
+    assert frozen.reference_weights == pytest.approx(2 * frozen.counts.total / 8)
+    full = plan_memory(plan_inputs(compose("model=mistral7b", "hardware=gpu", "model.dtype=float32")))
+    assert full.fits is False  # 16 bytes per parameter: 108 GiB of model states on one 80 GiB GPU
+    assert full.states.gpu / GIB > 100
+
+
+def test_plan_needs_a_definite_device_count(compose):
+    with pytest.raises(ValueError, match="hardware.devices"):
+        plan_inputs(compose("model=llama7b", "hardware=deepspeed_zero3"))  # devices: auto
+
+
+def test_cli_prints_the_plan_and_exits_with_the_verdict(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "alignexp.plan", "model=llama7b", "hardware=deepspeed_zero3",
+               "hardware.devices=8", "train.batch_size=2"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["fits"] is True and record["gpus"] == 8 and record["params"] == EXPECTED_PARAMS["llama7b"]
+    assert "fits: yes" in result.stdout
+    assert list(tmp_path.iterdir()) == []  # no run folder, no log file
+
+
+def test_a_run_that_does_not_fit_exits_1(compose, capsys):
+    from alignexp.plan import _main
+
+    with pytest.raises(SystemExit) as info:
+        _main(compose("model=llama7b", "hardware=gpu", "model.dtype=float32"))
+    assert info.value.code == 1 and "fits: NO" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        _main(compose("model=llama7b", "hardware=deepspeed_zero3"))  # devices: auto, no GPU count to plan for
+    assert info.value.code == 2 and "hardware.devices" in capsys.readouterr().err

@@ -60,6 +60,12 @@ def validate(cfg: DictConfig) -> None:
         lora_args(OmegaConf.to_container(cfg.model.lora, resolve=True) if cfg.model.get("lora") else None)
     except (TypeError, ValueError) as error:
         raise ConfigError(str(error)) from None
+    from alignexp.evaluate import EvalArgs  # evaluate imports this module
+
+    try:
+        EvalArgs.from_config(OmegaConf.to_container(cfg.eval, resolve=True))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     known = {f.name for f in dataclasses.fields(ModelArgs)}
     unknown = sorted(set(cfg.model) - known)
     if unknown:

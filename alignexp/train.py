@@ -186,10 +186,9 @@ def evaluate_best_of_n(cfg: DictConfig, task, tokenizer, model_args: ModelArgs, 
     """sampler=best_of_n: nothing is trained; best-of-n sampling of the SFT policy under the sampler's judge
     is evaluated (eval.json's ``best_of_n``, at its analytic KL log n - (n - 1) / n)."""
     sampler, ctx = sampler_and_context(cfg, task, tokenizer, model_args, policy, reference, init)
-    eval_args = EvalArgs(temperatures=list(cfg.eval.temperatures), max_new_tokens=cfg.eval.max_new_tokens,
-                         batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
-                         max_prompt_len=model_args.max_prompt_len, judge=cfg.sampler.judge.name,
-                         best_of_n=[sampler.n])
+    eval_args = EvalArgs.from_config(OmegaConf.to_container(cfg.eval, resolve=True),
+                                     max_prompt_len=model_args.max_prompt_len,
+                                     judge=cfg.sampler.judge.name, best_of_n=[sampler.n])
     result = evaluate_policy(policy, reference, tokenizer, task, eval_args, judge=sampler.judge_for(ctx))
     record = write_eval_json(out / "eval.json", task=task.name, loss="best_of_n", model=model_args.name,
                              result=result, init_from=init)
@@ -282,10 +281,11 @@ def run(cfg: DictConfig) -> dict:
     # Evaluation
     record = {"task": task.name, "loss": spec.name, "model": model_args.name}
     if cfg.eval.enabled:
-        eval_args = EvalArgs(temperatures=list(cfg.eval.temperatures), max_new_tokens=cfg.eval.max_new_tokens,
-                             batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
-                             max_prompt_len=model_args.max_prompt_len, judge=cfg.eval.judge)
-        result = evaluate_policy(policy, reference, tokenizer, task, eval_args)
+        eval_args = EvalArgs.from_config(OmegaConf.to_container(cfg.eval, resolve=True),
+                                         max_prompt_len=model_args.max_prompt_len,
+                                         beta=float(hparams.get("beta", 1.0)))
+        result = evaluate_policy(policy, reference, tokenizer, task, eval_args,
+                                 max_response_len=model_args.max_response_len)
         record = write_eval_json(out / "eval.json", task=task.name, loss=spec.name, model=model_args.name,
                                  result=result, hparams=hparams, init_from=init)
         print(format_table(result), flush=True)

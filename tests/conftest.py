@@ -20,7 +20,7 @@ TINY_RUN = [
     "task.n_sft=512", "task.n_train_prompts=32", "task.n_eval_prompts=16",
     "sft.max_epochs=1", "train.max_steps=2", "train.batch_size=8",
     "eval.temperatures=[1.0]", "eval.max_new_tokens=16", "model.max_response_len=24",
-    "hardware.threads=1",
+    "hardware.threads=1", "eval.preference_accuracy=false",
 ]
 
 

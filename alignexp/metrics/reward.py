@@ -34,8 +34,9 @@ def best_of_n_indices(scores: Sequence[Sequence[float]], n: int) -> list[int]:
 
 def length_stats(texts: Sequence[Text], token_counts: Sequence[int] | None = None,
                  finished: Sequence[bool] | None = None) -> dict[str, float]:
-    """Length statistics of outputs: mean ± stderr of words and characters (and of tokens where given),
-    the median and max tokens (or words), and the fraction cut by the token cap (not finished with EOS)."""
+    """Length statistics of outputs: mean ± stderr of words and characters (and of tokens where given:
+    the generated tokens, EOS included where it was reached), the median and max tokens (or words), and
+    the fraction cut by the token cap (``finished`` False: no EOS)."""
     plain = [plain_text(t) for t in texts]
     words = [len(t.split()) for t in plain]
     out = {**summary("response_words", words), **summary("response_chars", [len(t) for t in plain])}

@@ -101,6 +101,13 @@ class HardwareArgs:
             raise ValueError(f"hardware.gpu_memory_gib must be > 0, got {self.gpu_memory_gib!r}")
 
     @property
+    def torch_device(self) -> str:
+        """Where models live outside Lightning's fit (sampling, reference log-probs, evaluation)."""
+        import torch
+
+        return "cuda" if self.device_type == "cuda" and torch.cuda.is_available() else "cpu"
+
+    @property
     def device_type(self) -> str:
         return "cuda" if self.accelerator in ("gpu", "cuda") else self.accelerator
 

@@ -76,6 +76,8 @@ def fit(module: L.LightningModule, loader, cfg: DictConfig, section: DictConfig,
                         enable_checkpointing=False, enable_model_summary=False, default_root_dir=str(out),
                         num_sanity_val_steps=0)
     trainer.fit(module, train_dataloaders=loader)
+    # Lightning's teardown leaves the module on the CPU: sampling and evaluation run on the device again.
+    module.to(hw.torch_device)
 
 
 def save_policy(model, tokenizer, folder: Path) -> None:
@@ -259,6 +261,9 @@ def run(cfg: DictConfig) -> dict:
         reference = AdaptersOff(policy)
     else:
         reference = build_model(init_args, tokenizer, hw.device_type).requires_grad_(False).eval()
+    # Sampling, reference log-probs and evaluation run outside Lightning, on the hardware's device.
+    policy.to(hw.torch_device)
+    reference.to(hw.torch_device)
     log.info("policy and reference: %s", init or f"{model_args.name} built from its config")
 
     optim = OptimArgs(lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, warmup_steps=cfg.train.warmup_steps)

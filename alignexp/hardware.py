@@ -202,8 +202,21 @@ class JobStatusCallback:
             job_status:
               _target_: alignexp.hardware.JobStatusCallback
 
-    Duck-typed (Hydra calls the methods it finds), so this module needs no Hydra import.
+    Duck-typed, so this module needs no Hydra import (the GPU check runs without Hydra).
     """
+
+    # Hydra calls every hook of a callback and warns about missing ones: the others do nothing here.
+    def on_run_start(self, config, **kwargs) -> None: ...
+
+    def on_run_end(self, config, **kwargs) -> None: ...
+
+    def on_multirun_start(self, config, **kwargs) -> None: ...
+
+    def on_multirun_end(self, config, **kwargs) -> None: ...
+
+    def on_job_start(self, config, **kwargs) -> None: ...
+
+    def on_compose_config(self, config, config_name, overrides) -> None: ...
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
         from hydra.core.utils import JobStatus

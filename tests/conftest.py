@@ -24,6 +24,16 @@ TINY_RUN = [
 ]
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """One intra-op thread for every test: the tiny model's matrices gain nothing from a second thread,
+    and on a 2-core machine that is busy with anything else, two threads are many times slower."""
+    import torch
+
+    torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One cache per test session, so the synthetic SFT policy is trained once."""

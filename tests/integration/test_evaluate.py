@@ -30,18 +30,6 @@ ARCH = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_
         "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 512}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine OpenMP threads
-    spin against other jobs (50x slower here under load): one thread for this module, then restored."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models():
     """A policy and a reference: the same 2-layer architecture with different seeded weights."""

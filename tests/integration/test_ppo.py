@@ -26,15 +26,6 @@ METRICS = ("score", "kl", "kl_coef", "entropy", "clipfrac", "approx_kl", "loss_v
            "explained_variance", "response_length")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tokenizer(ModelArgs())

@@ -21,17 +21,6 @@ REPO = Path(__file__).resolve().parents[2]
 PROMPTS, CHUNK = 30, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one intra-op thread is as fast, and far faster on a shared, busy machine."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory) -> Path:
     """The tiny model with its seeded initial weights, saved as an HF folder (no training needed)."""

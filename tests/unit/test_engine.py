@@ -20,15 +20,6 @@ from alignexp.sampling.text import sample_responses, sample_seed
 NEG = float("-inf")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one intra-op thread is as fast, and far faster on a shared, busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     """The 2-layer tiny model (conf/model/tiny.yaml) with its seeded weights, and the byte tokenizer."""

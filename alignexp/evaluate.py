@@ -173,6 +173,15 @@ def build_judge(name: str, task: Any = None, key: str = "eval.judge", **judge_ar
         raise ValueError(f"{key}={name}: {error}") from None
 
 
+def resolve_judge(args: EvalArgs, task: Any) -> Judge | None:
+    """``eval.judge``: ``auto`` is the gold reward where the task has one and no judge elsewhere (the
+    text metrics still run; name ``reward_model`` or ``llm`` for win rates); ``none`` is no judge."""
+    name = args.judge
+    if name == "auto":
+        name = "gold" if getattr(task, "has_gold_reward", False) else "none"
+    return None if name == "none" else build_judge(name, task, **args.judge_args)
+
+
 def _scores_cheaply(judge: Judge) -> bool:
     """Whether per-response scores are worth computing for every sample (not for an LLM judge's API calls)."""
     return hasattr(judge, "score") and getattr(judge, "name", "") != "llm"
@@ -338,7 +347,7 @@ def evaluate_policy(policy, reference, tokenizer, task, args: EvalArgs, judge: J
     prompts = [ex.prompt for ex in examples]
     references = [ex.target if ex.target is not None else ex.responses[0] for ex in examples] \
         if all(ex.responses or ex.target is not None for ex in examples) else None
-    judge = judge if judge is not None else build_judge(args.judge, task, **args.judge_args)
+    judge = judge if judge is not None else resolve_judge(args, task)
     baseline = _baseline(args, task)
     if baseline == "dataset" and references is None:
         raise ValueError(f"eval.baseline=dataset: task {task.name} has no reference responses")
@@ -376,11 +385,13 @@ def evaluate_policy(policy, reference, tokenizer, task, args: EvalArgs, judge: J
         if baseline == "dataset":
             comparisons = {k.replace("win_rate_vs_dataset", "win_rate_vs_reference"): v
                            for k, v in result["policy"].items() if k.startswith("win_rate_vs_dataset")}
-        else:
+        elif judge is not None:
             forward, swapped = both_orders_verdicts(judge, prompts, texts["policy"], texts["reference"],
                                                     args.batch_size, args.progress)
             comparisons = win_rate_from_verdicts(forward, swapped, prefix="win_rate_vs_reference")
-        comparisons.update({"judge": judge.name, "baseline": "dataset" if baseline == "dataset" else
+        else:
+            comparisons = {}
+        comparisons.update({"judge": judge.name if judge is not None else None, "baseline": "dataset" if baseline == "dataset" else
                             "reference_samples"})
         result["comparisons"] = comparisons
         result["examples"] = [{"prompt": p, "policy": a, "reference": b}

@@ -25,6 +25,25 @@ TINY_SCHEDULE = [
 TINY_RUN = ["task.n_sft=512", "task.n_train_prompts=32", "task.n_eval_prompts=16", *TINY_SCHEDULE]
 
 
+def allocated_bytes_over_time(fn) -> list[int]:
+    """Run ``fn`` under the torch profiler; the CPU bytes it has allocated (and not freed) after each
+    allocator event, relative to the start, in time order."""
+    import json
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    start = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
+    return [e["args"]["Total Allocated"] - start for e in memory]
+
+
 @pytest.fixture(autouse=True, scope="session")
 def one_thread():
     """One intra-op thread for every test: the tiny model's matrices gain nothing from a second thread,

@@ -3,9 +3,6 @@ less memory than a frozen copy; the reference cache is keyed by the base model; 
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -29,6 +26,7 @@ from alignexp.models.reference import cached_ref_logps, model_fingerprint
 from alignexp.models.tokenizer import build_byte_tokenizer
 from alignexp.modules.datamodule import RankingDataset, make_loader
 from alignexp.modules.preference import OptimArgs, PreferenceModule
+from tests.conftest import allocated_bytes_over_time
 
 TINY_ARCH = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "model" / "tiny.yaml").arch)
 MODELS = sorted(p.stem for p in (Path(CONF_DIR) / "model").glob("*.yaml"))
@@ -189,18 +187,7 @@ def test_merged_save_is_a_plain_model_and_leaves_the_base_weights(tokenizer, tmp
 
 def _peak_bytes(fn) -> int:
     """Peak CPU bytes allocated inside ``fn`` (torch profiler's allocator counter, relative to its start)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as handle:
-            events = json.load(handle)["traceEvents"]
-    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
-    start = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
-    return max(e["args"]["Total Allocated"] for e in memory) - start
+    return max(allocated_bytes_over_time(fn))
 
 
 def _preference_step(tokenizer, batch, use_lora: bool) -> None:

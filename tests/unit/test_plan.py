@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import torch
 from alignexp.hardware import HardwareArgs
 from alignexp.models.lora import LoraArgs
 from alignexp.plan import GIB, activation_bytes, count_parameters, model_state_bytes, plan_inputs, plan_memory
-from tests.conftest import REPO
+from tests.conftest import REPO, allocated_bytes_over_time
 
 # Published sizes: Llama-7B 6,738,415,616 (Touvron et al. 2023, the 6.7B row), Mistral-7B 7,241,732,096.
 EXPECTED_PARAMS = {"llama7b": 6_738_415_616, "mistral7b": 7_241_732_096, "zephyr7b": 7_241_732_096}
@@ -115,18 +114,7 @@ def test_model_states_agree_with_deepspeed_within_10_percent(compose, deepspeed_
 
 def _profiled_bytes_kept(fn) -> int:
     """CPU bytes allocated inside ``fn`` and still alive when it returns (torch profiler's allocator counter)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as handle:
-            events = json.load(handle)["traceEvents"]
-    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
-    start = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
-    return memory[-1]["args"]["Total Allocated"] - start
+    return allocated_bytes_over_time(fn)[-1]
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

@@ -5,25 +5,31 @@
 sees the prompt and its own earlier tokens, never another response. Position ids restart after the
 prompt for each response, so each response is computed exactly as if it followed the prompt alone,
 while the prompt's tokens are computed once for all n responses. The first token of every response
-is predicted from the prompt's last hidden state.
+is predicted from the prompt's last hidden state. One forward per batch.
 
-**Rows.** The blocks of a batch are packed into R <= B rows of T tokens, first-fit decreasing, T
-being the longest block (or ``row_budget``): short examples share a row instead of each being padded
-to the longest one, and blocks in one row never see each other (the mask is block-diagonal). Rows are
-no wider than the longest block because the attention kernels that take a mask (SDPA's, eager)
-compute every (query, key) pair of a row: one padding-free row of all N tokens would cost N^2 in
-attention instead of R*T^2. The padding that is left is what first-fit cannot fill (for the DPO
-shape of ``python -m alignexp.bench``, about a fifth of the positions). One forward per batch.
+**Padding-free forward** (:class:`FlatLayout`, used by :func:`response_states`). The decoder runs on
+one row of the batch's N real tokens, with no padding: embeddings, projections, MLPs and norms see
+each token once. Only attention works in rows: in each layer, each block is one row, and
+:func:`block_attention` runs the prompts causally (the kernel skips the upper triangle) and the
+response tokens against their block's keys under its mask, blocks of similar length grouped into a
+few calls (:func:`length_buckets`). Attention so costs about P^2/2 + L*W per block (prompt P, response
+tokens L, block W) rather than the W^2 of a dense mask. This runs as an attention function registered
+with transformers (``alignexp_blocks``), selected for the duration of the forward; models that
+checkpoint activations, use a sliding window or attention soft-capping take the padded path below.
+
+**Padded layout** (``input_ids``, ``position_ids``, ``attention_mask``: what other modules feed to
+a decoder themselves, and the fallback). The blocks are packed into R <= B rows of T tokens,
+first-fit decreasing, T being the longest block (or ``row_budget``): short examples share a row
+instead of each being padded to the longest one, and blocks in one row never see each other.
 
 **Head.** Only the hidden states that predict response tokens go through the output head (a gather,
-then the head on N response tokens instead of R*T positions), and the log-softmax runs in fp32.
-
-**Mask.** The boolean mask is turned into an additive one (0 / dtype min) once per forward, so that
-SDPA does not convert it again in every layer and every layer's backward shares the one copy.
+then the head on the response tokens only), and the log-softmax runs in fp32. Boolean masks become
+additive ones (0 / dtype min) once per forward, shared by every layer and its backward.
 """
 
 from __future__ import annotations
 
+import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,6 +50,52 @@ class EncodedExample:
 
 
 @dataclass
+class AttentionBucket:
+    """A group of ``rows`` blocks whose attention runs as two SDPA calls (see :func:`block_attention`).
+
+    Each block is one row of ``width`` keys (its tokens, padded), the first ``prompt`` of which are
+    enough to hold its prompt; its response tokens are one row of ``responses`` queries. ``mask``
+    (rows, 1, responses, width) bool: True where a response token may attend a key of its block.
+    """
+
+    rows: int
+    width: int
+    prompt: int
+    responses: int
+    mask: Tensor
+
+    def to(self, device: torch.device | str) -> AttentionBucket:
+        return AttentionBucket(self.rows, self.width, self.prompt, self.responses, self.mask.to(device))
+
+
+@dataclass
+class FlatLayout:
+    """Where the tokens of a :class:`PackedBatch` go in the padding-free forward.
+
+    Shapes (N real tokens, block after block in example order): ``token_index`` (N,): flat index into
+    the padded (R*T) layout of each token; ``source``: like ``PackedBatch.source_index``, but indexing
+    the N tokens; ``key_index`` (sum of rows x width): the tokens of each block's key row, bucket after
+    bucket; ``query_index`` (sum of rows x responses): the response tokens of each block's query row
+    (padded slots of both read token 0: no query attends them, and their outputs are dropped);
+    ``buckets``: the attention calls
+    (:class:`AttentionBucket`); ``order`` (N,): where each token's attention output is in the
+    concatenation, bucket after bucket, of the prompt call's outputs (rows x prompt) and the response
+    call's (rows x responses).
+    """
+
+    token_index: Tensor
+    source: Tensor
+    key_index: Tensor
+    query_index: Tensor
+    buckets: list[AttentionBucket]
+    order: Tensor
+
+    def to(self, device: torch.device | str) -> FlatLayout:
+        return FlatLayout(self.token_index.to(device), self.source.to(device), self.key_index.to(device),
+                          self.query_index.to(device), [b.to(device) for b in self.buckets], self.order.to(device))
+
+
+@dataclass
 class PackedBatch:
     """Model inputs for shared-prefix packing, plus where each response token lives.
 
@@ -53,7 +105,9 @@ class PackedBatch:
     response token; ``target_ids``: (N,); ``slot``: (N,) flat index into (B*n) of the response each
     token belongs to; ``lengths``: (B, n) response tokens; ``mask``: (B, n) bool; ``rewards``: (B, n)
     scores (NaN where absent) when every example has scores; ``ref_logps``: (B, n) precomputed
-    reference log-probs when the collator has them.
+    reference log-probs when the collator has them; ``flat``: the padding-free layout of the same
+    tokens (:class:`FlatLayout`; None makes :func:`response_states` use the padded layout). ``flat.source``
+    is aligned with ``source_index``: code that reorders the response tokens must reorder both.
 
     The N response tokens are listed response by response (slot order), each response's tokens in
     order; an example's responses follow its prompt contiguously in slot order (empty slots take no
@@ -71,13 +125,14 @@ class PackedBatch:
     mask: Tensor
     rewards: Tensor | None = None
     ref_logps: Tensor | None = None
+    flat: FlatLayout | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.lengths.shape)  # type: ignore[return-value]
 
     def to(self, device: torch.device | str) -> PackedBatch:
-        moved = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in self.__dict__.items()}
+        moved = {k: (v.to(device) if isinstance(v, (Tensor, FlatLayout)) else v) for k, v in self.__dict__.items()}
         return PackedBatch(**moved)
 
 
@@ -145,40 +200,125 @@ def pack(examples: Sequence[EncodedExample], n: int | None = None, pad_id: int =
     targets: list[int] = []
     slots: list[int] = []
     lengths = [[0] * n_slots for _ in examples]
-    # The mask is written block by block (a few slice writes per example, no T x T comparisons).
     attention_mask = torch.zeros((len(rows), width, width), dtype=torch.bool)
     causal = torch.ones((width, width), dtype=torch.bool).tril()
+    start = [0] * len(blocks)  # flat (R*T) index of each block's first token
     for r, members in enumerate(rows):
-        offset, row_mask, c = r * width, attention_mask[r], 0  # c: the row's next free column
+        c = 0  # the row's next free column
         for b in members:
             prompt, responses = blocks[b]
-            p, first = len(prompt), c
-            ids[offset + c:offset + c + p], positions[offset + c:offset + c + p] = prompt, range(p)
-            row_mask[c:c + p, c:c + p] = causal[:p, :p]
-            prompt_last, c = offset + c + p - 1, c + p
+            start[b] = at = r * width + c
+            p = len(prompt)
+            ids[at:at + p], positions[at:at + p] = prompt, range(p)
+            attention_mask[r, c:c + p, c:c + p] = causal[:p, :p]
+            prompt_last, at = at + p - 1, at + p
             for k, response in responses:
                 m = len(response)
-                ids[offset + c:offset + c + m], positions[offset + c:offset + c + m] = response, range(p, p + m)
-                row_mask[c:c + m, first:first + p] = True  # a response sees its prompt
-                row_mask[c:c + m, c:c + m] = causal[:m, :m]  # and its own earlier tokens
+                ids[at:at + m], positions[at:at + m] = response, range(p, p + m)
+                column = at - r * width
+                attention_mask[r, column:column + m, c:c + p] = True  # a response sees its prompt
+                attention_mask[r, column:column + m, column:column + m] = causal[:m, :m]  # and its own past
                 sources.append(prompt_last)  # its first token is predicted from the prompt's last state
-                sources.extend(range(offset + c, offset + c + m - 1))
+                sources.extend(range(at, at + m - 1))
                 targets.extend(response)
                 slots.extend([b * n_slots + k] * m)
                 lengths[b][k] = m
-                c += m
-        row_mask[c:, c:] = causal[:width - c, :width - c]  # padding sees earlier padding (and itself)
+                at += m
+            c += sizes[b]
+        attention_mask[r, c:, c:] = causal[:width - c, :width - c]  # padding sees earlier padding (and itself)
     shape = (len(rows), width)
-    lengths_t = torch.tensor(lengths, dtype=torch.long)
+    lengths_t = _long([m for row in lengths for m in row]).view(len(examples), n_slots)
+    source_index = _long(sources)
     rewards = None
     if all(ex.scores is not None for ex in examples):
         rewards = torch.full((len(examples), n_slots), float("nan"))
         for b, ex in enumerate(examples):
             rewards[b, :len(ex.scores)] = torch.tensor(ex.scores, dtype=torch.float)
-    return PackedBatch(torch.tensor(ids, dtype=torch.long).view(shape),
-                       torch.tensor(positions, dtype=torch.long).view(shape), attention_mask[:, None],
-                       torch.tensor(sources, dtype=torch.long), torch.tensor(targets, dtype=torch.long),
-                       torch.tensor(slots, dtype=torch.long), lengths_t, lengths_t > 0, rewards)
+    return PackedBatch(_long(ids).view(shape),
+                       _long(positions).view(shape), attention_mask[:, None],
+                       source_index, _long(targets),
+                       _long(slots), lengths_t, lengths_t > 0, rewards,
+                       flat=_flat_layout(blocks, start, source_index, total, causal))
+
+
+def _flat_layout(blocks: Sequence[tuple[list[int], list[tuple[int, list[int]]]]], start: Sequence[int],
+                 source_index: Tensor, total: int, causal: Tensor) -> FlatLayout:
+    """The padding-free layout of ``blocks`` (prompt, [(slot, response)]) placed at flat ``start`` in the
+    padded (R*T) layout; ``causal`` is a lower-triangular bool matrix at least as wide as any response."""
+    sizes = [len(prompt) + sum(len(r) for _, r in responses) for prompt, responses in blocks]
+    prompt_lens = [len(prompt) for prompt, _ in blocks]
+    offsets = [0] * len(blocks)  # each block's first token among the N real tokens
+    for b in range(1, len(blocks)):
+        offsets[b] = offsets[b - 1] + sizes[b - 1]
+    n_tokens = offsets[-1] + sizes[-1]
+    token_index = [i for b in range(len(blocks)) for i in range(start[b], start[b] + sizes[b])]
+    token_of = torch.full((total,), -1, dtype=torch.long)
+    token_of[_long(token_index)] = torch.arange(n_tokens)
+    buckets, keys, queries, placed = [], [], [], []
+    for members in length_buckets(sizes):
+        width = max(sizes[b] for b in members)
+        prompt = max(prompt_lens[b] for b in members)
+        n_queries = max(sizes[b] - prompt_lens[b] for b in members)
+        key_rows, query_rows, prompt_rows = [], [], []
+        r = len(members)
+        mask = torch.zeros((r, n_queries, width), dtype=torch.bool)
+        for i, b in enumerate(members):
+            p, s, first = prompt_lens[b], sizes[b], offsets[b]
+            key_rows += [*range(first, first + s), *[n_tokens] * (width - s)]
+            query_rows += [*range(first + p, first + s), *[n_tokens] * (n_queries - s + p)]
+            prompt_rows += [*range(first, first + p), *[n_tokens] * (prompt - p)]
+            mask[i, :s - p, :p] = True  # every response token sees the prompt
+            at = 0  # the response's first row among the block's queries
+            for _, response in blocks[b][1]:
+                m = len(response)
+                mask[i, at:at + m, p + at:p + at + m] = causal[:m, :m]  # and its own response's past
+                at += m
+            mask[i, s - p:, 0] = True  # padded query slots read the first key: no softmax row is empty
+        buckets.append(AttentionBucket(r, width, prompt, n_queries, mask[:, None]))
+        keys += key_rows
+        queries += query_rows
+        placed += prompt_rows + query_rows
+    placed_t = _long(placed)
+    order = torch.empty(n_tokens, dtype=torch.long)
+    real = placed_t < n_tokens
+    order[placed_t[real]] = real.nonzero().squeeze(1)
+    # Padded slots read token 0: no query of the block attends them, and their own outputs are dropped.
+    key_index, query_index = _long(keys), _long(queries)
+    key_index[key_index == n_tokens] = 0
+    query_index[query_index == n_tokens] = 0
+    return FlatLayout(_long(token_index), token_of[source_index], key_index, query_index, buckets, order)
+
+
+BUCKET_COST = 128 * 128
+"""What one more attention call is worth, in (query, key) pairs: :func:`length_buckets` starts a new
+bucket where padding the blocks to the bucket's longest would cost more than this."""
+
+
+def length_buckets(sizes: Sequence[int], call_cost: int = BUCKET_COST) -> list[list[int]]:
+    """Group block indices into buckets of consecutive lengths (longest first), minimising
+    ``sum over buckets (blocks x longest^2) + call_cost x buckets``: the attention area when each block
+    is one row padded to its bucket's longest, plus a price per call. Exact, by dynamic programming
+    over the sorted lengths (O(B^2))."""
+    order = sorted(range(len(sizes)), key=lambda b: (-sizes[b], b))
+    best = [0] + [None] * len(order)  # best[j]: cost of bucketing the j longest
+    cut = [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(j):  # the last bucket holds order[i:j], padded to sizes[order[i]]
+            cost = best[i] + (j - i) * sizes[order[i]] ** 2 + call_cost
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    buckets, j = [], len(order)
+    while j > 0:
+        buckets.append(order[cut[j]:j])
+        j = cut[j]
+    return buckets[::-1]
+
+
+def _long(values: Sequence[int]) -> Tensor:
+    """A 1D long tensor of ``values`` through a C array: several times faster than ``torch.tensor(list)``."""
+    if len(values) == 0:
+        return torch.zeros(0, dtype=torch.long)
+    return torch.frombuffer(array.array("q", values), dtype=torch.long)
 
 
 def first_fit_decreasing(sizes: Sequence[int], capacity: int) -> list[list[int]]:
@@ -236,15 +376,101 @@ def response_states(model, batch: PackedBatch) -> Tensor:
 
     Row i is the state at ``batch.source_index[i]``: the prompt's last state for a response's first
     token, then the state of the token before. PPO's value head reads these (the value of the state
-    before each token is generated). Works for any Hugging Face causal LM (also PEFT-wrapped) whose
-    attention takes a 4D additive mask and position ids (SDPA, eager; FlashAttention-2 models route
-    4D masks to SDPA, see :func:`alignexp.models.backbone.route_block_masks_to_sdpa`).
+    before each token is generated). The forward is padding-free when ``batch.flat`` is set and the
+    model allows it (see the module docstring), else over the padded rows. Works for any Hugging Face
+    causal LM (also PEFT-wrapped) whose attention takes a 4D additive mask and position ids (SDPA,
+    eager; FlashAttention-2 models route 4D masks to SDPA, see
+    :func:`alignexp.models.backbone.route_block_masks_to_sdpa`).
     """
     decoder = model.get_decoder()
+    if batch.flat is not None and padding_free_supported(decoder):
+        return _flat_states(decoder, batch, model.dtype)
     mask = additive_mask(batch.attention_mask, model.dtype)
     hidden = decoder(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
                      use_cache=False).last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.source_index)
+
+
+BLOCK_ATTENTION = "alignexp_blocks"
+"""The name the padding-free forward's attention function is registered under in transformers."""
+
+
+def padding_free_supported(decoder) -> bool:
+    """Whether :func:`response_states` may run ``decoder`` padding-free: no activation checkpointing (its
+    recomputation would run after the attention function is switched back), no sliding window and no
+    attention soft-capping (:func:`block_attention` implements neither)."""
+    config = decoder.config
+    sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
+    if sliding or getattr(config, "attn_logit_softcapping", None) is not None:
+        return False
+    return not any(getattr(module, "gradient_checkpointing", False) for module in decoder.modules())
+
+
+def _flat_states(decoder, batch: PackedBatch, dtype: torch.dtype) -> Tensor:
+    """:func:`response_states` through the padding-free layout (one row of the N real tokens)."""
+    from transformers import AttentionInterface
+
+    flat = batch.flat
+    AttentionInterface.register(BLOCK_ATTENTION, block_attention)  # idempotent
+    input_ids = batch.input_ids.view(-1).index_select(0, flat.token_index)[None]
+    position_ids = batch.position_ids.view(-1).index_select(0, flat.token_index)[None]
+    masks = [additive_mask(bucket.mask, dtype) for bucket in flat.buckets]
+    configs = {id(m.config): m.config for m in decoder.modules() if hasattr(getattr(m, "config", None),
+                                                                           "_attn_implementation")}
+    previous = {key: config._attn_implementation for key, config in configs.items()}
+    try:
+        for config in configs.values():
+            config._attn_implementation = BLOCK_ATTENTION
+        hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
+                         block_layout=flat, block_masks=masks).last_hidden_state
+    finally:
+        for key, config in configs.items():
+            config._attn_implementation = previous[key]
+    return hidden[0].index_select(0, flat.source)
+
+
+def block_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                    dropout: float = 0.0, scaling: float | None = None, block_layout: FlatLayout | None = None,
+                    block_masks: list[Tensor] | None = None, **kwargs) -> tuple[Tensor, None]:
+    """Attention of a padding-free row, block by block (transformers' attention-function signature).
+
+    ``query`` (1, H, N, D), ``key``/``value`` (1, H_kv, N, D): the N tokens of ``block_layout``. The
+    tokens are gathered once into the blocks' key rows (and the responses' query rows); then, per
+    bucket (:class:`AttentionBucket`), two SDPA calls: the prompts, causal (``is_causal``, so the
+    kernel skips the upper triangle), and the response tokens against all the keys of their block
+    under ``block_masks`` (additive, one per bucket). Attention so costs about P^2/2 + L*W per block
+    (prompt P, responses L, block W = P + L) instead of the W^2 of a dense mask. The outputs are put
+    back in token order. Returns ((1, N, H, D), None).
+    """
+    if block_layout is None or block_masks is None:
+        raise RuntimeError(f"the '{BLOCK_ATTENTION}' attention runs only inside alignexp.models.logprobs."
+                           "response_states, which passes the block layout")
+    heads, dim = query.shape[1], query.shape[3]
+    if key.shape[1] != heads:  # grouped-query attention: one key/value head per group of query heads
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    q, k, v = query[0], key[0], value[0]  # (H, N, D)
+    buckets = block_layout.buckets
+    key_sizes = [b.rows * b.width for b in buckets]
+    # one gather per tensor for all buckets, then a split (whose backward is one concatenation)
+    q_keys, k_keys, v_keys = (t.index_select(1, block_layout.key_index).split(key_sizes, dim=1) for t in (q, k, v))
+    q_responses = q.index_select(1, block_layout.query_index).split([b.rows * b.responses for b in buckets], dim=1)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    outputs = []
+    for i, (bucket, mask) in enumerate(zip(buckets, block_masks)):
+        r, w, p, n = bucket.rows, bucket.width, bucket.prompt, bucket.responses
+
+        def rows(t: Tensor, length: int, r: int = r) -> Tensor:  # (H, r * length, D) -> (r, H, length, D)
+            return t.view(heads, r, length, dim).transpose(0, 1)
+
+        qb, kb, vb = rows(q_keys[i], w), rows(k_keys[i], w), rows(v_keys[i], w)
+        prompts = sdpa(qb[:, :, :p], kb[:, :, :p], vb[:, :, :p], dropout_p=dropout, is_causal=True, scale=scaling)
+        outputs.append(prompts.transpose(0, 1).reshape(heads, r * p, dim))
+        if n > 0:
+            responses = sdpa(rows(q_responses[i], n), kb, vb, attn_mask=mask, dropout_p=dropout, scale=scaling)
+            outputs.append(responses.transpose(0, 1).reshape(heads, r * n, dim))
+    out = torch.cat(outputs, dim=1).index_select(1, block_layout.order)  # (H, N, D) in token order
+    return out.transpose(0, 1)[None].contiguous(), None
 
 
 def token_logps(model, batch: PackedBatch, states: Tensor | None = None) -> Tensor:
@@ -263,8 +489,8 @@ def sequence_logps(model, batch: PackedBatch) -> tuple[Tensor, Tensor, Tensor]:
     """Summed response log-probs ``(B, n)`` of a packed batch, with ``lengths`` and ``mask``.
 
     ``logps[b, k] = sum_t log pi(y_t | x, y_<t)`` over response k of example b (the sequence
-    log-likelihood of DPO, Rafailov et al. 2023, Eq. 7). One forward over the packed rows. Masked
-    slots hold 0.
+    log-likelihood of DPO, Rafailov et al. 2023, Eq. 7). One forward per batch (padding-free, or over
+    the padded rows; see :func:`response_states`). Masked slots hold 0.
     """
     per_token = token_logps(model, batch)
     b, n = batch.lengths.shape

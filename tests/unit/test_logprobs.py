@@ -35,15 +35,6 @@ TINY = Path(__file__).resolve().parents[2] / "conf" / "model" / "tiny.yaml"
 BOS, EOS, PAD = 257, 258, 256
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two threads are many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tokenizer(ModelArgs())
@@ -177,6 +168,17 @@ def test_activation_checkpointing_takes_the_padded_forward(tokenizer):
         torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
 
 
+def test_sliding_window_and_softcapping_take_the_padded_forward(tokenizer):
+    decoder = tiny_model(tokenizer).get_decoder()
+    assert padding_free_supported(decoder)
+    decoder.config.sliding_window = 16  # Mistral-style: block attention has no window
+    assert not padding_free_supported(decoder)
+    decoder.config.use_sliding_window = False  # Qwen2-style: a window in the config, switched off
+    assert padding_free_supported(decoder)
+    decoder.config.attn_logit_softcapping = 50.0  # Gemma-2-style
+    assert not padding_free_supported(decoder)
+
+
 def test_the_attention_implementation_is_restored(tokenizer):
     model = tiny_model(tokenizer)
     batch = pack(examples(), pad_id=PAD)
@@ -247,7 +249,8 @@ def test_block_mask_by_hand():
 
 def test_padding_free_layout_by_hand():
     """Blocks of 8 and 2 tokens (prompts of 3 and 1) in example order, sharing one attention bucket: key
-    rows of 8, prompt calls over the first 3 keys, query rows of 5 response tokens; 10 marks padding."""
+    rows of 8, prompt calls over the first 3 keys, query rows of 5 response tokens; padded slots read
+    token 0 (masked as keys, dropped as outputs)."""
     a = EncodedExample([BOS, 10, 11], [[20, EOS], [30, 31, EOS]])
     b = EncodedExample([BOS], [[40]])
     batch = pack([a, b], pad_id=PAD)
@@ -255,8 +258,8 @@ def test_padding_free_layout_by_hand():
     assert batch.input_ids.view(-1)[flat.token_index].tolist() == [BOS, 10, 11, 20, EOS, 30, 31, EOS, BOS, 40]
     assert flat.source.tolist() == [2, 3, 2, 5, 6, 8]  # the states of source_index, among the 10 tokens
     assert [(k.rows, k.width, k.prompt, k.responses) for k in flat.buckets] == [(2, 8, 3, 5)]
-    assert flat.key_index.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 10, 10, 10, 10, 10]
-    assert flat.query_index.tolist() == [3, 4, 5, 6, 7, 9, 10, 10, 10, 10]
+    assert flat.key_index.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 0, 0, 0, 0, 0]
+    assert flat.query_index.tolist() == [3, 4, 5, 6, 7, 9, 0, 0, 0, 0]
     # outputs: prompt call (2 x 3) = [0, 1, 2, 8, -, -], then response call (2 x 5) = [3, ..., 7, 9, -, ...]
     assert flat.order.tolist() == [0, 1, 2, 6, 7, 8, 9, 10, 3, 11]
     assert flat.buckets[0].mask[:, 0].int().tolist() == [[

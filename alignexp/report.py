@@ -249,6 +249,16 @@ def _pyplot() -> Any:
     return plt
 
 
+def _finish(fig, ax, path: Path, legend_size: int) -> Path:
+    """Grid and legend on ``ax``, then write the figure as a PNG and close it."""
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _pyplot().close(fig)
+    return path
+
+
 def _colours(methods: Sequence[str]) -> dict[str, Any]:
     plt = _pyplot()
     cmap = plt.get_cmap("tab10")
@@ -323,12 +333,7 @@ def plot_frontier(runs: Sequence[Run], path: Path, params: Sequence[str] = ()) -
     ax.set_xlabel("KL(policy || reference), nats per sequence")
     ax.set_ylabel(f"{label} (held-out prompts, T=1)")
     ax.set_title(f"{label.capitalize()} against KL to the reference")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, legend_size=8)
 
 
 def _values(run: Run, params: Sequence[str]) -> str:
@@ -376,12 +381,7 @@ def plot_win_rate(runs: Sequence[Run], params: Sequence[str], path: Path) -> Pat
     ax.set_title(f"Win rate (judge: {', '.join(sorted(judges)) or '?'}; baseline: "
                  f"{', '.join(sorted(baselines)) or '?'})", fontsize=10)
     ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, legend_size=7)
 
 
 def _numeric(value: Any) -> float | None:
@@ -415,12 +415,8 @@ def plot_against(runs: Sequence[Run], param: str, metrics: Sequence[str], path: 
 
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8, loc="best")
     fig.suptitle(f"Headline metrics against {param}", fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, axes[0][0], path, legend_size=8)
 
 
 # -- the command -------------------------------------------------------------------------------------------

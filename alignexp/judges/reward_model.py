@@ -36,7 +36,7 @@ from alignexp.models.backbone import (
     build_tokenizer,
     route_block_masks_to_sdpa,
 )
-from alignexp.models.logprobs import EncodedExample, PackedBatch, encode_example, pack
+from alignexp.models.logprobs import EncodedExample, PackedBatch, additive_mask, encode_example, pack
 from alignexp.tasks.base import RankedExample, Text
 
 OFFSET_KEY = "reward_offset"
@@ -111,11 +111,7 @@ def sequence_scores(model, batch: PackedBatch) -> Tensor:
     ``config.reward_offset`` (0 until the model is normalised). Masked slots hold 0. One forward, as in
     :func:`alignexp.models.logprobs.sequence_logps`."""
     decoder = model.base_model
-    attention_mask = batch.attention_mask
-    if getattr(model.config, "_attn_implementation", "sdpa") == "eager":  # eager adds the mask to scores
-        attention_mask = torch.zeros(attention_mask.shape, dtype=model.dtype, device=attention_mask.device) \
-            .masked_fill(~attention_mask, torch.finfo(model.dtype).min)
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=attention_mask,
+    hidden = decoder(input_ids=batch.input_ids, attention_mask=additive_mask(batch.attention_mask, model.dtype),
                      position_ids=batch.position_ids, use_cache=False).last_hidden_state
     ends = response_end_index(batch)
     states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, ends.view(-1))

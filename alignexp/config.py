@@ -1,90 +1,134 @@
-"""Validation of the composed config, in the first second of a run, with messages that name the key."""
+"""From the composed config to typed, checked arguments, in the first second of a run.
+
+:func:`validate` turns a composed ``DictConfig`` into :class:`~alignexp.args.RunArgs` (the entry
+points are the only code that sees a ``DictConfig``); every bad key or value raises
+:class:`~alignexp.errors.ConfigError` naming it. :func:`conf_dir` finds the config tree,
+:func:`import_user_modules` imports a user's own losses, stages, tasks, samplers and judges
+(``imports: [my_pkg.losses]``) before any registry is read, and :func:`build` instantiates a
+``_target_`` config with errors that name its key.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import importlib
 import os
 import random
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from alignexp.hardware import HardwareArgs
+from alignexp.args import (
+    EvalArgs,
+    HardwareArgs,
+    LossArgs,
+    ModelArgs,
+    PPOArgs,
+    RewardModelArgs,
+    RunArgs,
+    SFTArgs,
+    TrainArgs,
+    from_mapping,
+)
+from alignexp.errors import ConfigError
 from alignexp.losses import get_loss
-from alignexp.losses.registry import check_hparams
-from alignexp.models.backbone import ModelArgs
-from alignexp.models.lora import lora_args
+from alignexp.losses.registry import check_hparams, loss_kwargs
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
-"""The config tree (``conf/`` at the repository root), given to Hydra as an absolute path."""
-
-PAIR_STRATEGIES = ("best_worst", "adjacent", "all", "first_round", "tournament")
+__all__ = ["CONF_DIR", "ConfigError", "build", "conf_dir", "import_user_modules", "setup_runtime", "validate"]
 
 
-class ConfigError(ValueError):
-    """A bad value or key in the composed config; the message names the key."""
+def conf_dir() -> str:
+    """The config tree: ``conf/`` at the top of the checkout, given to Hydra as an absolute path."""
+    return str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def _positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
-    value = OmegaConf.select(cfg, key)
-    if value is None:
-        return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or (value == 0 and not allow_zero):
-        raise ConfigError(f"{key} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+CONF_DIR = conf_dir()
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` for missing keys, unknown loss names or hyper-parameters, bad values."""
+def import_user_modules(names: list[str] | None) -> None:
+    """Import each module of ``imports`` (a user's ``@register_loss`` / ``@register_stage`` code, or the
+    module of a ``_target_``), so that what it registers exists before the registries are read."""
+    for name in names or []:
+        try:
+            importlib.import_module(str(name))
+        except ImportError as error:
+            raise ConfigError(f"imports: cannot import {name!r} ({error}); the module must be installed, on "
+                              f"PYTHONPATH, or in the working folder (under `python -m`)") from None
+
+
+def build(config: Mapping[str, Any], key: str, **kwargs: Any) -> Any:
+    """Instantiate the ``_target_`` of ``config`` (a plain mapping) with ``kwargs``; errors name ``key``."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    if "_target_" not in config:
+        raise ConfigError(f"{key}: no _target_ (the class to build); choose an option of the {key} group")
+    try:
+        return instantiate(dict(config), **kwargs, _recursive_=False, _convert_="all")
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        reason = cause if isinstance(cause, (ValueError, TypeError)) else error
+        raise ConfigError(f"{key}: {reason}") from None
+
+
+def _section(container: dict, key: str) -> dict:
+    value = container.get(key)
+    return dict(value) if isinstance(value, Mapping) else {}
+
+
+def validate(cfg: DictConfig) -> RunArgs:
+    """The run's typed arguments; raises :class:`ConfigError` for a missing value, an unknown loss,
+    hyper-parameter, sampler or key, or a value out of range."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"missing required value(s): {', '.join(missing)}")
-    loss = dict(cfg.loss)
-    name = loss.pop("name", None)
+    container = OmegaConf.to_container(cfg, resolve=True)
+    import_user_modules(container.get("imports"))
+    loss = _section(container, "loss")
+    name = str(loss.pop("name", None))
     try:
-        get_loss(str(name))
-    except KeyError as error:
-        raise ConfigError(f"loss.name: {error.args[0]}") from None
-    try:
-        check_hparams(str(name), loss)
+        get_loss(name)
+        check_hparams(name, loss)
     except (KeyError, ValueError) as error:
-        raise ConfigError(str(error.args[0])) from None
-    if name == "ppo":  # its settings are checked as a whole (ranges, and how they combine)
-        from alignexp.modules.ppo import PPOArgs
+        message = str(error.args[0])
+        raise ConfigError(message if message.startswith("loss.") else f"loss.name: {message}") from None
+    hparams, ignored = loss_kwargs(name, loss)
+    model = from_mapping(ModelArgs, _section(container, "model"), "model")
+    paths = _section(container, "paths")
+    args = RunArgs(
+        model=model,
+        hardware=from_mapping(HardwareArgs, _section(container, "hardware"), "hardware"),
+        loss=LossArgs(name, hparams, ignored),
+        train=from_mapping(TrainArgs, _section(container, "train"), "train"),
+        sft=from_mapping(SFTArgs, _section(container, "sft"), "sft"),
+        eval=from_mapping(EvalArgs, _section(container, "eval"), "eval", max_prompt_len=model.max_prompt_len,
+                          beta=float(hparams.get("beta", 1.0))),
+        ppo=from_mapping(PPOArgs, _section(container, "ppo"), "ppo"),
+        reward_model=from_mapping(RewardModelArgs, _section(container, "reward_model"), "reward_model"),
+        sampler=_section(container, "sampler"),
+        judge=_section(container, "judge") or {"name": "auto"},
+        logger=_section(container, "logger"),
+        output_dir=paths.get("output_dir", "."),
+        cache_dir=paths.get("cache_dir", ".cache/alignexp"),
+        seed=container.get("seed", 0),
+        pairs=container.get("pairs", "best_worst"),
+        init_from=container.get("init_from"),
+        run_name=str(container.get("run_name") or name),
+        imports=list(container.get("imports") or []),
+    )
+    build(args.sampler, "sampler")  # a sampler checks its settings when it is built
+    from alignexp.tasks.base import check_ranking_length
 
-        try:
-            PPOArgs.from_hparams(loss)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-    try:
-        HardwareArgs(**OmegaConf.to_container(cfg.hardware, resolve=True))
-        lora_args(OmegaConf.to_container(cfg.model.lora, resolve=True) if cfg.model.get("lora") else None)
-    except (TypeError, ValueError) as error:
-        raise ConfigError(str(error)) from None
-    from alignexp.evaluate import EvalArgs  # evaluate imports this module
+    check_ranking_length(_section(container, "task").get("ranking_length"))
+    return args
 
-    try:
-        EvalArgs.from_config(OmegaConf.to_container(cfg.eval, resolve=True))
-    except ValueError as error:
-        raise ConfigError(str(error)) from None
-    known = {f.name for f in dataclasses.fields(ModelArgs)}
-    unknown = sorted(set(cfg.model) - known)
-    if unknown:
-        raise ConfigError(f"model.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
-    if cfg.get("pairs") not in PAIR_STRATEGIES:
-        raise ConfigError(f"pairs must be one of {', '.join(PAIR_STRATEGIES)}, got {cfg.get('pairs')!r}")
-    for key in ("train.batch_size", "train.lr", "train.max_epochs", "train.accumulate_grad_batches",
-                "sft.batch_size", "sft.lr", "sft.max_epochs", "eval.max_new_tokens", "eval.batch_size"):
-        _positive(cfg, key)
-    for key in ("train.weight_decay", "train.warmup_steps", "train.gradient_clip_val"):
-        _positive(cfg, key, allow_zero=True)
-    ranking_length = OmegaConf.select(cfg, "task.ranking_length")
-    if ranking_length is not None and (not isinstance(ranking_length, int) or ranking_length < 2):
-        raise ConfigError(f"task.ranking_length must be an integer >= 2 (or null), got {ranking_length!r}")
-    for t in OmegaConf.select(cfg, "eval.temperatures") or []:
-        if not isinstance(t, (int, float)) or t < 0:
-            raise ConfigError(f"eval.temperatures must be numbers >= 0, got {t!r}")
-    if cfg.train.reference not in ("precompute", "frozen"):
-        raise ConfigError(f"train.reference must be 'precompute' or 'frozen', got {cfg.train.reference!r}")
+
+def build_task(config: Mapping[str, Any]):
+    """The task of the ``task`` group (its ``_target_``), its settings checked by its constructor."""
+    return build(config, "task")
 
 
 def setup_runtime(seed: int, threads: int | None) -> None:

@@ -27,100 +27,12 @@ from __future__ import annotations
 import functools
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alignexp.args import HardwareArgs  # noqa: F401  (the settings of the hardware group)
+
 log = logging.getLogger(__name__)
-
-STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
-PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
-SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
-
-
-@dataclass
-class HardwareArgs:
-    """What ``conf/hardware/*.yaml`` gives (every field has a default, so old YAMLs keep working).
-
-    ``devices``: devices per node (an int, ``auto``, or a list of device indices); ``num_nodes``:
-    nodes. ``strategy``: one of :data:`STRATEGIES`. DeepSpeed: ``zero_stage``, ``offload_optimizer``,
-    ``offload_parameters`` (stage 3 only). FSDP: ``sharding_strategy``, ``activation_checkpointing``,
-    ``cpu_offload``; ``wrap_layers`` names the decoder-layer classes that become FSDP units and
-    checkpointed blocks (None: every class whose name ends in ``DecoderLayer``). DDP/FSDP/DeepSpeed:
-    ``process_group_backend`` (None: NCCL on GPU, Gloo on CPU), ``find_unused_parameters`` (DDP).
-    ``gpu_memory_gib``: memory of one device, read by ``python -m alignexp.plan``.
-    """
-
-    name: str = "cpu"
-    accelerator: str = "cpu"
-    devices: Any = 1
-    num_nodes: int = 1
-    precision: str = "32-true"
-    strategy: Any = "auto"
-    threads: int | None = None
-    zero_stage: int | None = None
-    offload_optimizer: bool = False
-    offload_parameters: bool = False
-    sharding_strategy: str = "FULL_SHARD"
-    activation_checkpointing: bool = False
-    cpu_offload: bool = False
-    wrap_layers: list[str] | None = None
-    process_group_backend: str | None = None
-    find_unused_parameters: bool = False
-    gpu_memory_gib: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.wrap_layers is not None:
-            self.wrap_layers = [str(name) for name in self.wrap_layers]
-        if not isinstance(self.devices, (int, str)):  # a ListConfig or tuple of device indices
-            self.devices = [int(d) for d in self.devices]
-        if isinstance(self.strategy, str) and self.strategy not in STRATEGIES:
-            raise ValueError(f"hardware.strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        if str(self.precision) not in PRECISIONS:
-            raise ValueError(f"hardware.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        self.precision = str(self.precision)
-        if isinstance(self.devices, str) and self.devices != "auto":
-            raise ValueError(f"hardware.devices must be a number, 'auto' or a list of indices, got {self.devices!r}")
-        if isinstance(self.devices, int) and (self.devices == 0 or self.devices < -1):
-            raise ValueError(f"hardware.devices must be >= 1 (or -1 / 'auto' for all), got {self.devices}")
-        if not isinstance(self.num_nodes, int) or self.num_nodes < 1:
-            raise ValueError(f"hardware.num_nodes must be an integer >= 1, got {self.num_nodes!r}")
-        if self.strategy == "deepspeed":
-            if self.zero_stage not in (1, 2, 3):
-                raise ValueError(f"hardware.zero_stage must be 1, 2 or 3 with strategy=deepspeed, got {self.zero_stage!r}")
-            if self.offload_parameters and self.zero_stage != 3:
-                raise ValueError("hardware.offload_parameters needs hardware.zero_stage=3 (ZeRO-Infinity offloads "
-                                 f"parameters only in stage 3), got zero_stage={self.zero_stage}")
-        elif self.zero_stage is not None or self.offload_optimizer or self.offload_parameters:
-            raise ValueError(f"hardware.zero_stage / offload_optimizer / offload_parameters are DeepSpeed settings; "
-                             f"hardware.strategy is {self.strategy!r} (use hardware=deepspeed_zero2|deepspeed_zero3|...)")
-        if self.sharding_strategy not in SHARDING_STRATEGIES:
-            raise ValueError(f"hardware.sharding_strategy must be one of {', '.join(SHARDING_STRATEGIES)}, "
-                             f"got {self.sharding_strategy!r}")
-        if self.gpu_memory_gib is not None and not self.gpu_memory_gib > 0:
-            raise ValueError(f"hardware.gpu_memory_gib must be > 0, got {self.gpu_memory_gib!r}")
-
-    @property
-    def torch_device(self) -> str:
-        """Where models live outside Lightning's fit (sampling, reference log-probs, evaluation)."""
-        import torch
-
-        return "cuda" if self.device_type == "cuda" and torch.cuda.is_available() else "cpu"
-
-    @property
-    def device_type(self) -> str:
-        return "cuda" if self.accelerator in ("gpu", "cuda") else self.accelerator
-
-    @property
-    def world_size(self) -> int:
-        """Processes in the run: devices per node times nodes. Needs a definite ``devices``."""
-        if isinstance(self.devices, list):
-            return len(self.devices) * self.num_nodes
-        if not isinstance(self.devices, int) or self.devices < 1:
-            raise ValueError(f"hardware.devices={self.devices!r}: give the number of devices per node "
-                             f"(e.g. hardware.devices=8)")
-        return self.devices * self.num_nodes
-
 
 class DecoderLayers:
     """True for a module whose class is one of ``names`` (None: any class name ending in ``DecoderLayer``).

@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from alignexp.errors import AlignexpError
 from alignexp.judges.base import rank_by_comparisons
 from alignexp.tasks.base import RankedExample, Text
 
@@ -87,7 +88,7 @@ RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
 FATAL_STATUS = frozenset({401, 403, 404})
 
 
-class JudgeConfigError(RuntimeError):
+class JudgeConfigError(AlignexpError, RuntimeError):
     """The endpoint refuses every request (bad key, URL or model): fix the judge's config."""
 
 

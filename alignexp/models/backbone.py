@@ -5,11 +5,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from alignexp.args import ModelArgs
+from alignexp.errors import AlignexpError
 from alignexp.hub import ensure_offline_if_unreachable
 from alignexp.models.tokenizer import build_byte_tokenizer, ensure_chat_template
 
@@ -17,22 +18,6 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-
-
-@dataclass
-class ModelArgs:
-    """What ``conf/model/*.yaml`` gives. ``path`` is a hub id or a local folder; None builds from ``arch``."""
-
-    name: str = "tiny"
-    path: str | None = None
-    arch: dict = field(default_factory=dict)
-    init_seed: int = 0
-    dtype: str = "float32"
-    attn_implementation: str = "auto"
-    gradient_checkpointing: bool = False
-    max_prompt_len: int = 512
-    max_response_len: int = 256
-    lora: dict | None = None
 
 
 def attention_implementation(requested: str, device_type: str) -> str:
@@ -159,7 +144,7 @@ def _check_arch(args: ModelArgs, config) -> None:
                     ", ".join(f"{k}: arch {a!r}, checkpoint {b!r}" for k, (a, b) in sorted(differ.items())))
 
 
-class ModelUnavailable(RuntimeError):
+class ModelUnavailable(AlignexpError, RuntimeError):
     """The model or tokenizer at ``model.path`` cannot be loaded (no local copy, no network, bad folder)."""
 
 

@@ -20,59 +20,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from alignexp.args import LoraArgs, lora_args  # noqa: F401  (the settings of model.lora)
+
 log = logging.getLogger(__name__)
-
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-
-
-@dataclass
-class LoraArgs:
-    """``model.lora``: rank ``r``, scale ``alpha`` (the update is scaled by alpha / r), ``dropout`` on the
-    adapter's input, and ``target_modules``: module names (``q_proj``, ...) or ``all-linear``."""
-
-    r: int = 16
-    alpha: float = 32.0
-    dropout: float = 0.05
-    target_modules: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    enabled: bool = True
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise ValueError(f"model.lora.r must be an integer >= 1, got {self.r!r}")
-        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ValueError(f"model.lora.alpha must be > 0, got {self.alpha!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"model.lora.dropout must be in [0, 1), got {self.dropout!r}")
-        if isinstance(self.target_modules, str):
-            if self.target_modules != "all-linear":
-                raise ValueError(f"model.lora.target_modules must be a list of module names or 'all-linear', "
-                                 f"got {self.target_modules!r}")
-        else:
-            self.target_modules = [str(name) for name in self.target_modules]
-            if not self.target_modules:
-                raise ValueError("model.lora.target_modules is empty")
-
-
-def lora_args(config: dict[str, Any] | None) -> LoraArgs | None:
-    """``model.lora`` as :class:`LoraArgs`; None when it is null or has ``enabled: false``."""
-    if config is None:
-        return None
-    if not isinstance(config, dict):
-        config = dict(config)  # a DictConfig or another mapping
-    known = {f.name for f in fields(LoraArgs)}
-    unknown = sorted(set(config) - known)
-    if unknown:
-        raise ValueError(f"model.lora.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
-    args = LoraArgs(**config)
-    return args if args.enabled else None
-
 
 def is_peft(model) -> bool:
     """Whether ``model`` is a PEFT model (has adapters that can be switched off)."""

@@ -6,22 +6,14 @@ The log-probs come from :func:`alignexp.models.logprobs.sequence_logps`, the mat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import lightning as L
 import torch
 from torch import Tensor
 
+from alignexp.args import OptimArgs
 from alignexp.losses import LossOutput, get_loss
 from alignexp.models.logprobs import PackedBatch, sequence_logps
-
-
-@dataclass
-class OptimArgs:
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    betas: tuple[float, float] = (0.9, 0.999)
+from alignexp.modules.optim import adamw_with_warmup
 
 
 class PreferenceModule(L.LightningModule):
@@ -82,9 +74,6 @@ class PreferenceModule(L.LightningModule):
         return self._step(batch, "val")
 
     def configure_optimizers(self):
-        params = [p for p in self.policy.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay,
-                                      betas=tuple(self.optim.betas))
-        warmup = max(1, self.optim.warmup_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        optimizer, scheduler = adamw_with_warmup((p for p in self.policy.parameters() if p.requires_grad),
+                                                 self.optim)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

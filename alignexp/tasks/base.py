@@ -14,6 +14,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
+from alignexp.errors import AlignexpError
+
 Message = dict[str, str]
 Text = Union[str, list[Message]]
 
@@ -41,7 +43,7 @@ class RankedExample:
         return len(self.responses)
 
 
-class DataError(ValueError):
+class DataError(AlignexpError, ValueError):
     """Bad input: names the source, the record index and the field."""
 
     def __init__(self, source: str, index: int | None, field_name: str, reason: str):
@@ -174,6 +176,68 @@ class Validator:
             yield from examples
 
 
+def check_ranking_length(ranking_length: int | None) -> None:
+    """``task.ranking_length``: null (keep every response) or an integer >= 2 (a ranking is at least a pair)."""
+    if ranking_length is not None and (isinstance(ranking_length, bool) or not isinstance(ranking_length, int)
+                                       or ranking_length < 2):
+        from alignexp.errors import ConfigError
+
+        raise ConfigError(f"task.ranking_length must be an integer >= 2 (or null), got {ranking_length!r}")
+
+
+class Task:
+    """What every task is (``conf/task/<name>.yaml`` names its class with ``_target_``).
+
+    Declared by each task class: ``has_gold_reward`` (a programmatic r*(x, y) in :meth:`gold_reward`),
+    ``trains_sft_policy`` (the task trains and caches its own SFT policy, keyed by :meth:`sft_key`,
+    when no weights are given), ``offline_preferences`` (it has preference data of its own, so no
+    sampler is needed) and ``samples_preferences`` (its rankings are responses sampled from the
+    reference policy and labelled by the task: :meth:`preference_examples` takes a ``sample_fn``). Data for each stage: :meth:`sft_examples` (demonstrations),
+    :meth:`preference_examples` (rankings, n >= 2, best first), :meth:`eval_examples` (held-out prompts
+    with a reference response as ``responses[0]`` where the task has one) and :meth:`prompts`.
+    """
+
+    name: str = "task"
+    has_gold_reward: bool = False
+    trains_sft_policy: bool = False
+    offline_preferences: bool = True
+    samples_preferences: bool = False
+    ranking_length: int | None = None
+    eval_split: str | None = None
+    last_report: LoadReport | None = None
+
+    def sft_examples(self, split: str = "train") -> list[RankedExample]:
+        raise NotImplementedError(f"task '{self.name}' has no SFT data")
+
+    def preference_examples(self, split: str = "train", sample_fn=None,
+                            n_responses: int | None = None) -> list[RankedExample]:
+        raise NotImplementedError(f"task '{self.name}' has no preference data")
+
+    def eval_examples(self) -> list[RankedExample]:
+        raise NotImplementedError(f"task '{self.name}' has no evaluation data")
+
+    def gold_reward(self, prompt: Text, response: Text) -> float:
+        raise NotImplementedError(f"task '{self.name}' has no gold reward")
+
+    def sft_key(self) -> dict[str, Any]:
+        """The settings the task's SFT data depends on (the SFT policy's cache key)."""
+        raise NotImplementedError(f"task '{self.name}' trains no SFT policy of its own")
+
+    def prompts(self, split: str = "train") -> list[Text]:
+        """The distinct prompts of ``split`` in order: the held-out prompts (``eval``) or the SFT data's."""
+        import json
+
+        examples = self.eval_examples() if split == "eval" else self.sft_examples(split)
+        seen: set[str] = set()
+        prompts = []
+        for ex in examples:
+            key = json.dumps(ex.prompt, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                prompts.append(ex.prompt)
+        return prompts
+
+
 def truncate_rankings(examples: list[RankedExample], ranking_length: int | None) -> list[RankedExample]:
     """Keep ``ranking_length`` responses of each ranking: the best, the worst and evenly spaced between.
 
@@ -182,8 +246,6 @@ def truncate_rankings(examples: list[RankedExample], ranking_length: int | None)
     """
     if ranking_length is None:
         return examples
-    if ranking_length < 1:
-        raise ValueError(f"task.ranking_length must be >= 1, got {ranking_length}")
     out = []
     for ex in examples:
         n = ex.n

@@ -30,15 +30,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alignexp.errors import AlignexpError
 from alignexp.hub import ensure_offline_if_unreachable
-from alignexp.tasks.base import DataError, LoadReport, RankedExample, Text, Validator, truncate_rankings
+from alignexp.tasks.base import (
+    DataError,
+    LoadReport,
+    RankedExample,
+    Task,
+    Text,
+    Validator,
+    check_ranking_length,
+    truncate_rankings,
+)
 
 log = logging.getLogger(__name__)
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
-class DataUnavailable(RuntimeError):
+class DataUnavailable(AlignexpError, RuntimeError):
     """The data cannot be read at all (no network and no local copy, a missing file, an unknown split)."""
 
 
@@ -237,7 +247,7 @@ def _limited(records: Iterable[Any], limit: int | None) -> Iterable[Any]:
     return (record for i, record in zip(range(limit), records))
 
 
-class RecordTask:
+class RecordTask(Task):
     """Shared by the real tasks: settings every task has, and :meth:`load` (parse + validate + report).
 
     Args:
@@ -251,16 +261,11 @@ class RecordTask:
         max_eval_examples: keep at most this many evaluation examples (the first ones).
     """
 
-    has_gold_reward = False
-    offline_preferences = True
-    """True where the task has preference data of its own (no sampler needed)."""
-
     def __init__(self, name: str, path: str | None = None, split: str = "train", ranking_length: int | None = None,
                  skip_invalid: bool = False, max_prompt_chars: int | None = None,
                  max_response_chars: int | None = None, max_records: int | None = None,
                  max_eval_examples: int | None = None):
-        if ranking_length is not None and ranking_length < 1:
-            raise ValueError(f"task.ranking_length must be >= 1 or null, got {ranking_length}")
+        check_ranking_length(ranking_length)
         for key, value in (("max_prompt_chars", max_prompt_chars), ("max_response_chars", max_response_chars),
                            ("max_records", max_records), ("max_eval_examples", max_eval_examples)):
             if value is not None and value < 1:

@@ -28,7 +28,7 @@ import random
 import string
 from collections.abc import Callable, Sequence
 
-from alignexp.tasks.base import RankedExample, Text
+from alignexp.tasks.base import RankedExample, Task, Text, check_ranking_length
 
 SEPARATOR = ":"
 
@@ -36,15 +36,19 @@ SampleFn = Callable[[list[Text], int], list[list[str]]]
 """``sample_fn(prompts, n)``: n sampled responses (text) for each prompt."""
 
 
-class SyntheticTask:
+class SyntheticTask(Task):
     """See the module docstring. All randomness flows from ``seed``."""
 
     has_gold_reward = True
+    trains_sft_policy = True
+    offline_preferences = False
+    samples_preferences = True
 
     def __init__(self, name: str = "synthetic", seed: int = 0, alphabet_size: int = 16, prompt_len: int = 8,
                  min_len: int = 8, max_len: int = 16, concentration: float = 0.3,
                  n_sft: int = 4096, n_train_prompts: int = 512, n_eval_prompts: int = 128,
-                 n_responses: int = 4, tau: float = 0.05, **_: object):
+                 n_responses: int = 4, tau: float = 0.05, ranking_length: int | None = None,
+                 skip_invalid: bool = False):
         if not 2 <= alphabet_size <= 26:
             raise ValueError(f"task.alphabet_size must be in [2, 26], got {alphabet_size}")
         if prompt_len < 1:
@@ -55,7 +59,9 @@ class SyntheticTask:
             raise ValueError(f"task.tau must be >= 0, got {tau}")
         if n_responses < 1:
             raise ValueError(f"task.n_responses must be >= 1, got {n_responses}")
-        self.name = name
+        check_ranking_length(ranking_length)
+        self.name, self.ranking_length, self.eval_split = name, ranking_length, "eval"
+        self.concentration = concentration
         self.seed, self.alphabet = seed, string.ascii_lowercase[:alphabet_size]
         self.prompt_len, self.min_len, self.max_len = prompt_len, min_len, max_len
         self.n_sft, self.n_train_prompts, self.n_eval_prompts = n_sft, n_train_prompts, n_eval_prompts
@@ -83,11 +89,17 @@ class SyntheticTask:
     def _demonstration(self, rng: random.Random, prompt: str) -> str:
         return self._chain(rng, rng.randint(self.min_len, self.max_len), after=prompt.rstrip(SEPARATOR)[-1])
 
-    def prompts(self, split: str) -> list[str]:
+    def prompts(self, split: str = "train") -> list[str]:
         """The prompts of ``split``: ``train`` (preference prompts) or ``eval`` (held out)."""
         count = {"train": self.n_train_prompts, "eval": self.n_eval_prompts}[split]
         rng = random.Random(f"{self.seed}/prompts/{split}")
         return [self._prompt(rng) for _ in range(count)]
+
+    def sft_key(self) -> dict[str, object]:
+        """What the demonstrations depend on: the language and how many there are."""
+        return {"task": self.name, "seed": self.seed, "alphabet_size": len(self.alphabet),
+                "prompt_len": self.prompt_len, "min_len": self.min_len, "max_len": self.max_len,
+                "concentration": self.concentration, "n_sft": self.n_sft}
 
     # -- the gold reward ------------------------------------------------------------------------
     def gold_reward(self, prompt: Text, response: Text) -> float:

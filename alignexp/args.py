@@ -30,6 +30,23 @@ def from_mapping(cls: type[A], values: Mapping[str, Any] | None, section: str, *
     return cls(**{**values, **overrides})
 
 
+def instantiate_target(config: Mapping[str, Any], key: str, **kwargs: Any) -> Any:
+    """Build the ``_target_`` of ``config`` (a plain mapping) with ``kwargs``; errors name ``key``."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    if "_target_" not in config:
+        raise ConfigError(f"{key}: no _target_ (the class to build); choose an option of the {key} group")
+    try:
+        return instantiate(dict(config), **kwargs, _recursive_=False, _convert_="all")
+    except InstantiationException as error:
+        cause = error.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        reason = cause if isinstance(cause, (ValueError, TypeError)) else error
+        raise ConfigError(f"{key}: {reason}") from None
+
+
 def _fail(key: str, requirement: str, value: Any) -> None:
     raise ConfigError(f"{key} must be {requirement}, got {value!r}")
 

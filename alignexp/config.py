@@ -4,8 +4,7 @@
 points are the only code that sees a ``DictConfig``); every bad key or value raises
 :class:`~alignexp.errors.ConfigError` naming it. :func:`conf_dir` finds the config tree,
 :func:`import_user_modules` imports a user's own losses, stages, tasks, samplers and judges
-(``imports: [my_pkg.losses]``) before any registry is read, and :func:`build` instantiates a
-``_target_`` config with errors that name its key.
+(``imports: [my_pkg.losses]``) before any registry is read.
 """
 
 from __future__ import annotations
@@ -30,12 +29,13 @@ from alignexp.args import (
     SFTArgs,
     TrainArgs,
     from_mapping,
+    instantiate_target,
 )
 from alignexp.errors import ConfigError
 from alignexp.losses import get_loss
 from alignexp.losses.registry import check_hparams, loss_kwargs
 
-__all__ = ["CONF_DIR", "ConfigError", "build", "conf_dir", "import_user_modules", "setup_runtime", "validate"]
+__all__ = ["CONF_DIR", "ConfigError", "conf_dir", "import_user_modules", "setup_runtime", "validate"]
 
 
 def conf_dir() -> str:
@@ -55,23 +55,6 @@ def import_user_modules(names: list[str] | None) -> None:
         except ImportError as error:
             raise ConfigError(f"imports: cannot import {name!r} ({error}); the module must be installed, on "
                               f"PYTHONPATH, or in the working folder (under `python -m`)") from None
-
-
-def build(config: Mapping[str, Any], key: str, **kwargs: Any) -> Any:
-    """Instantiate the ``_target_`` of ``config`` (a plain mapping) with ``kwargs``; errors name ``key``."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-
-    if "_target_" not in config:
-        raise ConfigError(f"{key}: no _target_ (the class to build); choose an option of the {key} group")
-    try:
-        return instantiate(dict(config), **kwargs, _recursive_=False, _convert_="all")
-    except InstantiationException as error:
-        cause = error.__cause__
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        reason = cause if isinstance(cause, (ValueError, TypeError)) else error
-        raise ConfigError(f"{key}: {reason}") from None
 
 
 def _section(container: dict, key: str) -> dict:
@@ -119,7 +102,7 @@ def validate(cfg: DictConfig) -> RunArgs:
         run_name=str(container.get("run_name") or name),
         imports=list(container.get("imports") or []),
     )
-    build(args.sampler, "sampler")  # a sampler checks its settings when it is built
+    instantiate_target(args.sampler, "sampler")  # a sampler checks its settings when it is built
     from alignexp.tasks.base import check_ranking_length
 
     check_ranking_length(_section(container, "task").get("ranking_length"))
@@ -128,7 +111,7 @@ def validate(cfg: DictConfig) -> RunArgs:
 
 def build_task(config: Mapping[str, Any]):
     """The task of the ``task`` group (its ``_target_``), its settings checked by its constructor."""
-    return build(config, "task")
+    return instantiate_target(config, "task")
 
 
 def setup_runtime(seed: int, threads: int | None) -> None:

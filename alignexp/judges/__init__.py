@@ -3,41 +3,44 @@
 * ``gold``: the task's programmatic gold reward (:class:`GoldJudge`);
 * ``reward_model``: a trained reward model's folder (:class:`alignexp.judges.reward_model.RewardModelJudge`);
 * ``llm``: an OpenAI-compatible chat endpoint with the DPO paper's prompts
-  (:class:`alignexp.judges.llm.LLMJudge`).
+  (:class:`alignexp.judges.llm.LLMJudge`);
+* ``auto``: the gold reward where the task has one, else no judge; ``none``: no judge.
 
-:func:`build_judge` builds one from its config (``conf/judge/<name>.yaml`` or a sampler's ``judge``).
+:func:`build_judge` builds one from an option of the ``judge`` config group (``conf/judge/<name>.yaml``,
+its class named by ``_target_``), wherever it sits: the run's judge (``judge=``), a sampler's
+(``judge@sampler.judge=``) or PPO's (``judge@ppo.judge=``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
+from alignexp.args import instantiate_target
+from alignexp.errors import ConfigError
 from alignexp.judges.base import Judge, ScoreJudge, rank_by_comparisons
 from alignexp.judges.gold import GoldJudge
 
-JUDGES = ("gold", "reward_model", "llm")
+GOLD = {"_target_": "alignexp.judges.gold.GoldJudge", "name": "gold"}
 
 
-def build_judge(name: str, task: Any = None, **kwargs: Any) -> Judge:
-    """The judge ``name`` with its settings (``path`` for ``reward_model``; ``base_url``, ``model``, ... for
-    ``llm``). ``gold`` needs a task with a gold reward. Errors name the config key."""
-    if name == "gold":
-        if task is None or not getattr(task, "has_gold_reward", False):
-            raise ValueError(f"judge.name=gold needs a task with a gold reward; task "
-                             f"'{getattr(task, 'name', None)}' has none (use judge.name=reward_model or llm)")
-        return GoldJudge(task.gold_reward)
-    if name == "reward_model":
-        from alignexp.judges.reward_model import RewardModelJudge
+def build_judge(config: Mapping[str, Any], task: Any, key: str = "judge", **runtime: Any) -> Judge | None:
+    """The judge ``config`` describes (None for ``none``, and for ``auto`` on a task without a gold reward).
 
-        return RewardModelJudge(**kwargs)
-    if name == "llm":
-        from alignexp.judges.llm import LLMJudge
-
-        for key in ("base_url", "model"):
-            if not kwargs.get(key):
-                raise ValueError(f"judge.{key}: the llm judge needs it (an OpenAI-compatible endpoint and its model)")
-        return LLMJudge(**kwargs)
-    raise ValueError(f"judge.name: unknown judge '{name}'; known: {', '.join(JUDGES)}")
+    ``runtime``: objects a judge may use (``device`` for a reward model). Errors name ``key``.
+    """
+    config = {k: v for k, v in dict(config).items() if v is not None}
+    name = config.get("name", "auto")
+    if name == "none":
+        return None
+    if name == "auto":
+        if not task.has_gold_reward:
+            return None
+        config = dict(GOLD)
+    try:
+        return instantiate_target(config, key, task=task, **runtime)
+    except ConfigError as error:
+        raise ConfigError(str(error).replace("judge.", f"{key}.").replace(f"{key}: {key}.", f"{key}.")) from None
 
 
-__all__ = ["JUDGES", "GoldJudge", "Judge", "ScoreJudge", "build_judge", "rank_by_comparisons"]
+__all__ = ["GoldJudge", "Judge", "ScoreJudge", "build_judge", "rank_by_comparisons"]

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from alignexp.judges.base import ScoreJudge
-from alignexp.tasks.base import Text
+from alignexp.tasks.base import Task, Text
 
 
 class GoldJudge(ScoreJudge):
@@ -14,8 +15,11 @@ class GoldJudge(ScoreJudge):
 
     name = "gold"
 
-    def __init__(self, reward_fn: Callable[[Text, Text], float]):
-        self.reward_fn = reward_fn
+    def __init__(self, task: Task, **_: Any):
+        if not task.has_gold_reward:
+            raise ValueError(f"judge.name=gold: task '{task.name}' has no gold reward; use judge=reward_model "
+                             f"(with judge.path) or judge=llm")
+        self.reward_fn = task.gold_reward
 
     def score(self, prompts: Sequence[Text], responses: Sequence[Text]) -> list[float]:
         if len(prompts) != len(responses):

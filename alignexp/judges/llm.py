@@ -120,7 +120,7 @@ class LLMJudge:
 
     name = "llm"
 
-    def __init__(self, base_url: str, model: str, *, kind: str = "summarization",
+    def __init__(self, base_url: str | None = None, model: str | None = None, *, kind: str = "summarization",
                  api_key_env: str | None = "OPENAI_API_KEY", timeout_s: float = 60.0, max_retries: int = 4,
                  backoff_s: float = 1.0, max_backoff_s: float = 30.0, cache_dir: str | Path | None = None,
                  max_tokens: int = 256, temperature: float = 0.0, max_workers: int = 4,
@@ -130,6 +130,8 @@ class LLMJudge:
         if not base_url:
             raise ValueError("judge.base_url: the llm judge needs an OpenAI-compatible endpoint, "
                              "e.g. http://localhost:8000/v1")
+        if not model:
+            raise ValueError("judge.model: the llm judge needs the endpoint's model name, e.g. gpt-4-0314")
         if max_retries < 0 or timeout_s <= 0 or backoff_s < 0:
             raise ValueError("judge.max_retries must be >= 0, judge.timeout_s > 0 and judge.backoff_s >= 0")
         self.url = base_url.rstrip("/") + "/chat/completions"

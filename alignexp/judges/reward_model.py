@@ -19,7 +19,8 @@ returns the raw head output: subtract ``model.config.reward_offset`` yourself.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -153,16 +154,31 @@ class RewardModelJudge(ScoreJudge):
     name = "reward_model"
 
     def __init__(self, path: str | Path | None = None, *, model=None, tokenizer=None, device: str = "cpu",
-                 batch_size: int = 32, max_prompt_len: int = 512, max_response_len: int = 256, **_: Any):
+                 batch_size: int = 32, max_prompt_len: int = 512, max_response_len: int = 256,
+                 offload: bool = False, **_: Any):
         if model is None:
             if path is None:
                 raise ValueError("judge.path: the reward_model judge needs the folder of a trained reward model "
                                  "(<run>/reward_model)")
-            model, tokenizer = load_reward_model(path, device)
+            model, tokenizer = load_reward_model(path, "cpu" if offload else device)
         if tokenizer is None:
             raise ValueError("RewardModelJudge(model=...) needs its tokenizer too")
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.device, self.offload = model, tokenizer, device, offload
         self.batch_size, self.max_prompt_len, self.max_response_len = batch_size, max_prompt_len, max_response_len
+
+    @contextmanager
+    def _on_device(self) -> Iterator[None]:
+        """With ``offload``, the model waits on the CPU and visits ``device`` only while it scores."""
+        if not self.offload:
+            yield
+            return
+        self.model.to(self.device)
+        try:
+            yield
+        finally:
+            self.model.to("cpu")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def _encode(self, prompt: Text, responses: Sequence[Text]) -> EncodedExample:
         return encode_example(self.tokenizer, RankedExample(prompt, list(responses)), self.max_prompt_len,
@@ -172,14 +188,16 @@ class RewardModelJudge(ScoreJudge):
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
         encoded = [self._encode(p, [r]) for p, r in zip(prompts, responses)]
-        return [float(row[0]) for row in score_encoded(self.model, encoded, self.tokenizer.pad_token_id,
-                                                       self.batch_size)]
+        with self._on_device():
+            rows = score_encoded(self.model, encoded, self.tokenizer.pad_token_id, self.batch_size)
+        return [float(row[0]) for row in rows]
 
     def rank_all(self, prompts: Sequence[Text], candidates: Sequence[Sequence[Text]],
                  metas: Sequence[dict[str, Any]] | None = None) -> list[RankedExample]:
         """Each prompt's candidates scored in one packed row (the prompt computed once)."""
         encoded = [self._encode(p, rs) for p, rs in zip(prompts, candidates)]
-        rows = score_encoded(self.model, encoded, self.tokenizer.pad_token_id, self.batch_size)
+        with self._on_device():
+            rows = score_encoded(self.model, encoded, self.tokenizer.pad_token_id, self.batch_size)
         return [ranked_example(p, rs, row.tolist(), self.name, metas[i] if metas else None)
                 for i, (p, rs, row) in enumerate(zip(prompts, candidates, rows))]
 

@@ -433,6 +433,7 @@ class RunArgs:
     eval: EvalArgs
     ppo: PPOArgs
     reward_model: RewardModelArgs
+    task: dict
     sampler: dict
     judge: dict
     logger: dict

@@ -91,6 +91,7 @@ def validate(cfg: DictConfig) -> RunArgs:
                           beta=float(hparams.get("beta", 1.0))),
         ppo=from_mapping(PPOArgs, _section(container, "ppo"), "ppo"),
         reward_model=from_mapping(RewardModelArgs, _section(container, "reward_model"), "reward_model"),
+        task=_section(container, "task"),
         sampler=_section(container, "sampler"),
         judge=_section(container, "judge") or {"name": "auto"},
         logger=_section(container, "logger"),
@@ -105,7 +106,7 @@ def validate(cfg: DictConfig) -> RunArgs:
     instantiate_target(args.sampler, "sampler")  # a sampler checks its settings when it is built
     from alignexp.tasks.base import check_ranking_length
 
-    check_ranking_length(_section(container, "task").get("ranking_length"))
+    check_ranking_length(args.task.get("ranking_length"))
     return args
 
 

@@ -200,7 +200,7 @@ class AdaptiveKLController(FixedKLController):
         self.value *= 1.0 + error * n_steps / self.horizon
 
 
-@register_loss("ppo", needs_reference=True, needs_rewards=True, min_responses=1)
+@register_loss("ppo", needs_reference=True, needs_rewards=True, min_responses=1, stage="ppo")
 def ppo_loss(policy_logps: Tensor, ref_logps: Tensor | None = None, lengths: Tensor | None = None,
              rewards: Tensor | None = None, mask: Tensor | None = None, old_logps: Tensor | None = None,
              advantages: Tensor | None = None, values: Tensor | None = None, old_values: Tensor | None = None,

@@ -39,6 +39,8 @@ class LossSpec:
     needs_rewards: bool = False
     listwise: bool = False
     min_responses: int = 2
+    stage: str = "preference"
+    data: str = "rankings"
 
     def __call__(self, *args, **kwargs) -> LossOutput:
         return self.fn(*args, **kwargs)
@@ -58,15 +60,26 @@ class LossSpec:
 _REGISTRY: dict[str, LossSpec] = {}
 
 
+DATA_KINDS = ("rankings", "best", "demonstrations")
+
+
 def register_loss(name: str, *, needs_reference: bool, needs_rewards: bool = False,
-                  listwise: bool = False, min_responses: int = 2, aliases: tuple[str, ...] = ()):
-    """Decorator: register ``fn`` under ``name`` (and ``aliases``) with what it needs."""
+                  listwise: bool = False, min_responses: int = 2, aliases: tuple[str, ...] = (),
+                  stage: str = "preference", data: str = "rankings"):
+    """Decorator: register ``fn`` under ``name`` (and ``aliases``) with what it needs.
+
+    ``stage``: the training stage that runs it (alignexp/pipeline: ``preference``, ``reward_model``,
+    ``ppo``, or a stage of your own). ``data``: what it trains on: the sampler's ``rankings`` (pairs for a
+    pairwise loss), their ``best`` response alone, or the task's ``demonstrations``.
+    """
+    if data not in DATA_KINDS:
+        raise ValueError(f"register_loss({name!r}): data must be one of {', '.join(DATA_KINDS)}, got {data!r}")
 
     def decorator(fn: Callable[..., LossOutput]) -> Callable[..., LossOutput]:
         for key in (name, *aliases):
             if key in _REGISTRY:
                 raise KeyError(f"loss '{key}' is registered twice")
-            _REGISTRY[key] = LossSpec(key, fn, needs_reference, needs_rewards, listwise, min_responses)
+            _REGISTRY[key] = LossSpec(key, fn, needs_reference, needs_rewards, listwise, min_responses, stage, data)
         return fn
 
     return decorator

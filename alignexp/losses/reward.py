@@ -15,7 +15,7 @@ from alignexp.losses.common import batch_mean, clean, later_mask, list_reward_me
 from alignexp.losses.registry import LossOutput, default_mask, register_loss
 
 
-@register_loss("reward", needs_reference=False, listwise=True)
+@register_loss("reward", needs_reference=False, listwise=True, stage="reward_model")
 def reward_loss(policy_logps: Tensor, ref_logps: Tensor | None = None, lengths: Tensor | None = None,
                 rewards: Tensor | None = None, mask: Tensor | None = None, *,
                 margin: float = 0.0) -> LossOutput:

@@ -7,7 +7,7 @@ from torch import Tensor
 from alignexp.losses.registry import LossOutput, register_loss, require
 
 
-@register_loss("sft", needs_reference=False, min_responses=1, aliases=("preferred_ft",))
+@register_loss("sft", needs_reference=False, min_responses=1, data="demonstrations")
 def sft_loss(policy_logps: Tensor, ref_logps: Tensor | None = None, lengths: Tensor | None = None,
              rewards: Tensor | None = None, mask: Tensor | None = None) -> LossOutput:
     """Token-mean negative log-likelihood of column 0 (the demonstration, or the best response).
@@ -21,3 +21,6 @@ def sft_loss(policy_logps: Tensor, ref_logps: Tensor | None = None, lengths: Ten
     tokens = lengths[:, 0].sum().clamp(min=1)
     nll = -policy_logps[:, 0].sum() / tokens
     return LossOutput(nll, {"nll": nll.detach()})
+
+
+register_loss("preferred_ft", needs_reference=False, min_responses=1, data="best")(sft_loss)

@@ -16,35 +16,34 @@ task.
 * ``self_bootstrap`` (``rounds`` rounds): PRO's self-bootstrapping (Song et al. 2023, Sec. 3.3): each
   round adds ``num_new`` samples of the current policy to every ranking of the task's data and re-ranks
   all with the judge, for a listwise loss (``loss=pro``).
-* ``best_of_n``: the inference-time baseline; nothing is trained: train.py evaluates best-of-``n``
-  sampling of the SFT policy under the sampler's judge (``evaluate_policy`` with ``best_of_n=[n]``),
-  at its analytic KL log n - (n - 1) / n (:func:`alignexp.metrics.reward.best_of_n_kl`).
+* ``best_of_n``: the inference-time baseline; nothing is trained: it declares the ``best_of_n`` stage,
+  which evaluates best-of-``n`` sampling of the SFT policy under the sampler's judge, at its analytic
+  KL log n - (n - 1) / n (:func:`alignexp.metrics.reward.best_of_n_kl`).
 
-The rewards of ``rso``, ``raft``, ``self_bootstrap`` and ``best_of_n`` come from a judge
-(``judge: {name: gold}`` by default on the synthetic task; ``{name: reward_model, path: <folder>}``
-for a trained reward model; see :func:`alignexp.judges.build_judge`). Each round's figures (mean
-reward of the candidates and of what was kept) are logged and kept in ``history``.
+``conf/sampler/<name>.yaml`` names each class with ``_target_``. The rewards of ``rso``, ``raft``,
+``self_bootstrap`` and ``best_of_n`` come from the sampler's judge, an option of the ``judge`` group
+(``judge@sampler.judge=reward_model sampler.judge.path=<folder>``; gold by default). Each round's
+figures (mean reward of the candidates and of what was kept) are logged and kept in ``history``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignexp.files import atomic_write_text, digest
 from alignexp.judges import build_judge
 from alignexp.judges.base import Judge, ranked_example
 from alignexp.sampling.engine import SamplingParams
 from alignexp.sampling.rejection import rejection_sample
 from alignexp.sampling.text import sample_texts
-from alignexp.tasks.base import RankedExample, Text
+from alignexp.tasks.base import RankedExample, Task, Text
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ log = logging.getLogger(__name__)
 class SamplerContext:
     """What a sampler may use. ``policy`` is the model being trained (updated between rounds)."""
 
-    task: Any
+    task: Task
     tokenizer: Any
     policy: Any
     reference: Any
@@ -65,33 +64,27 @@ class SamplerContext:
     task_config: dict = field(default_factory=dict)
 
 
-def digest(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def read_jsonl_examples(path: Path) -> list[RankedExample]:
     return [RankedExample(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
 
 
 def write_jsonl_examples(path: Path, examples: list[RankedExample]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(ex.__dict__) + "\n" for ex in examples))
-    tmp.replace(path)
+    atomic_write_text(path, "".join(json.dumps(ex.__dict__) + "\n" for ex in examples))
 
 
 class OfflineSampler:
     """The task's preference data as it is (one round)."""
 
     name = "offline"
+    stage = None
 
-    def __init__(self, name: str = "offline", **_: object):
-        self.rounds = 1
+    def __init__(self, name: str = "offline"):
+        self.name, self.rounds = name, 1
 
     def examples(self, ctx: SamplerContext, round_index: int) -> list[RankedExample]:
         task = ctx.task
-        if not getattr(task, "has_gold_reward", False):
-            if not getattr(task, "offline_preferences", True):
+        if not task.samples_preferences:
+            if not task.offline_preferences:
                 raise ValueError(f"task '{task.name}' has no preference data of its own: train it with loss=sft, "
                                  f"or draw rankings with a sampler that uses a judge (e.g. sampler=best_of_n)")
             return task.preference_examples("train")
@@ -113,22 +106,6 @@ class OfflineSampler:
         return examples
 
 
-def task_prompts(task: Any, split: str = "train") -> list[Text]:
-    """The prompts of ``split``: ``task.prompts(split)`` where the task has it (the synthetic task), else
-    the held-out prompts (``split="eval"``) or the distinct prompts of the SFT data, in order."""
-    if hasattr(task, "prompts"):
-        return list(task.prompts(split))
-    examples = task.eval_examples() if split == "eval" else task.sft_examples(split)
-    seen: set[str] = set()
-    prompts = []
-    for ex in examples:
-        key = json.dumps(ex.prompt, sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            prompts.append(ex.prompt)
-    return prompts
-
-
 def _mean(values: list[float]) -> float:
     finite = [v for v in values if not math.isnan(v)]
     return sum(finite) / len(finite) if finite else float("nan")
@@ -139,6 +116,7 @@ class JudgedSampler:
     ``judge`` config), sampling settings, the prompts, and a per-round ``history`` of figures."""
 
     name = "judged"
+    stage = None
 
     def __init__(self, name: str, judge: dict | None = None, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, max_new_tokens: int | None = None, batch_size: int = 64,
@@ -146,9 +124,7 @@ class JudgedSampler:
         if unknown:
             raise ValueError(f"sampler.{sorted(unknown)[0]}: not a setting of sampler '{name}'")
         self.name = name
-        self.judge_config = dict(judge or {"name": "gold"})
-        if "name" not in self.judge_config:
-            raise ValueError(f"sampler.judge.name: missing (one of gold, reward_model, llm) in sampler '{name}'")
+        self.judge_config = dict(judge or {"_target_": "alignexp.judges.gold.GoldJudge", "name": "gold"})
         try:
             SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens or 1)
         except ValueError as error:
@@ -160,16 +136,17 @@ class JudgedSampler:
 
     def judge_for(self, ctx: SamplerContext) -> Judge:
         if self.judge is None:
-            config = {k: v for k, v in self.judge_config.items() if v is not None}
-            name = config.pop("name")
-            if name == "reward_model":
-                config.setdefault("device", str(next(ctx.policy.parameters()).device))
-            self.judge = build_judge(name, ctx.task, **config)
-            log.info("%s sampler: judge %s", self.name, name)
+            judge = build_judge(self.judge_config, ctx.task, key="sampler.judge",
+                                device=str(next(ctx.policy.parameters()).device))
+            if judge is None:
+                raise ValueError(f"sampler.judge: sampler '{self.name}' needs a judge, and task '{ctx.task.name}' "
+                                 f"has no gold reward; set judge@sampler.judge=reward_model sampler.judge.path=...")
+            self.judge = judge
+            log.info("%s sampler: judge %s", self.name, judge.name)
         return self.judge
 
     def prompts(self, ctx: SamplerContext) -> list[Text]:
-        prompts = task_prompts(ctx.task, "train")
+        prompts = ctx.task.prompts("train")
         return prompts[:self.max_prompts] if self.max_prompts else prompts
 
     def sample(self, model: Any, ctx: SamplerContext, prompts: list[Text], n: int, stream: int) -> list[list[str]]:
@@ -298,11 +275,13 @@ class SelfBootstrapSampler(JudgedSampler):
 class BestOfNSampler(JudgedSampler):
     """Best-of-N sampling of the SFT policy against a judge: an inference-time baseline, nothing is trained.
 
-    It holds ``n`` and the selection judge (:meth:`judge_for`); train.py evaluates best-of-``n`` instead
-    of training, so ``examples`` is never called, and raises if it is.
+    It holds ``n`` and the selection judge (:meth:`judge_for`), and declares the ``best_of_n`` stage
+    (alignexp/pipeline/evaluation.py), which evaluates best-of-``n`` instead of training, so ``examples``
+    is never called, and raises if it is.
     """
 
     name = "best_of_n"
+    stage = "best_of_n"
 
     def __init__(self, name: str = "best_of_n", n: int = 16, **kwargs: object):
         super().__init__(name, **kwargs)
@@ -311,16 +290,5 @@ class BestOfNSampler(JudgedSampler):
         self.n, self.rounds = n, 1
 
     def examples(self, ctx: SamplerContext, round_index: int) -> list[RankedExample]:
-        raise RuntimeError("sampler=best_of_n is an inference-time baseline with nothing to train: train.py "
+        raise RuntimeError("sampler=best_of_n is an inference-time baseline with nothing to train: its stage "
                            "evaluates best-of-n sampling of the SFT policy instead of training")
-
-
-SAMPLERS: dict[str, Callable[..., Any]] = {"offline": OfflineSampler, "rso": RSOSampler, "raft": RaftSampler,
-                                           "self_bootstrap": SelfBootstrapSampler, "best_of_n": BestOfNSampler}
-
-
-def build_sampler(name: str, **kwargs: object):
-    """The sampler ``name`` built from its config (``conf/sampler/<name>.yaml``)."""
-    if name not in SAMPLERS:
-        raise KeyError(f"unknown sampler '{name}'; known: {', '.join(sorted(SAMPLERS))}")
-    return SAMPLERS[name](name=name, **kwargs)

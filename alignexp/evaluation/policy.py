@@ -1,0 +1,2 @@
+"""Temporary shim."""
+from alignexp.evaluate import evaluate_policy  # noqa: F401

@@ -1,0 +1,88 @@
+"""The run pipeline: a run is a list of stages, chosen by what the loss and the sampler declare.
+
+``plan`` for a loss and a sampler: ``weights`` -> ``models`` -> the training stage (the sampler's
+``stage`` where it declares one, e.g. best-of-N; else the loss's, from ``register_loss(..., stage=)``)
+-> ``save_policy`` and ``evaluate`` after a stage that trains the policy. The stage table below says
+how each runs on N processes (the stages-and-ranks contract of DESIGN.md):
+
+================  =======================================================================================
+stage             on N processes
+================  =======================================================================================
+(see STAGES)      each stage's ``ranks`` (``python -c "import alignexp.pipeline as p; p.describe()"``)
+================  =======================================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from alignexp.args import RunArgs
+from alignexp.config import instantiate_target
+from alignexp.losses import get_loss
+from alignexp.models.backbone import build_tokenizer
+from alignexp.models.lora import AdaptersOff, apply_lora
+from alignexp.pipeline import evaluation, preference, reward_model  # noqa: F401  (the stages register here)
+from alignexp.pipeline.context import STAGES, RunContext, Stage, get_stage, register_stage
+from alignexp.pipeline.weights import ensure_sft_policy, load_model, resolve_weights
+from alignexp.tasks.base import Task
+
+log = logging.getLogger("alignexp.pipeline")
+
+__all__ = ["STAGES", "RunContext", "Stage", "describe", "plan", "register_stage", "run"]
+
+
+@register_stage("weights", ranks="rank 0 trains the SFT policy when it is not cached, the others wait for it")
+def weights(ctx: RunContext) -> None:
+    """Which weights the policy starts from (and the reference is): init_from, model.path, or the task's
+    SFT policy (trained and cached when missing)."""
+    args = ctx.args
+    ctx.init = resolve_weights(args.init_from, args.model, ctx.task, ctx.spec.data != "demonstrations",
+                               lambda: ensure_sft_policy(args, ctx.task))
+    log.info("policy and reference: %s", ctx.init or f"{args.model.name} built from its config")
+
+
+@register_stage("models", ranks="every rank builds both models on its own device")
+def models(ctx: RunContext) -> None:
+    """The tokenizer, the policy and the reference (a frozen copy, or the LoRA policy with its adapters off)."""
+    model_args = ctx.model_args
+    ctx.tokenizer = build_tokenizer(model_args)
+    ctx.policy = load_model(model_args, ctx.tokenizer, ctx.hw)
+    lora = model_args.lora_args
+    if lora is not None:  # one set of base weights: the reference is the policy with its adapters off
+        ctx.policy = apply_lora(ctx.policy, lora)
+        ctx.reference = AdaptersOff(ctx.policy)
+    else:
+        ctx.reference = load_model(model_args, ctx.tokenizer, ctx.hw, frozen=True)
+
+
+def plan(spec, sampler) -> list[str]:
+    """The names of the stages a run of loss ``spec`` with ``sampler`` executes, in order."""
+    main = getattr(sampler, "stage", None) or spec.stage
+    names = ["weights", "models", main]
+    if get_stage(main).trains_policy:
+        names += ["save_policy", "evaluate"]
+    return names
+
+
+def describe() -> str:
+    """The stage table: each registered stage, what it does, and how it runs on N processes."""
+    return "\n".join(f"{s.name:<14} {s.doc}\n{'':<14} on N processes: {s.ranks}" for s in STAGES.values())
+
+
+def run(args: RunArgs, task: Task) -> dict:
+    """Execute the run's stages in order; returns the eval.json record."""
+    spec = get_loss(args.loss.name)
+    sampler = instantiate_target(args.sampler, "sampler")
+    for key in args.loss.ignored:
+        log.warning("loss.%s does not apply to loss '%s': ignored", key, spec.name)
+    ctx = RunContext(args=args, task=task, spec=spec, sampler=sampler)
+    stages = plan(spec, sampler)
+    log.info("run folder: %s", args.output_dir)
+    log.info("task: %s; loss: %s %s; model: %s; hardware: %s; stages: %s", task.name, spec.name, args.loss.hparams,
+             args.model.name, args.hardware.name, " -> ".join(stages))
+    for name in stages:
+        start = time.time()
+        get_stage(name).run(ctx)
+        log.info("stage %s: %.1fs", name, time.time() - start)
+    return ctx.record

@@ -1,0 +1,52 @@
+"""The stages after training: the policy saved in Hugging Face format, and evaluated (eval.json and a
+printed table); and best-of-N, the inference-time baseline that trains nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from alignexp.evaluation.policy import evaluate_policy
+from alignexp.evaluation.results import format_table, write_eval_json
+from alignexp.judges import build_judge
+from alignexp.pipeline.context import RunContext, register_stage
+from alignexp.pipeline.fit import save_policy
+from alignexp.pipeline.preference import sampler_context
+
+
+@register_stage("save_policy", ranks="rank 0 writes, after gathering sharded weights; the others wait")
+def save(ctx: RunContext) -> None:
+    """The trained policy as <run>/policy (Hugging Face format, with its tokenizer; LoRA merged)."""
+    folder = save_policy(ctx.policy, ctx.tokenizer, ctx.out / "policy")
+    print(f"[alignexp] trained policy (Hugging Face format): {folder}", flush=True)
+
+
+def _finish(ctx: RunContext, result: dict, loss: str, **extra) -> None:
+    ctx.record = write_eval_json(ctx.out / "eval.json", task=ctx.task.name, loss=loss, model=ctx.args.model.name,
+                                 result=result, **extra, init_from=ctx.init)
+    print(format_table(result), flush=True)
+    print(f"[alignexp] eval.json: {ctx.out / 'eval.json'}", flush=True)
+
+
+@register_stage("evaluate", trains_policy=False,
+                ranks="prompts sharded over ranks and gathered before the metrics; rank 0 writes eval.json")
+def evaluate(ctx: RunContext) -> None:
+    """The policy against its reference on the task's held-out prompts (the ``eval`` section, the run's judge)."""
+    args = ctx.args
+    if not args.eval.enabled:
+        ctx.record = {"task": ctx.task.name, "loss": ctx.spec.name, "model": args.model.name}
+        return
+    judge = build_judge(args.judge, ctx.task, key="judge", device=ctx.hw.torch_device)
+    result = evaluate_policy(ctx.policy, ctx.reference, ctx.tokenizer, ctx.task, args.eval, judge=judge,
+                             max_response_len=args.model.max_response_len)
+    _finish(ctx, result, ctx.spec.name, hparams=args.loss.hparams)
+
+
+@register_stage("best_of_n", trains_policy=False,
+                ranks="prompts sharded over ranks and gathered before the metrics; rank 0 writes eval.json")
+def best_of_n(ctx: RunContext) -> None:
+    """Best-of-n sampling of the reference under the sampler's judge, at its analytic KL log n - (n - 1) / n
+    (eval.json's ``best_of_n``); nothing is trained."""
+    judge = ctx.sampler.judge_for(sampler_context(ctx))
+    eval_args = dataclasses.replace(ctx.args.eval, best_of_n=[ctx.sampler.n])
+    result = evaluate_policy(ctx.policy, ctx.reference, ctx.tokenizer, ctx.task, eval_args, judge=judge)
+    _finish(ctx, result, "best_of_n")

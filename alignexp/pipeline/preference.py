@@ -1,0 +1,81 @@
+"""The preference stage: each round asks the sampler for rankings, shapes them for the loss, precomputes
+the reference's log-probs, and trains the policy on them (SFT, Preferred-FT, RAFT and every preference loss)."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+
+from alignexp.models.reference import cached_ref_logps
+from alignexp.modules.datamodule import RankingDataset, encode_all, make_loader
+from alignexp.modules.preference import PreferenceModule
+from alignexp.pipeline.context import RunContext, register_stage
+from alignexp.pipeline.fit import fit, schedule
+from alignexp.sampling.pairing import pairs_for_loss
+from alignexp.sampling.samplers import SamplerContext
+from alignexp.tasks.base import RankedExample, truncate_rankings
+
+log = logging.getLogger(__name__)
+
+
+def sampler_context(ctx: RunContext) -> SamplerContext:
+    """What the run's sampler may use: the policy being trained, the reference, the task, the caches."""
+    args = ctx.args
+    return SamplerContext(task=ctx.task, tokenizer=ctx.tokenizer, policy=ctx.policy, reference=ctx.reference,
+                          reference_key=ctx.init or "", seed=args.seed, cache_dir=args.cache_dir,
+                          max_prompt_len=args.model.max_prompt_len, max_response_len=args.model.max_response_len,
+                          task_config=args.task)
+
+
+def shape_for_loss(ctx: RunContext, examples: list[RankedExample], round_index: int) -> list[RankedExample]:
+    """Rankings as the loss declares it reads them: cut to ``task.ranking_length``, too-short ones counted
+    and left out, then the best response alone (``data="best"``) or pairs for a pairwise loss."""
+    spec = ctx.spec
+    examples = truncate_rankings(examples, ctx.task.ranking_length)
+    too_short = sum(ex.n < spec.min_responses for ex in examples)
+    if too_short:
+        log.info("%d of %d rankings have fewer than the %d responses loss '%s' needs: left out",
+                 too_short, len(examples), spec.min_responses, spec.name)
+        examples = [ex for ex in examples if ex.n >= spec.min_responses]
+    if spec.data == "best":
+        return [RankedExample(ex.prompt, ex.responses[:1], None, ex.target, ex.meta) for ex in examples]
+    return pairs_for_loss(examples, spec, ctx.args.pairs, rng=random.Random(ctx.args.seed + round_index))
+
+
+def training_data(ctx: RunContext, sampler_ctx: SamplerContext, round_index: int) -> list:
+    """One round's examples, shaped for the loss and tokenised."""
+    if ctx.spec.data == "demonstrations":
+        examples = ctx.task.sft_examples("train")
+    else:
+        examples = shape_for_loss(ctx, ctx.sampler.examples(sampler_ctx, round_index), round_index)
+    model = ctx.args.model
+    encoded = encode_all(ctx.tokenizer, examples, model.max_prompt_len, model.max_response_len, ctx.spec.uses_target)
+    log.info("training data: %d examples, %s responses each", len(encoded),
+             sorted({len(e.response_ids) for e in encoded}))
+    return encoded
+
+
+@register_stage("preference", ranks="all ranks train together; sampling and the reference precompute "
+                                   "run before it (see reference_logps)")
+def preference(ctx: RunContext) -> None:
+    """Rounds of sampling and training: the sampler's rankings (one round offline), the loss on them."""
+    args, spec = ctx.args, ctx.spec
+    sampler_ctx = sampler_context(ctx)
+    rounds = ctx.sampler.rounds
+    for round_index in range(rounds):
+        stage = "train" if rounds == 1 else f"train-round{round_index}"
+        encoded = training_data(ctx, sampler_ctx, round_index)
+        ref_rows, frozen = None, None
+        if spec.needs_reference:  # the reference's log-probs, once, before training
+            if args.train.reference == "precompute":
+                ref_rows = cached_ref_logps(ctx.reference, encoded, ctx.tokenizer.pad_token_id, args.cache_dir,
+                                            args.train.batch_size)
+            else:
+                frozen = ctx.reference
+        module = PreferenceModule(ctx.policy, spec.name, args.loss.hparams, args.train.optim, reference=frozen)
+        loader = make_loader(RankingDataset(encoded, ref_rows), args.train.batch_size, ctx.tokenizer.pad_token_id,
+                             shuffle=True, seed=args.seed + round_index, with_target=spec.uses_target)
+        start = time.time()
+        fit(module, loader, hw=ctx.hw, logger=args.logger, out=ctx.out, stage=stage, **schedule(args.train))
+        log.info("%s: %.1fs", stage, time.time() - start)

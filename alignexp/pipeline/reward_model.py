@@ -1,0 +1,65 @@
+"""The reward-model stage: a scalar-head model trained on the sampler's rankings (Bradley-Terry on pairs,
+Plackett-Luce on rankings), its held-out ranking accuracy measured, normalised, saved as <run>/reward_model."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from alignexp.evaluation.results import write_eval_json
+from alignexp.judges.reward_model import build_reward_model, score_encoded
+from alignexp.metrics.preference import ranking_accuracy
+from alignexp.modules.datamodule import RankingDataset, encode_all, make_loader
+from alignexp.modules.reward import (
+    RewardModule,
+    normalise_rewards,
+    ranking_labels,
+    save_reward_model,
+    split_heldout,
+)
+from alignexp.pipeline.context import RunContext, register_stage
+from alignexp.pipeline.fit import fit, schedule
+from alignexp.pipeline.preference import sampler_context
+from alignexp.tasks.base import truncate_rankings
+
+log = logging.getLogger(__name__)
+
+
+@register_stage("reward_model", trains_policy=False,
+                ranks="all ranks train together; the held-out scoring and the save on rank 0")
+def reward_model(ctx: RunContext) -> None:
+    """Train, measure and save a reward model from the rankings (eval.json's ``reward_model``)."""
+    args, tokenizer = ctx.args, ctx.tokenizer
+    examples = truncate_rankings(ctx.sampler.examples(sampler_context(ctx), 0), ctx.task.ranking_length)
+    train_examples, heldout = split_heldout(examples, args.reward_model.heldout_fraction, args.seed)
+    model_args = ctx.model_args
+    train_encoded, heldout_encoded = (encode_all(tokenizer, part, model_args.max_prompt_len,
+                                                 model_args.max_response_len) for part in (train_examples, heldout))
+    model = build_reward_model(model_args, tokenizer, ctx.hw.device_type)
+    loader = make_loader(RankingDataset(train_encoded), args.train.batch_size, tokenizer.pad_token_id, shuffle=True,
+                         seed=args.seed)
+    start = time.time()
+    fit(RewardModule(model, args.loss.hparams, args.train.optim), loader, hw=ctx.hw, logger=args.logger,
+        out=ctx.out, stage="reward", **schedule(args.train))
+    log.info("reward model: trained on %d rankings in %.1fs", len(train_examples), time.time() - start)
+    pad, batch_size = tokenizer.pad_token_id, args.train.batch_size
+    metrics = {"reward_offset": normalise_rewards(model, train_encoded, pad, batch_size),
+               "train_rankings": len(train_examples), "heldout_rankings": len(heldout)}
+    if heldout:
+        rows = [r.tolist() for r in score_encoded(model, heldout_encoded, pad, batch_size)]
+        metrics.update(ranking_accuracy(rows, [ranking_labels(ex) for ex in heldout], prefix="heldout_accuracy"))
+        if all("gold_rewards" in ex.meta for ex in heldout):  # the synthetic task's exact order too
+            metrics.update(ranking_accuracy(rows, [ranking_labels(ex, "gold_rewards") for ex in heldout],
+                                            prefix="heldout_gold_accuracy"))
+    folder = save_reward_model(model, tokenizer, ctx.out / "reward_model")
+    log.info("reward model: %s", metrics)
+    print(f"[alignexp] reward model (Hugging Face format, reward_offset in config.json): {folder}", flush=True)
+    if heldout:
+        print(f"[alignexp] held-out ranking accuracy: {metrics['heldout_accuracy']:.3f} "
+              f"± {metrics['heldout_accuracy_stderr']:.3f} over {metrics['heldout_accuracy_n_pairs']} pairs",
+              flush=True)
+    ctx.record = write_eval_json(ctx.out / "eval.json", task=ctx.task.name, loss=ctx.spec.name,
+                                 model=model_args.name, result={"n_prompts": len(heldout), "policy": {},
+                                                                "reference": {}, "comparisons": {},
+                                                                "reward_model": metrics},
+                                 hparams=args.loss.hparams, init_from=ctx.init)

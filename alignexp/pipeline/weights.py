@@ -1,0 +1,75 @@
+"""Which weights and tokenizer a run loads, decided in one place for train, sample and evaluate.
+
+The policy starts from, in order: the weights named explicitly (``init_from``, ``policy=``), the
+backbone ``model.path``, the task's own SFT policy (where the task trains one and the run wants one:
+trained and cached when missing, :func:`ensure_sft_policy`), or a model built from ``model.arch``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from alignexp.args import HardwareArgs, ModelArgs, OptimArgs, RunArgs
+from alignexp.files import atomic_folder, digest
+from alignexp.models.backbone import build_model, build_tokenizer
+from alignexp.tasks.base import Task
+
+log = logging.getLogger(__name__)
+
+
+def resolve_weights(explicit: str | None, model: ModelArgs, task: Task, wants_sft_policy: bool,
+                    sft_policy: Callable[[], Path]) -> str | None:
+    """The folder or hub id to load (None: build from ``model.arch``); see the module docstring."""
+    if explicit:
+        return str(explicit)
+    if model.path:
+        return str(model.path)
+    if wants_sft_policy and task.trains_sft_policy:
+        return str(sft_policy())
+    return None
+
+
+def load_model(model: ModelArgs, tokenizer, hw: HardwareArgs, *, frozen: bool = False):
+    """The causal LM for ``model`` (its ``path``, or built from ``arch``) on the hardware's device."""
+    built = build_model(model, tokenizer, hw.device_type)
+    if frozen:
+        built.requires_grad_(False).eval()
+    return built.to(hw.torch_device)
+
+
+def sft_policy_folder(args: RunArgs, task: Task) -> Path:
+    """Where the task's SFT policy for this model and schedule is cached (keyed by what it depends on)."""
+    model = {k: v for k, v in dataclasses.asdict(args.model).items() if k != "lora"}  # LoRA applies after it
+    key = digest(model, task.sft_key(), dataclasses.asdict(args.sft))
+    return args.cache_dir / "sft" / f"{task.name}-{args.model.name}-{key}"
+
+
+def ensure_sft_policy(args: RunArgs, task: Task) -> Path:
+    """The task's SFT policy, trained on its demonstrations when not cached yet; its folder is returned."""
+    from alignexp.modules.datamodule import RankingDataset, encode_all, make_loader
+    from alignexp.modules.sft import SFTModule
+    from alignexp.pipeline.fit import fit, save_policy
+
+    folder = sft_policy_folder(args, task)
+    if (folder / "config.json").exists():
+        log.info("SFT policy: cached at %s", folder)
+        return folder
+    print(f"[alignexp] no SFT policy for this task and model yet: training one (cached at {folder})", flush=True)
+    start = time.time()
+    base = dataclasses.replace(args.model, path=None)
+    tokenizer = build_tokenizer(base)
+    model = build_model(base, tokenizer, args.hardware.device_type)
+    encoded = encode_all(tokenizer, task.sft_examples("train"), base.max_prompt_len, base.max_response_len)
+    loader = make_loader(RankingDataset(encoded), args.sft.batch_size, tokenizer.pad_token_id, shuffle=True,
+                         seed=args.seed)
+    module = SFTModule(model, OptimArgs(lr=args.sft.lr, warmup_steps=args.train.warmup_steps))
+    fit(module, loader, hw=args.hardware, logger=args.logger, out=folder.parent / f".{folder.name}-logs",
+        stage="sft", max_epochs=args.sft.max_epochs, log_every_n_steps=args.train.log_every_n_steps)
+    with atomic_folder(folder) as tmp:
+        save_policy(model, tokenizer, tmp)
+    log.info("SFT policy: trained in %.1fs", time.time() - start)
+    return folder

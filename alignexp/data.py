@@ -5,8 +5,8 @@ examples produced, responses per prompt, ties, length percentiles in characters,
 and a few rendered examples. ``stage=auto`` (the default) shows the task's preference data where it
 has its own, its SFT data otherwise (the synthetic task samples preferences from a policy, so it
 shows its SFT demonstrations). The exit status is 1 when an invalid record stops loading (set
-``task.skip_invalid=true`` to count and skip such records instead) and 2 when the data cannot be
-read at all; the message is printed without a traceback.
+``task.skip_invalid=true`` to count and skip such records instead) or the data cannot be read, and 2
+for a bad setting; the message is printed without a traceback.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import hydra
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from alignexp.tasks.base import DataError, LoadReport, RankedExample, Text, has_ties
-from alignexp.tasks.loading import DataUnavailable, text_length
+from alignexp.config import CONF_DIR, build_task
+from alignexp.errors import ConfigError, run_cli
+from alignexp.tasks.base import DataError, LoadReport, RankedExample, Task, Text, has_ties
+from alignexp.tasks.loading import text_length
 
 STAGES = ("auto", "preference", "sft", "eval")
 log = logging.getLogger("alignexp.data")
@@ -93,52 +93,42 @@ def render_example(example: RankedExample, number: int, limit: int) -> str:
     return "\n".join(lines)
 
 
-def load_stage(task, stage: str, cfg_task: DictConfig) -> tuple[str, str | None, list[RankedExample]]:
-    """Run one stage of ``task``; returns (stage, split, examples)."""
+def load_stage(task: Task, stage: str, settings: dict[str, Any]) -> tuple[str, str | None, list[RankedExample]]:
+    """Run one stage of ``task`` (``settings``: the task's config); returns (stage, split, examples)."""
     if stage == "auto":
-        stage = "preference" if getattr(task, "offline_preferences", False) else "sft"
+        stage = "preference" if task.offline_preferences else "sft"
     if stage == "preference":
-        split = cfg_task.get("split")
+        split = settings.get("split")
         return stage, split, task.preference_examples(split) if split else task.preference_examples()
     if stage == "sft":  # tasks with one kind of data (ultrachat, custom) read their SFT data at task.split
-        split = cfg_task.get("sft_split") if "sft_split" in cfg_task else cfg_task.get("split")
+        split = settings.get("sft_split") if "sft_split" in settings else settings.get("split")
         return stage, split, task.sft_examples(split) if split else task.sft_examples()
-    return stage, cfg_task.get("eval_split"), task.eval_examples()
+    return stage, settings.get("eval_split"), task.eval_examples()
 
 
 def run(cfg: DictConfig) -> int:
     """Load, validate, print the summary and examples; the exit status."""
     if cfg.stage not in STAGES:
-        print(f"stage must be one of {', '.join(STAGES)}, got {cfg.stage!r}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"stage must be one of {', '.join(STAGES)}, got {cfg.stage!r}")
+    settings = OmegaConf.to_container(cfg.task, resolve=True)
+    task = build_task(settings)
     try:
-        task = instantiate(cfg.task)
-    except InstantiationException as error:  # a bad task setting, e.g. task.rank_by=foo
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
-        stage, split, examples = load_stage(task, cfg.stage, cfg.task)
+        stage, split, examples = load_stage(task, cfg.stage, settings)
     except DataError as error:
-        print(f"invalid data: {error}\n(set task.skip_invalid=true to skip and count invalid records)",
-              file=sys.stderr)
-        return 1
-    except (DataUnavailable, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    summary = summarize(examples, getattr(task, "last_report", None), str(cfg.task.name), stage, split)
+        raise DataError(error.source, error.index, error.field_name,
+                        f"{error.reason}\n(set task.skip_invalid=true to skip and count invalid records)") from None
+    summary = summarize(examples, task.last_report, task.name, stage, split)
     print(json.dumps(summary, indent=2, ensure_ascii=False))
     for number, example in enumerate(examples[: cfg.n_show], start=1):
         print(render_example(example, number, cfg.max_show_chars))
     return 0
 
 
-@hydra.main(config_path="../conf", config_name="data", version_base="1.3")
+@hydra.main(config_path=CONF_DIR, config_name="data", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="[%(levelname)s] %(name)s: %(message)s")
     log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
-    status = run(cfg)
-    if status:
-        sys.exit(status)
+    run_cli(run, cfg)
 
 
 if __name__ == "__main__":

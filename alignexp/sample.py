@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -35,25 +34,22 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from alignexp.config import CONF_DIR, ConfigError, setup_runtime
-from alignexp.hardware import HardwareArgs
+from alignexp.args import ModelArgs, RunArgs
+from alignexp.config import CONF_DIR, build_task, setup_runtime, validate
+from alignexp.errors import ConfigError, run_cli
+from alignexp.files import digest
 from alignexp.judges import build_judge
 from alignexp.judges.base import Judge
-from alignexp.judges.llm import JudgeConfigError
-from alignexp.models.backbone import ModelArgs, ModelUnavailable, build_model, build_tokenizer
 from alignexp.sampling.engine import SamplingParams
-from alignexp.sampling.samplers import digest, task_prompts
 from alignexp.sampling.text import decode, sample_responses
-from alignexp.tasks.base import DataError, Text
-from alignexp.tasks.loading import DataUnavailable
+from alignexp.tasks.base import Task, Text
 
 log = logging.getLogger("alignexp.sample")
 
 
-class SampleError(ValueError):
+class SampleError(ConfigError):
     """Bad settings or an output file that does not match them; the message names the key or file."""
 
 
@@ -175,36 +171,37 @@ def sample_to_jsonl(model, tokenizer, prompts: Sequence[Text], output: str | Pat
     return written
 
 
-def resolve_policy(cfg: DictConfig, model_args: ModelArgs, tokenizer, task, hw: HardwareArgs) -> str:
+def resolve_policy(policy: str | None, args: RunArgs, task: Task) -> str:
     """``policy``, else ``model.path``, else the task's SFT policy (trained and cached when missing)."""
-    if cfg.get("policy"):
-        return str(cfg.policy)
-    if model_args.path:
-        return str(model_args.path)
-    if getattr(task, "has_gold_reward", False):
-        from alignexp.train import ensure_sft_policy
+    from alignexp.pipeline.weights import ensure_sft_policy, resolve_weights
 
-        return str(ensure_sft_policy(cfg, model_args, tokenizer, task, hw))
-    raise SampleError(f"policy: task '{task.name}' has no SFT policy of its own; set policy=<HF folder> "
-                      f"(e.g. a run's policy/) or model.path=")
+    path = resolve_weights(policy, args.model, task, True, lambda: ensure_sft_policy(args, task))
+    if path is None:
+        raise SampleError(f"policy: task '{task.name}' has no SFT policy of its own; set policy=<HF folder> "
+                          f"(e.g. a run's policy/) or model.path=")
+    return path
 
 
 def run(cfg: DictConfig) -> Path:
     """Sample as configured; returns the output file."""
-    hw = HardwareArgs(**cfg.hardware)
-    setup_runtime(cfg.seed, hw.threads)
+    from omegaconf import OmegaConf
+
+    from alignexp.models.backbone import build_model, build_tokenizer
+
+    args = validate(cfg)
+    setup_runtime(args.seed, args.hardware.threads)
     if cfg.split not in ("train", "eval"):
         raise SampleError(f"split must be train or eval, got {cfg.split!r}")
     if cfg.backend not in ("auto", "hf", "vllm"):
         raise SampleError(f"backend must be auto, hf or vllm, got {cfg.backend!r}")
-    model_args = ModelArgs(**OmegaConf.to_container(cfg.model, resolve=True))
-    args = SampleArgs(n=cfg.n, chunk_size=cfg.chunk_size, batch_size=cfg.batch_size, seed=cfg.seed,
-                      max_prompt_len=model_args.max_prompt_len, **OmegaConf.to_container(cfg.sampling, resolve=True))
-    task = instantiate(cfg.task)
-    policy_path = resolve_policy(cfg, model_args, build_tokenizer(model_args), task, hw)
-    policy_args = ModelArgs(**{**model_args.__dict__, "path": policy_path})
+    sample_args = SampleArgs(n=cfg.n, chunk_size=cfg.chunk_size, batch_size=cfg.batch_size, seed=args.seed,
+                             max_prompt_len=args.model.max_prompt_len,
+                             **OmegaConf.to_container(cfg.sampling, resolve=True))
+    task = build_task(args.task)
+    policy_path = resolve_policy(cfg.get("policy"), args, task)
+    policy_args: ModelArgs = args.model.with_path(policy_path)
     tokenizer = build_tokenizer(policy_args)
-    prompts = task_prompts(task, cfg.split)
+    prompts = task.prompts(cfg.split)
     if cfg.max_prompts:
         prompts = prompts[:cfg.max_prompts]
 
@@ -217,22 +214,17 @@ def run(cfg: DictConfig) -> Path:
     if use_vllm:
         backend = VLLMEngine(policy_path)
     else:
-        model = build_model(policy_args, tokenizer, hw.device_type).to(hw.device_type)
-    judge = None
-    if cfg.get("judge"):
-        config = OmegaConf.to_container(cfg.judge, resolve=True)
-        name = config.pop("name")
-        if name == "reward_model":
-            config.setdefault("device", hw.device_type)
-        judge = build_judge(name, task, **config)
+        model = build_model(policy_args, tokenizer, args.hardware.device_type).to(args.hardware.torch_device)
+    judge = build_judge(args.judge, task, key="judge", device=args.hardware.torch_device)
     output = Path(cfg.output)
-    log.info("sampling %d prompts x %d from %s (%s) into %s", len(prompts), args.n, policy_path,
+    log.info("sampling %d prompts x %d from %s (%s) into %s", len(prompts), sample_args.n, policy_path,
              "vllm" if use_vllm else "hf", output)
     meta = {"policy": policy_path, "task": task.name, "split": cfg.split, "backend": "vllm" if use_vllm else "hf"}
     start = time.time()
-    written = sample_to_jsonl(model, tokenizer, prompts, output, args, judge=judge, backend=backend, meta=meta)
+    written = sample_to_jsonl(model, tokenizer, prompts, output, sample_args, judge=judge, backend=backend,
+                              meta=meta)
     seconds = time.time() - start
-    print(f"[alignexp] {written} prompts sampled ({written * args.n / max(seconds, 1e-9):.1f} samples/s), "
+    print(f"[alignexp] {written} prompts sampled ({written * sample_args.n / max(seconds, 1e-9):.1f} samples/s), "
           f"{len(prompts)} in {output}", flush=True)
     if judge is not None and getattr(judge, "stats", None):
         print(f"[alignexp] judge stats: {dict(judge.stats)}", flush=True)
@@ -241,14 +233,7 @@ def run(cfg: DictConfig) -> Path:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
-    try:
-        run(cfg)
-    except (SampleError, ConfigError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except (ModelUnavailable, DataUnavailable, DataError, JudgeConfigError) as error:  # clear, user-facing
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    run_cli(run, cfg)
 
 
 if __name__ == "__main__":

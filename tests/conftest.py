@@ -15,14 +15,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Short schedules and small evaluations: enough to exercise every stage in seconds.
-TINY_SCHEDULE = [
-    "sft.max_epochs=1", "train.max_steps=2", "train.batch_size=8",
-    "eval.temperatures=[1.0]", "eval.max_new_tokens=16", "model.max_response_len=24",
-    "hardware.threads=1", "eval.preference_accuracy=false",
-]
-# ... on a small synthetic task.
-TINY_RUN = ["task.n_sft=512", "task.n_train_prompts=32", "task.n_eval_prompts=16", *TINY_SCHEDULE]
+# Short schedules and small evaluations (conf/debug/fast.yaml, with a small synthetic task where it is the
+# task): enough to exercise every stage in seconds.
+TINY_SCHEDULE = ["debug=fast"]
+TINY_RUN = TINY_SCHEDULE
 
 
 def allocated_bytes_over_time(fn) -> list[int]:

@@ -125,6 +125,9 @@ class JudgedSampler:
             raise ValueError(f"sampler.{sorted(unknown)[0]}: not a setting of sampler '{name}'")
         self.name = name
         self.judge_config = dict(judge or {"_target_": "alignexp.judges.gold.GoldJudge", "name": "gold"})
+        if "_target_" not in self.judge_config and self.judge_config.get("name") not in ("auto", "none"):
+            raise ValueError(f"sampler.judge: not an option of the judge group ({self.judge_config}); choose one "
+                             f"with judge@sampler.judge=<gold|reward_model|llm>")
         try:
             SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens or 1)
         except ValueError as error:
@@ -136,8 +139,8 @@ class JudgedSampler:
 
     def judge_for(self, ctx: SamplerContext) -> Judge:
         if self.judge is None:
-            judge = build_judge(self.judge_config, ctx.task, key="sampler.judge",
-                                device=str(next(ctx.policy.parameters()).device))
+            device = str(next(ctx.policy.parameters()).device) if ctx.policy is not None else "cpu"
+            judge = build_judge(self.judge_config, ctx.task, key="sampler.judge", device=device)
             if judge is None:
                 raise ValueError(f"sampler.judge: sampler '{self.name}' needs a judge, and task '{ctx.task.name}' "
                                  f"has no gold reward; set judge@sampler.judge=reward_model sampler.judge.path=...")

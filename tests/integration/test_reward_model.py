@@ -149,7 +149,8 @@ def test_reward_model_learns_the_gold_ranking(tiny_args, tmp_path):
 
     reloaded = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     assert reloaded.config.reward_offset == pytest.approx(offset)
-    judge = build_judge("reward_model", path=str(folder), max_prompt_len=64, max_response_len=32)
+    judge = build_judge({"_target_": "alignexp.judges.reward_model.RewardModelJudge", "name": "reward_model",
+                         "path": str(folder), "max_prompt_len": 64, "max_response_len": 32}, SyntheticTask())
     ex = heldout[0]
     scores = judge.score([ex.prompt] * ex.n, ex.responses)
     with torch.no_grad():

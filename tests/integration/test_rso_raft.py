@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+import alignexp.pipeline as pipeline
 import alignexp.train as train_module
 from alignexp.config import validate
-from alignexp.sampling.samplers import build_sampler
 from tests.conftest import TINY_RUN
 
 RUN = [*TINY_RUN, "hardware.threads=1", "task.n_train_prompts=64", "task.n_eval_prompts=64",
@@ -19,15 +19,17 @@ RUN = [*TINY_RUN, "hardware.threads=1", "task.n_train_prompts=64", "task.n_eval_
 
 @pytest.fixture
 def built(monkeypatch) -> list:
-    """The samplers train.run builds, kept for their per-round figures (``history``)."""
+    """The samplers the pipeline builds, kept for their per-round figures (``history``)."""
     samplers: list = []
+    instantiate = pipeline.instantiate_target
 
-    def build_and_keep(**config):
-        sampler = build_sampler(**config)
-        samplers.append(sampler)
-        return sampler
+    def build_and_keep(config, key, **kwargs):
+        built = instantiate(config, key, **kwargs)
+        if key == "sampler":
+            samplers.append(built)
+        return built
 
-    monkeypatch.setattr(train_module, "build_sampler", build_and_keep)
+    monkeypatch.setattr(pipeline, "instantiate_target", build_and_keep)
     return samplers
 
 
@@ -36,7 +38,7 @@ def eval_json(cfg) -> dict:
 
 
 def test_rso_accepts_better_samples_and_trains(compose, built):
-    cfg = compose("loss=rso", "pairs=tournament", *RUN, "sampler.num_candidates=8", "sampler.num_samples=4",
+    cfg = compose("experiment=rso", "pairs=tournament", *RUN, "sampler.num_candidates=8", "sampler.num_samples=4",
                   "train.max_epochs=2")
     validate(cfg)
     assert cfg.sampler.name == "rso" and cfg.loss.name == "dpo"
@@ -51,7 +53,7 @@ def test_rso_accepts_better_samples_and_trains(compose, built):
 
 
 def test_raft_rounds_raise_the_policys_gold_reward(compose, built):
-    cfg = compose("loss=raft", *RUN, "sampler.iterations=2", "sampler.num_candidates=8", "train.max_epochs=4",
+    cfg = compose("experiment=raft", *RUN, "sampler.iterations=2", "sampler.num_candidates=8", "train.max_epochs=4",
                   "train.lr=1e-3", "train.warmup_steps=2")
     validate(cfg)
     train_module.run(cfg)
@@ -68,7 +70,7 @@ def test_raft_rounds_raise_the_policys_gold_reward(compose, built):
 
 
 def test_self_bootstrap_with_pro_runs(compose, built):
-    cfg = compose("sampler=self_bootstrap", "loss=pro", *RUN, "task.n_train_prompts=32", "sampler.rounds=2",
+    cfg = compose("experiment=self_bootstrap", *RUN, "task.n_train_prompts=32", "sampler.rounds=2",
                   "train.max_steps=2")
     validate(cfg)
     record = train_module.run(cfg)

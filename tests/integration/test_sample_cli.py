@@ -103,15 +103,15 @@ def test_interrupted_in_process_and_resumed_equals_uninterrupted(policy, tmp_pat
             return super().score(prompts, responses)
 
     whole, resumed = tmp_path / "whole.jsonl", tmp_path / "resumed.jsonl"
-    assert sample_to_jsonl(model, tokenizer, prompts, whole, args, judge=GoldJudge(task.gold_reward),
+    assert sample_to_jsonl(model, tokenizer, prompts, whole, args, judge=GoldJudge(task),
                            progress=False) == 12
     with pytest.raises(KeyboardInterrupt):
-        sample_to_jsonl(model, tokenizer, prompts, resumed, args, judge=Interrupting(task.gold_reward), progress=False)
+        sample_to_jsonl(model, tokenizer, prompts, resumed, args, judge=Interrupting(task), progress=False)
     assert lines(resumed) == 6
-    assert sample_to_jsonl(model, tokenizer, prompts, resumed, args, judge=GoldJudge(task.gold_reward),
+    assert sample_to_jsonl(model, tokenizer, prompts, resumed, args, judge=GoldJudge(task),
                            progress=False) == 6
     assert resumed.read_bytes() == whole.read_bytes()
-    assert sample_to_jsonl(model, tokenizer, prompts, resumed, args, judge=GoldJudge(task.gold_reward),
+    assert sample_to_jsonl(model, tokenizer, prompts, resumed, args, judge=GoldJudge(task),
                            progress=False) == 0  # nothing left to do
     with pytest.raises(SampleError, match="n differ"):
         sample_to_jsonl(model, tokenizer, prompts, resumed, SampleArgs(n=3, chunk_size=3, seed=3), progress=False)

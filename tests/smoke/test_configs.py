@@ -1,5 +1,5 @@
-"""Every YAML under conf/ composes (found by walking the tree, the count asserted), and every loss
-option trains for a few steps on the tiny synthetic run."""
+"""Every YAML under conf/ composes (found by walking the tree, the count asserted), every loss option trains
+for a few steps, and every experiment runs a step under debug=fast."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from alignexp.config import CONF_DIR, validate
 from alignexp.train import run
@@ -15,19 +16,35 @@ from tests.conftest import TINY_RUN
 CONF = Path(CONF_DIR)
 ALL_YAML = sorted(p.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml"))
 # Update this count when a config file is added: the tests below must then compose it too.
-EXPECTED_YAML_FILES = 49
+EXPECTED_YAML_FILES = 65
 ENTRY_CONFIGS = sorted(p for p in ALL_YAML if "/" not in p)
-GROUP_OPTIONS = sorted(p for p in ALL_YAML if "/" in p and not p.startswith("hydra/"))
 HYDRA_OPTIONS = sorted(p for p in ALL_YAML if p.startswith("hydra/"))
-# Losses whose defaults outgrow the tiny run get a few extra overrides.
-LOSS_SMOKE_OVERRIDES = {"ppo": ["loss.steps=2", "loss.rollout_batch_size=8", "loss.ppo_epochs=1"]}
+# Parts that are not options of their own: bases other options inherit (task/common/), and the task-specific
+# parts of a debug option (debug/task/<debug>_<task>.yaml), composed by the options that use them.
+PARTS = sorted(p for p in ALL_YAML if p.startswith(("task/common/", "debug/task/")))
+GROUP_OPTIONS = sorted(p for p in ALL_YAML if "/" in p and p not in HYDRA_OPTIONS and p not in PARTS)
 LOSS_OPTIONS = sorted(Path(p).stem for p in ALL_YAML if p.startswith("loss/"))
+EXPERIMENTS = sorted(p[len("experiment/"):-len(".yaml")] for p in ALL_YAML if p.startswith("experiment/"))
+
+
+def option(path: str) -> tuple[str, str]:
+    """``experiment/frontier/beta.yaml`` -> (``experiment``, ``frontier/beta``)."""
+    group, name = path.split("/", 1)
+    return group, name[: -len(".yaml")]
 
 
 def test_every_yaml_is_covered():
     assert len(ALL_YAML) == EXPECTED_YAML_FILES
-    assert len(ENTRY_CONFIGS) + len(GROUP_OPTIONS) + len(HYDRA_OPTIONS) == len(ALL_YAML)
+    assert len(ENTRY_CONFIGS) + len(GROUP_OPTIONS) + len(HYDRA_OPTIONS) + len(PARTS) == len(ALL_YAML)
     assert "train.yaml" in ENTRY_CONFIGS
+
+
+def test_parts_are_used(compose):
+    """The bases and debug parts reach the configs that use them."""
+    assert compose("task=tldr").task.max_records is None  # from task/common/records.yaml
+    assert compose("debug=fast").task.n_sft == 512  # debug/task/fast_synthetic.yaml
+    assert compose("debug=fast", "task=tldr").task.name == "tldr"  # no part for tldr: none applied
+    assert compose("model=zephyr7b").model.arch.sliding_window == 4096  # inherited from mistral7b
 
 
 @pytest.mark.parametrize("name", ENTRY_CONFIGS)
@@ -35,30 +52,22 @@ def test_entry_config_composes(compose, name):
     assert compose(config_name=Path(name).stem) is not None
 
 
-# Groups that belong to another entry config than train.yaml.
-GROUP_ENTRY = {"judge": "sample"}
+@pytest.mark.parametrize("path", GROUP_OPTIONS)
+def test_group_option_composes_and_validates(compose, path):
+    group, name = option(path)
+    validate(compose(f"{group}={name}"))
 
 
-@pytest.mark.parametrize("option", GROUP_OPTIONS)
-def test_group_option_composes_and_validates(compose, option):
-    group, name = option.rsplit("/", 1)
-    entry = GROUP_ENTRY.get(group, "train")
-    cfg = compose(f"{group}={Path(name).stem}", config_name=entry)
-    validate(cfg)
-
-
-@pytest.mark.parametrize("option", HYDRA_OPTIONS)
-def test_hydra_option_composes(compose, option):
-    group, name = option.rsplit("/", 1)
-    cfg = compose(f"{group}={Path(name).stem}", return_hydra_config=True)
+@pytest.mark.parametrize("path", HYDRA_OPTIONS)
+def test_hydra_option_composes(compose, path):
+    group, name = path[: -len(".yaml")].rsplit("/", 1)
+    cfg = compose(f"{group}={name}", return_hydra_config=True)
     assert cfg.hydra.launcher is not None
 
 
 @pytest.mark.parametrize("loss", LOSS_OPTIONS)
-def test_each_loss_trains_a_few_steps(compose, loss, tmp_path):
-    extra = LOSS_SMOKE_OVERRIDES.get(loss, [])
-    cfg = compose(f"loss={loss}", *TINY_RUN, *extra)
-    validate(cfg)
+def test_each_loss_trains_a_few_steps(compose, loss):
+    cfg = compose(f"loss={loss}", *TINY_RUN)
     record = run(cfg)
     assert record["loss"] == cfg.loss.name
     out = Path(cfg.paths.output_dir)
@@ -69,3 +78,17 @@ def test_each_loss_trains_a_few_steps(compose, loss, tmp_path):
     else:
         assert saved["n_prompts"] == 16
         assert (out / "policy" / "config.json").exists()
+
+
+def sweep_first_values(cfg) -> list[str]:
+    """A sweep experiment's first job: the first value of each of its ``hydra.sweeper.params``."""
+    params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+    return [f"{key}={str(values).split(',')[0].strip()}" for key, values in params.items()]
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_each_experiment_runs_a_step(compose, experiment):
+    first = sweep_first_values(compose(f"experiment={experiment}", return_hydra_config=True))
+    cfg = compose(f"experiment={experiment}", *first, *TINY_RUN)
+    record = run(cfg)
+    assert (Path(cfg.paths.output_dir) / "eval.json").exists() and record["task"] == "synthetic"

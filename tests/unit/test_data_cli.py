@@ -75,7 +75,7 @@ def test_synthetic_default_summarises_sft(tmp_path):
 
 def test_no_local_copy_offline_and_bad_settings(tmp_path):
     offline = run_cli(tmp_path, "task=hh")
-    assert offline.returncode == 2 and "Traceback" not in offline.stderr
+    assert offline.returncode == 1 and "Traceback" not in offline.stderr
     assert "cannot load the hub dataset Anthropic/hh-rlhf" in offline.stderr and "task.path=DIR" in offline.stderr
     setting = run_cli(tmp_path, "task=mt", "task.rank_by=bleu")
     assert setting.returncode == 2 and "task.rank_by" in setting.stderr and "Traceback" not in setting.stderr

@@ -174,7 +174,7 @@ def test_bad_values_name_the_key(compose, override, key):
 
 
 def test_deepspeed_settings_are_checked(compose):
-    with pytest.raises(ValueError, match=r"hardware\.zero_stage must be 1, 2 or 3"):
+    with pytest.raises(ValueError, match=r"hardware\.zero_stage must be one of 1, 2, 3"):
         _hardware(compose, "hardware=deepspeed_zero3", "hardware.zero_stage=4")
     with pytest.raises(ValueError, match=r"hardware\.offload_parameters needs hardware\.zero_stage=3"):
         _hardware(compose, "hardware=deepspeed_zero2", "hardware.offload_parameters=true")

@@ -10,9 +10,11 @@ import time
 
 import pytest
 
+from alignexp.errors import ConfigError
 from alignexp.judges import GoldJudge, build_judge, rank_by_comparisons
 from alignexp.judges.base import Judge, ranked_example
 from alignexp.judges.llm import PROMPTS, JudgeConfigError, LLMJudge, parse_rating, parse_verdict
+from alignexp.tasks.loading import RecordTask
 from alignexp.tasks.synthetic import SyntheticTask
 from tests.fixtures.llm_server import LLMServer
 
@@ -33,7 +35,7 @@ def api_key(monkeypatch):
 # -- gold judge and the shared interface --------------------------------------------------------------
 def test_gold_judge_scores_compares_and_ranks():
     task = SyntheticTask(n_sft=8, n_train_prompts=4, n_eval_prompts=4)
-    judge = GoldJudge(task.gold_reward)
+    judge = GoldJudge(task)
     assert isinstance(judge, Judge)
     # alphabet of 16: a-d are +1, m-p are -1, the rest 0
     assert judge.score(["x:", "x:"], ["aaaa", "aamm"]) == [1.0, 0.0]
@@ -66,15 +68,22 @@ def test_rank_by_comparisons_counts_wins():
     assert ranked.scores == [3.0, 1.5, 1.5, 0.0]
 
 
-def test_build_judge_errors_name_the_key():
-    with pytest.raises(ValueError, match="judge.name=gold needs a task with a gold reward"):
-        build_judge("gold", task=None)
-    with pytest.raises(ValueError, match="judge.name: unknown judge 'oracle'"):
-        build_judge("oracle")
-    with pytest.raises(ValueError, match="judge.base_url"):
-        build_judge("llm", base_url=None, model="m")
-    with pytest.raises(ValueError, match="judge.path"):
-        build_judge("reward_model", path=None)
+def test_build_judge_from_group_options_and_errors_name_the_key(tmp_path):
+    synthetic, real = SyntheticTask(n_sft=8, n_train_prompts=4, n_eval_prompts=4), RecordTask("tldr")
+    gold = {"_target_": "alignexp.judges.gold.GoldJudge", "name": "gold"}
+    assert isinstance(build_judge(gold, synthetic), GoldJudge)
+    assert isinstance(build_judge({"name": "auto"}, synthetic), GoldJudge)
+    assert build_judge({"name": "auto"}, real) is None and build_judge({"name": "none"}, synthetic) is None
+    with pytest.raises(ConfigError, match="sampler.judge.name=gold: task 'tldr' has no gold reward"):
+        build_judge(gold, real, key="sampler.judge")
+    with pytest.raises(ConfigError, match="judge: no _target_"):
+        build_judge({"name": "oracle"}, real)
+    llm = {"_target_": "alignexp.judges.llm.LLMJudge", "name": "llm", "base_url": None, "model": "m"}
+    with pytest.raises(ConfigError, match="ppo.judge.base_url"):
+        build_judge(llm, real, key="ppo.judge")
+    with pytest.raises(ConfigError, match="judge.path"):
+        build_judge({"_target_": "alignexp.judges.reward_model.RewardModelJudge", "name": "reward_model",
+                     "path": None}, real)
 
 
 # -- parsing ------------------------------------------------------------------------------------------

@@ -11,11 +11,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from alignexp.args import instantiate_target
 from alignexp.config import CONF_DIR
 from alignexp.losses import get_loss
 from alignexp.sampling import samplers
 from alignexp.sampling.rejection import rejection_sample
-from alignexp.sampling.samplers import SAMPLERS, SamplerContext, build_sampler
+from alignexp.sampling.samplers import SamplerContext
 from alignexp.tasks.base import RankedExample, validate_example
 from alignexp.tasks.synthetic import SyntheticTask
 
@@ -55,6 +56,14 @@ def test_rejection_sampling_stops_at_num_samples_and_checks_its_settings():
         rejection_sample([0.0, 1.0], num_samples=3, beta=1.0, rng=random.Random(0))
     with pytest.raises(ValueError, match="sampler.beta"):
         rejection_sample([0.0, 1.0], num_samples=1, beta=0.0, rng=random.Random(0))
+
+
+CLASSES = {"offline": samplers.OfflineSampler, "rso": samplers.RSOSampler, "raft": samplers.RaftSampler,
+           "self_bootstrap": samplers.SelfBootstrapSampler, "best_of_n": samplers.BestOfNSampler}
+
+
+def build_sampler(name: str, **settings):
+    return CLASSES[name](name=name, **settings)
 
 
 # -- the samplers, with canned candidates --------------------------------------------------------------------
@@ -129,11 +138,10 @@ def test_best_of_n_trains_nothing():
 
 # -- configs ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", sorted((Path(CONF_DIR) / "sampler").glob("*.yaml")), ids=lambda p: p.stem)
-def test_every_sampler_config_builds(path):
-    config = OmegaConf.to_container(OmegaConf.load(path))
-    assert config["name"] == path.stem and path.stem in SAMPLERS
-    sampler = build_sampler(**config)
-    assert sampler.rounds >= 1
+def test_every_sampler_config_builds(compose, path):
+    config = OmegaConf.to_container(compose(f"sampler={path.stem}").sampler, resolve=True)
+    sampler = instantiate_target(config, "sampler")
+    assert config["name"] == path.stem and isinstance(sampler, CLASSES[path.stem]) and sampler.rounds >= 1
 
 
 def test_bad_sampler_settings_name_the_key():
@@ -145,7 +153,7 @@ def test_bad_sampler_settings_name_the_key():
         build_sampler("raft", temprature=1.0)
     with pytest.raises(ValueError, match="sampler.temperature must be >= 0"):
         build_sampler("rso", temperature=-1.0)
-    with pytest.raises(ValueError, match="sampler.judge.name"):
+    with pytest.raises(ValueError, match="sampler.judge"):
         build_sampler("raft", judge={"path": "x"})
 
 
@@ -156,12 +164,15 @@ def test_raft_loss_is_sft_on_the_kept_samples():
     assert raft(logps, lengths=lengths).loss.item() == pytest.approx(2.0)  # 8 nats over 4 tokens
 
 
-def test_loss_options_select_their_sampler(compose):
-    assert compose("loss=rso").sampler.name == "rso"
-    assert compose("loss=rso").loss.name == "dpo"
-    assert compose("loss=rso", "loss.name=hinge").loss.name == "hinge"
-    assert compose("loss=raft").sampler.name == "raft"
-    assert compose("loss=rso", "sampler=offline").sampler.name == "offline"  # the command line wins
-    assert compose("sampler=self_bootstrap", "loss=pro").sampler.name == "self_bootstrap"
-    reward = compose("loss=reward")
+def test_recipes_select_their_sampler_and_loss(compose):
+    rso = compose("experiment=rso")
+    assert (rso.sampler.name, rso.loss.name, rso.run_name) == ("rso", "dpo", "rso")
+    assert compose("experiment=rso", "loss=hinge").loss.name == "hinge"  # the command line wins
+    assert compose("experiment=rso", "sampler.num_candidates=32").sampler.num_candidates == 32
+    raft = compose("experiment=raft")
+    assert (raft.sampler.name, raft.loss.name, raft.run_name) == ("raft", "raft", "raft")
+    assert compose("loss=raft").sampler.name == "offline"  # loss= names the loss function alone
+    boot = compose("experiment=self_bootstrap")
+    assert (boot.sampler.name, boot.loss.name) == ("self_bootstrap", "pro")
+    reward = compose("experiment=reward_model")
     assert reward.loss.name == "reward" and reward.reward_model.heldout_fraction == 0.1

@@ -182,7 +182,7 @@ COMPARISONS_BAD = [(1, "choice"), (2, "summaries[1].text"), (3, "info.post"), (4
 
 
 @pytest.mark.parametrize("index,field", COMPARISONS_BAD)
-def test_tldr_bad_comparison_names_its_field(index, field):
+def test_tldr_bad_comparison_parse_names_its_field(index, field):
     record = records("tldr/comparisons_bad.jsonl")[index]
     if field == "<record>":
         assert type(record).__name__ == "InvalidRecord"
@@ -245,20 +245,6 @@ def test_ultrachat_one_example_per_assistant_turn():
         task.preference_examples()
 
 
-ULTRACHAT_BAD = [(1, "messages", "missing field"), (2, "messages[1].content", "empty text"),
-                 (3, "messages[1].role", "unknown role"), (4, "messages", "expected a list"),
-                 (5, "messages", "no assistant turn"), (6, "messages[0]", "starts with an assistant")]
-
-
-@pytest.mark.parametrize("index,field,reason", ULTRACHAT_BAD)
-def test_ultrachat_bad_records(tmp_path, index, field, reason):
-    rows = records("ultrachat/ultrachat_bad.jsonl")
-    path = tmp_path / "one.jsonl"
-    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[index]) + "\n")
-    error = assert_rejects(UltraChatTask(path=str(path)).sft_examples, "one.jsonl", 1, field)
-    assert reason in error.reason
-
-
 def test_ultrachat_bad_file_skipped():
     task = UltraChatTask(path=fx("ultrachat/ultrachat_bad.jsonl"), skip_invalid=True)
     assert len(task.sft_examples()) == 1
@@ -318,20 +304,6 @@ def test_ultrafeedback_format_detection_and_settings():
     assert UltraFeedbackTask()._split("train", 1) == "train_sft"
 
 
-BINARIZED_BAD = [(1, "score_chosen", "score is nan"), (2, "rejected", "expected a list"),
-                 (3, "chosen[1].role", "assistant's answer"), (4, "prompt", "missing field"),
-                 (5, "score_chosen", "scores lower")]
-
-
-@pytest.mark.parametrize("index,field,reason", BINARIZED_BAD)
-def test_ultrafeedback_bad_binarized(tmp_path, index, field, reason):
-    rows = records("ultrafeedback/binarized_bad.jsonl")
-    path = tmp_path / "one.jsonl"
-    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[index]) + "\n")
-    error = assert_rejects(UltraFeedbackTask(path=str(path)).preference_examples, "one.jsonl", 1, field)
-    assert reason in error.reason
-
-
 def test_ultrafeedback_bad_files_strict_and_skipped():
     path = fx("ultrafeedback/binarized_bad.jsonl")
     assert_rejects(UltraFeedbackTask(path=path).preference_examples, "binarized_bad.jsonl", 1, "score_chosen")
@@ -380,19 +352,6 @@ def test_hh_transcript_helpers():
         ("\n\nHuman: a\n\nAssistant:", "b", "c")
     assert split_transcripts("\n\nHuman: a", "\n\nHuman: b") is None
     assert transcript_to_messages("\n\nAssistant: x\n\nHuman: y\n\nAssistant:") is None
-
-
-HH_BAD = [(1, "rejected", "missing field"), (2, "chosen", "no 'Assistant:' turn"), (3, "rejected", "empty response"),
-          (4, "chosen", "expected a string"), (5, "chosen", "does not start with 'Human:'")]
-
-
-@pytest.mark.parametrize("index,field,reason", HH_BAD)
-def test_hh_bad_records(tmp_path, index, field, reason):
-    rows = records("hh/hh_bad.jsonl")
-    path = tmp_path / "one.jsonl"
-    path.write_text(json.dumps(rows[0]) + "\n" + json.dumps(rows[index]) + "\n")
-    error = assert_rejects(HhTask(path=str(path)).preference_examples, "one.jsonl", 1, field)
-    assert reason in error.reason
 
 
 def test_hh_bad_file_skipped():
@@ -449,20 +408,6 @@ def test_mt_settings_are_checked():
         TranslationTask(language_pairs=["xx-en"])
 
 
-MT_BAD = [(1, "translation.gpt4_en_kiwi_xcomet", "score is nan"), (2, "translation.alma_cs", "missing field"),
-          (3, "translation.language_pair", "'cs_en'"), (4, "translation.en", "empty text"),
-          (5, "translation", "missing field")]
-
-
-@pytest.mark.parametrize("index,field,reason", MT_BAD)
-def test_mt_bad_records(tmp_path, index, field, reason):
-    lines = (FIXTURES / "mt/alma_bad.jsonl").read_text().splitlines()
-    path = tmp_path / "one.jsonl"
-    path.write_text(lines[0] + "\n" + lines[index] + "\n")  # raw lines: NaN stays NaN
-    error = assert_rejects(TranslationTask(path=str(path)).preference_examples, "one.jsonl", 1, field)
-    assert reason in error.reason
-
-
 def test_mt_bad_files_skipped():
     task = TranslationTask(path=fx("mt/alma_bad.jsonl"), skip_invalid=True)
     assert len(task.preference_examples()) == 2 and sum(task.last_report.skipped.values()) == 5
@@ -515,21 +460,6 @@ def test_custom_sft_formats_and_forced_format():
         CustomTask(path=fx("custom/pref_standard.jsonl"), format="listwise").preference_examples()
 
 
-LISTWISE_BAD = [(1, "scores[1]", "score is nan"), (2, "scores", "3 responses"), (3, "responses[0]", "empty text"),
-                (4, "prompt", "missing field"), (5, "scores[0]", "not a number")]
-PREF_BAD = [(1, "prompt", "share no prefix"), (2, "chosen", "got int"), (3, "rejected", "both")]
-
-
-@pytest.mark.parametrize("file,index,field,reason", [("custom/listwise_bad.jsonl", *b) for b in LISTWISE_BAD]
-                         + [("custom/pref_bad.jsonl", *b) for b in PREF_BAD])
-def test_custom_bad_records(tmp_path, file, index, field, reason):
-    lines = (FIXTURES / file).read_text().splitlines()
-    path = tmp_path / "one.jsonl"
-    path.write_text(lines[0] + "\n" + lines[index] + "\n")
-    error = assert_rejects(CustomTask(path=str(path)).preference_examples, "one.jsonl", 1, field)
-    assert reason in error.reason
-
-
 def test_custom_bad_files_skipped():
     task = CustomTask(path=fx("custom/listwise_bad.jsonl"), skip_invalid=True)
     assert len(task.preference_examples()) == 1 and sum(task.last_report.skipped.values()) == 5
@@ -537,27 +467,70 @@ def test_custom_bad_files_skipped():
     assert math.isfinite(task.preference_examples()[0].scores[0])
 
 
+# -- bad records, every task: one table ----------------------------------------------------------------
+# (task, fixture, stage, record index, the field the error names, words of its reason). Each bad record is
+# loaded after the file's first (good) record, as the raw line it is (NaN stays NaN), and strict loading
+# must stop at it naming the file, record 1 and the field.
+BAD_RECORDS = [
+    *[(TldrTask, "tldr/comparisons_bad.jsonl", "preference", i, f, r) for i, f, r in
+      [(1, "choice", "out of range"), (2, "summaries[1].text", "empty text"), (3, "info.post", "missing field"),
+       (4, "summaries", "expected a list of 2"), (5, "choice", "expected 0 or 1"), (7, "<record>", "invalid JSON")]],
+    *[(UltraChatTask, "ultrachat/ultrachat_bad.jsonl", "sft", i, f, r) for i, f, r in
+      [(1, "messages", "missing field"), (2, "messages[1].content", "empty text"),
+       (3, "messages[1].role", "unknown role"), (4, "messages", "expected a list"),
+       (5, "messages", "no assistant turn"), (6, "messages[0]", "starts with an assistant")]],
+    *[(UltraFeedbackTask, "ultrafeedback/binarized_bad.jsonl", "preference", i, f, r) for i, f, r in
+      [(1, "score_chosen", "score is nan"), (2, "rejected", "expected a list"),
+       (3, "chosen[1].role", "assistant's answer"), (4, "prompt", "missing field"), (5, "score_chosen", "scores lower")]],
+    *[(HhTask, "hh/hh_bad.jsonl", "preference", i, f, r) for i, f, r in
+      [(1, "rejected", "missing field"), (2, "chosen", "no 'Assistant:' turn"), (3, "rejected", "empty response"),
+       (4, "chosen", "expected a string"), (5, "chosen", "does not start with 'Human:'")]],
+    *[(TranslationTask, "mt/alma_bad.jsonl", "preference", i, f, r) for i, f, r in
+      [(1, "translation.gpt4_en_kiwi_xcomet", "score is nan"), (2, "translation.alma_cs", "missing field"),
+       (3, "translation.language_pair", "'cs_en'"), (4, "translation.en", "empty text"),
+       (5, "translation", "missing field")]],
+    *[(CustomTask, "custom/listwise_bad.jsonl", "preference", i, f, r) for i, f, r in
+      [(1, "scores[1]", "score is nan"), (2, "scores", "3 responses"), (3, "responses[0]", "empty text"),
+       (4, "prompt", "missing field"), (5, "scores[0]", "not a number")]],
+    *[(CustomTask, "custom/pref_bad.jsonl", "preference", i, f, r) for i, f, r in
+      [(1, "prompt", "share no prefix"), (2, "chosen", "got int"), (3, "rejected", "both")]],
+]
+
+
+@pytest.mark.parametrize("task_class,file,stage,index,field,reason", BAD_RECORDS,
+                         ids=[f"{file}:{index}" for _, file, _, index, _, _ in BAD_RECORDS])
+def test_bad_record_names_its_file_record_and_field(tmp_path, task_class, file, stage, index, field, reason):
+    lines = (FIXTURES / file).read_text().splitlines()
+    path = tmp_path / "one.jsonl"
+    path.write_text(lines[0] + "\n" + lines[index] + "\n")
+    task = task_class(path=str(path), **({"group_comparisons": False} if task_class is TldrTask else {}))
+    load = task.sft_examples if stage == "sft" else task.preference_examples
+    error = assert_rejects(load, "one.jsonl", 1, field)
+    assert reason in error.reason
+
+
 # -- configs ----------------------------------------------------------------------------------------
 
 REAL_TASKS = ("custom", "hh", "mt", "tldr", "ultrachat", "ultrafeedback")
 
 
-def test_every_task_config_instantiates_with_the_common_keys():
-    from hydra.utils import instantiate
+def test_every_task_config_instantiates_with_the_common_keys(compose):
     from omegaconf import OmegaConf
+
+    from alignexp.config import build_task
+    from alignexp.tasks.base import Task
 
     conf = Path(__file__).resolve().parents[2] / "conf" / "task"
     assert sorted(p.stem for p in conf.glob("*.yaml")) == sorted((*REAL_TASKS, "synthetic"))
     for name in REAL_TASKS:
-        cfg = OmegaConf.load(conf / f"{name}.yaml")
-        assert cfg.name == name and cfg._target_ == f"alignexp.tasks.{name}.{type(instantiate(cfg)).__name__}"
+        cfg = OmegaConf.to_container(compose(f"task={name}").task)
+        task = build_task(cfg)
+        assert cfg["name"] == name and cfg["_target_"] == f"alignexp.tasks.{name}.{type(task).__name__}"
         for key in ("path", "ranking_length", "skip_invalid", "max_records", "max_eval_examples"):
-            assert key in cfg, (name, key)
-        assert cfg.path is None and cfg.skip_invalid is False and cfg.ranking_length is None
-        task = instantiate(cfg, path=None)
-        assert task.has_gold_reward is False and task.name == name
-        for method in ("sft_examples", "preference_examples", "eval_examples"):
-            assert callable(getattr(task, method))
+            assert key in cfg, (name, key)  # from task/common/records.yaml
+        assert cfg["path"] is None and cfg["skip_invalid"] is False and cfg["ranking_length"] is None
+        assert isinstance(task, Task) and task.has_gold_reward is False and task.name == name
+        assert not task.trains_sft_policy and not task.samples_preferences
 
 
 def test_max_records_reads_a_prefix():

@@ -20,7 +20,7 @@ ENTRY_CONFIGS = sorted(p for p in ALL_YAML if "/" not in p)
 GROUP_OPTIONS = sorted(p for p in ALL_YAML if "/" in p and not p.startswith("hydra/"))
 HYDRA_OPTIONS = sorted(p for p in ALL_YAML if p.startswith("hydra/"))
 # Losses whose defaults outgrow the tiny run get a few extra overrides.
-LOSS_SMOKE_OVERRIDES = {"ppo": ["loss.steps=2", "loss.rollout_batch_size=8", "loss.ppo_epochs=1"]}
+LOSS_SMOKE_OVERRIDES = {"ppo": ["ppo.steps=2", "ppo.rollout_batch_size=8", "ppo.ppo_epochs=1"]}
 LOSS_OPTIONS = sorted(Path(p).stem for p in ALL_YAML if p.startswith("loss/"))
 
 

@@ -304,14 +304,14 @@ class RewardModelArgs:
 
 
 VALUE_MODELS = ("head", "critic")
-PPO_REFERENCES = ("frozen", "lora_off")
 
 
 @dataclass
 class PPOArgs:
     """``ppo``: rollouts, the KL controller, the value model, safety nets and checkpoints of the PPO stage
-    (the clipped loss's own hyper-parameters are ``loss.*``). ``judge``: where r(x, y) comes from (a
-    ``judge`` group option: gold, or reward_model with its path)."""
+    (the clipped loss's own hyper-parameters are ``loss.*``; the optimiser is ``train.*``'s; the
+    reference is the run's: a frozen copy, or the LoRA policy with its adapters off). ``judge``: where
+    r(x, y) comes from (a ``judge`` group option: gold, or reward_model with its path)."""
 
     kl_coef: float = 0.1
     adaptive_kl: bool = True
@@ -328,7 +328,6 @@ class PPOArgs:
     max_new_tokens: int = 32
     judge: dict = field(default_factory=lambda: {"name": "auto"})
     value_model: str = "head"
-    reference: str = "frozen"
     max_kl: float = 100.0
     checkpoint_every: int = 10
     resume_from: str | None = None
@@ -347,7 +346,6 @@ class PPOArgs:
         for key in ("adaptive_kl", "whiten_advantages"):
             check_bool(f"ppo.{key}", getattr(self, key))
         check_choice("ppo.value_model", self.value_model, VALUE_MODELS)
-        check_choice("ppo.reference", self.reference, PPO_REFERENCES)
         self.judge = dict(self.judge or {"name": "auto"})
         if self.resume_from is not None and not Path(self.resume_from).is_file():
             raise ConfigError(f"ppo.resume_from={self.resume_from}: no such checkpoint file")

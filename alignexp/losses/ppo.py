@@ -200,19 +200,13 @@ class AdaptiveKLController(FixedKLController):
         self.value *= 1.0 + error * n_steps / self.horizon
 
 
-@register_loss("ppo", needs_reference=True, needs_rewards=True, min_responses=1, stage="ppo")
+@register_loss("ppo", needs_reference=True, needs_rewards=True, min_responses=1, stage="ppo", data="prompts",
+               per_token=True)
 def ppo_loss(policy_logps: Tensor, ref_logps: Tensor | None = None, lengths: Tensor | None = None,
              rewards: Tensor | None = None, mask: Tensor | None = None, old_logps: Tensor | None = None,
              advantages: Tensor | None = None, values: Tensor | None = None, old_values: Tensor | None = None,
              returns: Tensor | None = None, *,
-             clip_range: float = 0.2, clip_range_value: float = 0.2, vf_coef: float = 0.1,
-             kl_coef: float = 0.1, adaptive_kl: bool = True, target_kl: float = 6.0, horizon: int = 10000,
-             gamma: float = 1.0, lam: float = 0.95, whiten_advantages: bool = True,
-             rollout_batch_size: int = 64, ppo_epochs: int = 4, n_minibatches: int = 4, steps: int = 60,
-             temperature: float = 1.0, max_new_tokens: int = 32, reward_source: str = "gold",
-             reward_model_path: str | None = None, offload_reward_model: bool = False,
-             value_model: str = "head", reference: str = "frozen", max_kl: float = 100.0,
-             checkpoint_every: int = 10, resume_from: str | None = None) -> LossOutput:
+             clip_range: float = 0.2, clip_range_value: float = 0.2, vf_coef: float = 0.1) -> LossOutput:
     """The PPO objective on one minibatch of a rollout (Schulman et al. 2017, Eq. 9 without the entropy bonus).
 
         L = L_clip(policy_logps, old_logps, advantages) + vf_coef * L_value(values, old_values, returns)
@@ -222,10 +216,9 @@ def ppo_loss(policy_logps: Tensor, ref_logps: Tensor | None = None, lengths: Ten
     (:func:`kl_penalised_rewards`, :func:`gae`), computed once per rollout, so ``ref_logps`` and
     ``rewards`` are not read here.
 
-    Tensors are **per token** (B, T), right-padded, with ``mask`` (B, T) bool (unlike the preference
-    losses' (B, n) sums). Only ``clip_range``, ``clip_range_value`` and ``vf_coef`` act here; the other
-    keyword arguments are the PPO stage's settings, read by :mod:`alignexp.modules.ppo` (``PPOArgs``)
-    and listed here so that one name serves the function, ``conf/loss/ppo.yaml`` and the CLI.
+    Tensors are **per token** (B, T), right-padded, with ``mask`` (B, T) bool (the registry's declared
+    ``per_token`` exception to the (B, n) contract). The rollout, KL-controller and value-model settings
+    are the ``ppo`` section's (:class:`alignexp.args.PPOArgs`), not this function's.
 
     Returns:
         ``loss``; metrics ``loss/policy``, ``loss/value``, ``clipfrac``, ``approx_kl``, ``ratio``,

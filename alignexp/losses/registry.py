@@ -4,6 +4,9 @@ Contract (../DESIGN.md): ``get_loss(name)(policy_logps, ref_logps=None, lengths=
 mask=None, **hparams) -> LossOutput``. Column 0 is the best response. ``policy_logps`` and
 ``ref_logps`` are *summed* response log-probabilities; ``lengths`` counts response tokens;
 ``mask`` is True where a response exists (lists shorter than n are masked, never padded into a loss).
+A loss declares the training ``stage`` that runs it and the ``data`` it reads. The one exception to
+the (B, n) layout is declared ``per_token``: PPO's loss takes per-token (B, T) tensors of a rollout
+(right-padded, ``mask`` True on real tokens) and its own keyword tensors (:mod:`alignexp.losses.ppo`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,14 @@ TENSOR_ARGS = frozenset({"policy_logps", "ref_logps", "lengths", "rewards", "mas
 
 @dataclass(frozen=True)
 class LossSpec:
-    """A registered loss: the function plus what it needs. Calling the spec calls the function."""
+    """A registered loss: the function plus what it needs. Calling the spec calls the function.
+
+    ``stage``: the pipeline stage that trains with it (``preference``, ``reward_model``, ``ppo``, or a
+    user's own; :mod:`alignexp.pipeline.context`). ``data``: what it trains on: ``rankings`` (the
+    sampler's, as pairs or lists), ``best`` (the best response of each ranking), ``demonstrations``
+    (the task's SFT examples) or ``prompts`` (the task's prompts, sampled online). ``per_token``: its
+    tensors are per token (B, T) rather than per response (B, n).
+    """
 
     name: str
     fn: Callable[..., LossOutput]
@@ -41,6 +51,7 @@ class LossSpec:
     min_responses: int = 2
     stage: str = "preference"
     data: str = "rankings"
+    per_token: bool = False
 
     def __call__(self, *args, **kwargs) -> LossOutput:
         return self.fn(*args, **kwargs)
@@ -60,17 +71,18 @@ class LossSpec:
 _REGISTRY: dict[str, LossSpec] = {}
 
 
-DATA_KINDS = ("rankings", "best", "demonstrations")
+DATA_KINDS = ("rankings", "best", "demonstrations", "prompts")
 
 
 def register_loss(name: str, *, needs_reference: bool, needs_rewards: bool = False,
                   listwise: bool = False, min_responses: int = 2, aliases: tuple[str, ...] = (),
-                  stage: str = "preference", data: str = "rankings"):
+                  stage: str = "preference", data: str = "rankings", per_token: bool = False):
     """Decorator: register ``fn`` under ``name`` (and ``aliases``) with what it needs.
 
     ``stage``: the training stage that runs it (alignexp/pipeline: ``preference``, ``reward_model``,
     ``ppo``, or a stage of your own). ``data``: what it trains on: the sampler's ``rankings`` (pairs for a
-    pairwise loss), their ``best`` response alone, or the task's ``demonstrations``.
+    pairwise loss), their ``best`` response alone, the task's ``demonstrations``, or its ``prompts``
+    (sampled online, PPO). ``per_token``: its tensors are (B, T) per token, not (B, n) (see :class:`LossSpec`).
     """
     if data not in DATA_KINDS:
         raise ValueError(f"register_loss({name!r}): data must be one of {', '.join(DATA_KINDS)}, got {data!r}")
@@ -79,7 +91,8 @@ def register_loss(name: str, *, needs_reference: bool, needs_rewards: bool = Fal
         for key in (name, *aliases):
             if key in _REGISTRY:
                 raise KeyError(f"loss '{key}' is registered twice")
-            _REGISTRY[key] = LossSpec(key, fn, needs_reference, needs_rewards, listwise, min_responses, stage, data)
+            _REGISTRY[key] = LossSpec(key, fn, needs_reference, needs_rewards, listwise, min_responses, stage,
+                                      data, per_token)
         return fn
 
     return decorator
@@ -118,6 +131,9 @@ HPARAM_CONSTRAINTS: dict[str, tuple[Callable[[float], bool], str]] = {
     "margin": (lambda v: v >= 0, ">= 0"),
     "sft_weight": (lambda v: v >= 0, ">= 0"),
     "rank_weight": (lambda v: v >= 0, ">= 0"),
+    "clip_range": (lambda v: v > 0, "> 0"),
+    "clip_range_value": (lambda v: v > 0, "> 0"),
+    "vf_coef": (lambda v: v >= 0, ">= 0"),
 }
 
 

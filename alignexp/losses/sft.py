@@ -23,4 +23,5 @@ def sft_loss(policy_logps: Tensor, ref_logps: Tensor | None = None, lengths: Ten
     return LossOutput(nll, {"nll": nll.detach()})
 
 
+# Preferred-FT: the same loss on the best response of each ranking.
 register_loss("preferred_ft", needs_reference=False, min_responses=1, data="best")(sft_loss)

@@ -22,7 +22,7 @@ from alignexp.config import instantiate_target
 from alignexp.losses import get_loss
 from alignexp.models.backbone import build_tokenizer
 from alignexp.models.lora import AdaptersOff, apply_lora
-from alignexp.pipeline import evaluation, preference, reward_model  # noqa: F401  (the stages register here)
+from alignexp.pipeline import evaluation, ppo, preference, reward_model  # noqa: F401  (the stages register here)
 from alignexp.pipeline.context import STAGES, RunContext, Stage, get_stage, register_stage
 from alignexp.pipeline.weights import ensure_sft_policy, load_model, resolve_weights
 from alignexp.tasks.base import Task

@@ -14,7 +14,9 @@ import pytest
 import torch
 import yaml
 
-from alignexp.losses import check_hparams, get_loss
+from alignexp.args import PPOArgs, from_mapping
+from alignexp.errors import ConfigError
+from alignexp.losses import check_hparams, get_loss, register_loss
 from alignexp.losses.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -25,10 +27,10 @@ from alignexp.losses.ppo import (
     kl_penalised_rewards,
     whiten,
 )
-from alignexp.modules.ppo import PPOArgs
 
 NAN = float("nan")
-CONF = Path(__file__).resolve().parents[2] / "conf" / "loss" / "ppo.yaml"
+CONF = Path(__file__).resolve().parents[2] / "conf"
+LOSS_CONF, PPO_CONF = CONF / "loss" / "ppo.yaml", CONF / "ppo" / "default.yaml"
 
 
 def t(rows) -> torch.Tensor:
@@ -239,37 +241,62 @@ def test_adaptive_kl_controller_by_hand():
 # --------------------------------------------------------------------------- registry, YAML, settings
 
 
-def test_ppo_is_registered_and_its_yaml_lists_exactly_its_settings():
+def test_ppo_is_registered_and_its_yaml_lists_exactly_its_hyper_parameters():
     spec = get_loss("ppo")
     assert (spec.needs_reference, spec.needs_rewards, spec.listwise, spec.min_responses) == (True, True, False, 1)
-    config = yaml.safe_load(CONF.read_text())
+    assert (spec.stage, spec.data, spec.per_token) == ("ppo", "prompts", True)
+    config = yaml.safe_load(LOSS_CONF.read_text())
     assert config.pop("name") == "ppo"
-    assert set(config) == set(spec.hparams)
+    assert config == spec.hparams == {"clip_range": 0.2, "clip_range_value": 0.2, "vf_coef": 0.1}
     check_hparams("ppo", config)
-    fields = {f.name: f.default for f in dataclasses.fields(PPOArgs)}
-    assert fields == spec.hparams  # one list of names and defaults: function, PPOArgs and YAML
-    assert PPOArgs.from_hparams({"name": "ppo", **config}) == PPOArgs(**config)
+
+
+def test_the_ppo_section_lists_exactly_the_stage_settings():
+    """conf/ppo/default.yaml (less its judge default) and PPOArgs: one list of names and defaults."""
+    config = yaml.safe_load(PPO_CONF.read_text())
+    assert config.pop("defaults") == [{"/judge@judge": "auto"}]
+    fields = {f.name: f.default for f in dataclasses.fields(PPOArgs) if f.name != "judge"}
+    assert config == fields
+    assert from_mapping(PPOArgs, config, "ppo") == PPOArgs()
+
+
+def test_other_losses_declare_their_stage_and_data():
+    assert (get_loss("reward").stage, get_loss("dpo").stage, get_loss("sft").stage) == \
+        ("reward_model", "preference", "preference")
+    assert (get_loss("sft").data, get_loss("preferred_ft").data, get_loss("dpo").data) == \
+        ("demonstrations", "best", "rankings")
+    assert get_loss("preferred_ft").fn is get_loss("sft").fn and not get_loss("dpo").per_token
+    with pytest.raises(ValueError, match="register_loss\\('mine'\\): data must be one of rankings, best"):
+        register_loss("mine", needs_reference=False, data="pairs")
 
 
 @pytest.mark.parametrize("overrides, message", [
-    ({"kl_coef": -0.1}, "loss.kl_coef must be a number >= 0"),
-    ({"clip_range": 0}, "loss.clip_range must be a number > 0"),
-    ({"lam": 1.5}, "loss.lam must be in \\[0, 1\\]"),
-    ({"ppo_epochs": 0}, "loss.ppo_epochs must be an integer >= 1"),
-    ({"n_minibatches": 128}, "loss.n_minibatches must be <= loss.rollout_batch_size"),
-    ({"reward_source": "judge"}, "loss.reward_source must be one of gold, reward_model"),
-    ({"reward_source": "reward_model"}, "needs loss.reward_model_path"),
-    ({"value_model": "shared"}, "loss.value_model must be one of head, critic"),
-    ({"reference": "precompute"}, "loss.reference must be one of frozen, lora_off"),
-    ({"whiten_advantages": 1}, "loss.whiten_advantages must be true or false"),
-    ({"resume_from": "/nonexistent/ppo-last.pt"}, "loss.resume_from=/nonexistent/ppo-last.pt: no such"),
-    ({"max_kl": float("inf")}, "loss.max_kl must be a number > 0"),
+    ({"kl_coef": -0.1}, "ppo.kl_coef must be >= 0"),
+    ({"lam": 1.5}, "ppo.lam must be <= 1"),
+    ({"ppo_epochs": 0}, "ppo.ppo_epochs must be >= 1"),
+    ({"n_minibatches": 128}, "ppo.n_minibatches must be <= ppo.rollout_batch_size"),
+    ({"value_model": "shared"}, "ppo.value_model must be one of head, critic"),
+    ({"whiten_advantages": 1}, "ppo.whiten_advantages must be true or false"),
+    ({"resume_from": "/nonexistent/ppo-last.pt"}, "ppo.resume_from=/nonexistent/ppo-last.pt: no such"),
+    ({"max_kl": float("inf")}, "ppo.max_kl must be a number"),
+    ({"temperature": 0}, "ppo.temperature must be > 0"),
 ])
 def test_ppo_args_name_the_bad_key(overrides, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         PPOArgs(**overrides)
 
 
+@pytest.mark.parametrize("hparams, message", [
+    ({"clip_range": 0}, "loss.clip_range must be > 0"),
+    ({"clip_range_value": -0.1}, "loss.clip_range_value must be > 0"),
+    ({"vf_coef": -1}, "loss.vf_coef must be >= 0"),
+    ({"kl_coef": 0.1}, "loss.kl_coef is not a hyper-parameter of loss 'ppo'"),
+])
+def test_ppo_loss_hyper_parameters_name_the_bad_key(hparams, message):
+    with pytest.raises(ValueError, match=message):
+        check_hparams("ppo", hparams)
+
+
 def test_ppo_args_reject_unknown_keys():
-    with pytest.raises(ValueError, match="loss.beta is not a setting of loss 'ppo'"):
-        PPOArgs.from_hparams({"name": "ppo", "beta": 0.1})
+    with pytest.raises(ConfigError, match="ppo.clip_range: unknown key"):
+        from_mapping(PPOArgs, {"clip_range": 0.2}, "ppo")

@@ -250,7 +250,9 @@ REFERENCE_MODES = ("precompute", "frozen")
 @dataclass
 class TrainArgs:
     """``train``: the schedule of every training stage (preference, reward model, PPO's optimiser).
-    ``reference``: the reference's log-probs precomputed and cached (default), or a frozen copy."""
+    ``reference``: the reference's log-probs precomputed and cached (default), or a frozen copy.
+    ``disable_dropout``: the backbone's dropout off while training (as the DPO reference code and TRL do;
+    PPO always has it off); ``keep_lora_dropout``: except LoRA's own (``model.lora.dropout``)."""
 
     batch_size: int = 16
     accumulate_grad_batches: int = 1
@@ -262,8 +264,12 @@ class TrainArgs:
     gradient_clip_val: float | None = 1.0
     log_every_n_steps: int = 10
     reference: str = "precompute"
+    disable_dropout: bool = True
+    keep_lora_dropout: bool = False
 
     def __post_init__(self) -> None:
+        check_bool("train.disable_dropout", self.disable_dropout)
+        check_bool("train.keep_lora_dropout", self.keep_lora_dropout)
         for key in ("batch_size", "accumulate_grad_batches", "max_epochs", "log_every_n_steps"):
             check_number(f"train.{key}", getattr(self, key), low=1, integer=True)
         check_number("train.lr", self.lr, low=0, low_open=True)
@@ -280,13 +286,16 @@ class TrainArgs:
 
 @dataclass
 class SFTArgs:
-    """``sft``: the schedule of the task's own SFT policy (trained once and cached)."""
+    """``sft``: the schedule of the task's own SFT policy (trained once and cached). Its own ``seed`` (data
+    order) is in the cache key, so a sweep over the run's ``seed`` shares one SFT policy on purpose."""
 
     batch_size: int = 64
     lr: float = 3e-3
     max_epochs: int = 3
+    seed: int = 0
 
     def __post_init__(self) -> None:
+        check_number("sft.seed", self.seed, integer=True)
         check_number("sft.batch_size", self.batch_size, low=1, integer=True)
         check_number("sft.max_epochs", self.max_epochs, low=1, integer=True)
         check_number("sft.lr", self.lr, low=0, low_open=True)

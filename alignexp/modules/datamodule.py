@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from alignexp.models.logprobs import EncodedExample, PackedBatch, encode_example, pack
-from alignexp.tasks.base import RankedExample
+from alignexp.tasks.base import RankedExample, SampledText
 
 
 class RankingDataset(Dataset):
@@ -29,7 +29,15 @@ class RankingDataset(Dataset):
 
 def encode_all(tokenizer, examples: Sequence[RankedExample], max_prompt_len: int, max_response_len: int,
                with_target: bool = False) -> list[EncodedExample]:
-    return [encode_example(tokenizer, ex, max_prompt_len, max_response_len, with_target) for ex in examples]
+    """Tokenise every example; a sampled response (:class:`SampledText`) keeps the tokens that were sampled."""
+    out = []
+    for ex in examples:
+        encoded = encode_example(tokenizer, ex, max_prompt_len, max_response_len, with_target)
+        for j, response in enumerate(ex.responses):
+            if isinstance(response, SampledText):
+                encoded.response_ids[j] = list(response.token_ids[:max_response_len])
+        out.append(encoded)
+    return out
 
 
 class Collator:

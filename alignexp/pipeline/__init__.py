@@ -21,6 +21,7 @@ from alignexp.args import RunArgs
 from alignexp.config import instantiate_target
 from alignexp.losses import get_loss
 from alignexp.models.backbone import build_tokenizer
+from alignexp.models.dropout import disable_dropout
 from alignexp.models.lora import AdaptersOff, apply_lora
 from alignexp.pipeline import evaluation, ppo, preference, reward_model  # noqa: F401  (the stages register here)
 from alignexp.pipeline.context import STAGES, RunContext, Stage, get_stage, register_stage
@@ -54,6 +55,11 @@ def models(ctx: RunContext) -> None:
         ctx.reference = AdaptersOff(ctx.policy)
     else:
         ctx.reference = load_model(model_args, ctx.tokenizer, ctx.hw, frozen=True)
+    train = ctx.args.train
+    if train.disable_dropout:  # train-mode forwards without dropout noise (log-prob differences stay exact)
+        switched = disable_dropout(ctx.policy, lora=not train.keep_lora_dropout)
+        if switched:
+            log.info("dropout: %d dropout settings of the policy set to 0 (train.disable_dropout)", switched)
 
 
 def plan(spec, sampler) -> list[str]:

@@ -43,6 +43,14 @@ def shape_for_loss(ctx: RunContext, examples: list[RankedExample], round_index: 
     return pairs_for_loss(examples, spec, ctx.args.pairs, rng=random.Random(ctx.args.seed + round_index))
 
 
+def pairs_warning(sampler, spec, pairs: str) -> str | None:
+    """A warning when a pairwise loss gets pairs other than those the sampler's method is paired with."""
+    if not sampler.pairs or spec.listwise or spec.min_responses < 2 or pairs in sampler.pairs:
+        return None
+    return (f"pairs={pairs}: sampler '{sampler.name}' is meant to be paired with "
+            f"{' or '.join(f'pairs={p}' for p in sampler.pairs)} (its paper's strategies)")
+
+
 def training_data(ctx: RunContext, sampler_ctx: SamplerContext, round_index: int) -> list:
     """One round's examples, shaped for the loss and tokenised."""
     if ctx.spec.data == "demonstrations":
@@ -61,6 +69,9 @@ def training_data(ctx: RunContext, sampler_ctx: SamplerContext, round_index: int
 def preference(ctx: RunContext) -> None:
     """Rounds of sampling and training: the sampler's rankings (one round offline), the loss on them."""
     args, spec = ctx.args, ctx.spec
+    warning = pairs_warning(ctx.sampler, spec, args.pairs)
+    if warning:
+        log.warning(warning)
     sampler_ctx = sampler_context(ctx)
     rounds = ctx.sampler.rounds
     for round_index in range(rounds):

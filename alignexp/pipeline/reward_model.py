@@ -9,6 +9,7 @@ import time
 from alignexp.evaluation.results import write_eval_json
 from alignexp.judges.reward_model import build_reward_model, score_encoded
 from alignexp.metrics.preference import ranking_accuracy
+from alignexp.models.dropout import disable_dropout
 from alignexp.modules.datamodule import RankingDataset, encode_all, make_loader
 from alignexp.modules.reward import (
     RewardModule,
@@ -36,6 +37,8 @@ def reward_model(ctx: RunContext) -> None:
     train_encoded, heldout_encoded = (encode_all(tokenizer, part, model_args.max_prompt_len,
                                                  model_args.max_response_len) for part in (train_examples, heldout))
     model = build_reward_model(model_args, tokenizer, ctx.hw.device_type)
+    if args.train.disable_dropout:
+        disable_dropout(model)
     loader = make_loader(RankingDataset(train_encoded), args.train.batch_size, tokenizer.pad_token_id, shuffle=True,
                          seed=args.seed)
     start = time.time()

@@ -65,7 +65,7 @@ def ensure_sft_policy(args: RunArgs, task: Task) -> Path:
     model = build_model(base, tokenizer, args.hardware.device_type)
     encoded = encode_all(tokenizer, task.sft_examples("train"), base.max_prompt_len, base.max_response_len)
     loader = make_loader(RankingDataset(encoded), args.sft.batch_size, tokenizer.pad_token_id, shuffle=True,
-                         seed=args.seed)
+                         seed=args.sft.seed)
     module = SFTModule(model, OptimArgs(lr=args.sft.lr, warmup_steps=args.train.warmup_steps))
     fit(module, loader, hw=args.hardware, logger=args.logger, out=folder.parent / f".{folder.name}-logs",
         stage="sft", max_epochs=args.sft.max_epochs, log_every_n_steps=args.train.log_every_n_steps)

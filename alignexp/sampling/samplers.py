@@ -41,9 +41,12 @@ from alignexp.files import atomic_write_text, digest
 from alignexp.judges import build_judge
 from alignexp.judges.base import Judge, ranked_example
 from alignexp.sampling.engine import SamplingParams
+
+ENGINE_VERSION = 1
+"""The generation engine's random streams, in the sampling cache keys (a new engine draws other samples)."""
 from alignexp.sampling.rejection import rejection_sample
-from alignexp.sampling.text import sample_texts
-from alignexp.tasks.base import RankedExample, Task, Text
+from alignexp.sampling.text import decode, sample_responses
+from alignexp.tasks.base import RankedExample, SampledText, Task, Text
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +67,34 @@ class SamplerContext:
     task_config: dict = field(default_factory=dict)
 
 
+def draw(model: Any, tokenizer: Any, prompts: list[Text], n: int, params: SamplingParams, *, seed: int,
+         max_prompt_len: int, batch_size: int = 64) -> list[list[SampledText]]:
+    """n samples per prompt, as text that carries the tokens sampled (:class:`SampledText`)."""
+    rows = sample_responses(model, tokenizer, prompts, n, params, seed=seed, max_prompt_len=max_prompt_len,
+                            batch_size=batch_size)
+    return [[SampledText(decode(tokenizer, g), g.token_ids, g.finished) for g in row] for row in rows]
+
+
 def read_jsonl_examples(path: Path) -> list[RankedExample]:
-    return [RankedExample(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    """Examples written by :func:`write_jsonl_examples` (sampled responses with their tokens again)."""
+    examples = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            sampled = record["meta"].pop("sampled", None)
+            if sampled:
+                record["responses"] = [SampledText(r, *s) if s else r for r, s in zip(record["responses"], sampled)]
+            examples.append(RankedExample(**record))
+    return examples
 
 
 def write_jsonl_examples(path: Path, examples: list[RankedExample]) -> None:
-    atomic_write_text(path, "".join(json.dumps(ex.__dict__) + "\n" for ex in examples))
+    def record(ex: RankedExample) -> dict:
+        sampled = [[list(r.token_ids), r.finished] if isinstance(r, SampledText) else None for r in ex.responses]
+        meta = {**ex.meta, "sampled": sampled} if any(sampled) else ex.meta
+        return {**ex.__dict__, "meta": meta}
+
+    atomic_write_text(path, "".join(json.dumps(record(ex)) + "\n" for ex in examples))
 
 
 class OfflineSampler:
@@ -77,6 +102,7 @@ class OfflineSampler:
 
     name = "offline"
     stage = None
+    pairs: tuple[str, ...] = ()
 
     def __init__(self, name: str = "offline"):
         self.name, self.rounds = name, 1
@@ -88,15 +114,18 @@ class OfflineSampler:
                 raise ValueError(f"task '{task.name}' has no preference data of its own: train it with loss=sft, "
                                  f"or draw rankings with a sampler that uses a judge (e.g. sampler=best_of_n)")
             return task.preference_examples("train")
-        path = ctx.cache_dir / "preferences" / f"{task.name}-{digest(ctx.reference_key, ctx.task_config)}.jsonl"
+        # Keyed by everything the content depends on: the reference, the task's settings, the seed of the
+        # sampling streams, and the engine that drew them.
+        key = digest(ctx.reference_key, ctx.task_config, ctx.seed, ENGINE_VERSION)
+        path = ctx.cache_dir / "preferences" / f"{task.name}-{key}.jsonl"
         if path.exists():
             log.info("preference data: read from %s", path)
             return read_jsonl_examples(path)
         params = SamplingParams(temperature=1.0, max_new_tokens=ctx.max_response_len)
 
         def sample_fn(prompts, n):
-            return sample_texts(ctx.reference, ctx.tokenizer, prompts, n, params, seed=ctx.seed,
-                                max_prompt_len=ctx.max_prompt_len)
+            return draw(ctx.reference, ctx.tokenizer, prompts, n, params, seed=ctx.seed,
+                        max_prompt_len=ctx.max_prompt_len)
 
         start = time.time()
         examples = task.preference_examples("train", sample_fn=sample_fn)
@@ -117,6 +146,8 @@ class JudgedSampler:
 
     name = "judged"
     stage = None
+    pairs: tuple[str, ...] = ()
+    """The pair strategies the method's paper uses (a warning names them when ``pairs`` is another)."""
 
     def __init__(self, name: str, judge: dict | None = None, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, max_new_tokens: int | None = None, batch_size: int = 64,
@@ -158,8 +189,8 @@ class JudgedSampler:
                                 max_new_tokens=self.max_new_tokens or ctx.max_response_len)
         base = int(digest(ctx.seed, self.name, stream), 16) % (2 ** 31)
         start = time.time()
-        texts = sample_texts(model, ctx.tokenizer, prompts, n, params, seed=base,
-                             max_prompt_len=ctx.max_prompt_len, batch_size=self.batch_size)
+        texts = draw(model, ctx.tokenizer, prompts, n, params, seed=base, max_prompt_len=ctx.max_prompt_len,
+                     batch_size=self.batch_size)
         log.info("%s sampler: %d x %d samples in %.1fs", self.name, len(prompts), n, time.time() - start)
         return texts
 
@@ -173,6 +204,7 @@ class RSOSampler(JudgedSampler):
     """RSO (Liu et al. 2023): rejection-sampled rankings from the SFT policy (one round)."""
 
     name = "rso"
+    pairs = ("first_round", "tournament")
 
     def __init__(self, name: str = "rso", num_candidates: int = 16, num_samples: int = 8, beta: float = 0.1,
                  **kwargs: object):

@@ -82,6 +82,27 @@ class LoadReport:
         return text
 
 
+class SampledText(str):
+    """A response drawn from a policy: its text, and the tokens that were sampled (``token_ids``, EOS last
+    only where the generation ``finished``; a generation cut at the token limit has none).
+
+    Training encodes it from ``token_ids``, not from its text: no EOS is added to a cut generation, and
+    a BPE tokenizer cannot turn the decoded text into other tokens than those sampled. It moves with its
+    response through ranking, pairing and truncation, as any string does.
+    """
+
+    token_ids: tuple[int, ...]
+    finished: bool
+
+    def __new__(cls, text: str, token_ids: Sequence[int], finished: bool) -> SampledText:
+        obj = super().__new__(cls, text)
+        obj.token_ids, obj.finished = tuple(int(t) for t in token_ids), bool(finished)
+        return obj
+
+    def __getnewargs__(self) -> tuple:  # pickling and copying keep the tokens
+        return str(self), self.token_ids, self.finished
+
+
 def _is_empty(text: Any) -> bool:
     if isinstance(text, str):
         return not text.strip()

@@ -129,3 +129,28 @@ if __name__ == "__main__" and "--write" in sys.argv:
         values = dpo_trajectory(Path(folder))
     (PINNED / "dpo_losses.json").write_text(json.dumps({"losses": values}, indent=1) + "\n")
     print(values)
+
+
+# -- dropout ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("keep_lora_dropout", [False, True])
+def test_preference_training_runs_without_dropout(compose, keep_lora_dropout):
+    """A backbone built with attention dropout 0.1 and LoRA dropout 0.1: after the run's models stage, two
+    train-mode forwards give equal log-probs, unless LoRA's dropout is kept on purpose."""
+    import alignexp.pipeline as pipeline
+    from alignexp.config import build_task, validate
+    from alignexp.losses import get_loss
+    from alignexp.models.logprobs import pack, sequence_logps
+    from alignexp.pipeline.context import RunContext
+
+    cfg = compose("loss=dpo", "+model.arch.attention_dropout=0.1", "model.lora={r: 4, dropout: 0.1}",
+                  f"train.keep_lora_dropout={keep_lora_dropout}", "init_from=null")
+    args = validate(cfg)
+    ctx = RunContext(args=args, task=build_task(args.task), spec=get_loss("dpo"), sampler=None)
+    pipeline.models(ctx)
+    for name, module in ctx.policy.named_modules():  # the adapters start at 0: give them a value to drop
+        if name.endswith("lora_B.default"):
+            torch.nn.init.normal_(module.weight, std=0.1)
+    ctx.policy.train()
+    batch = pack([EncodedExample([5, 6, 7, 8], [[9, 10, 11], [12, 13]])], pad_id=ctx.tokenizer.pad_token_id)
+    first, second = sequence_logps(ctx.policy, batch)[0], sequence_logps(ctx.policy, batch)[0]
+    assert torch.equal(first, second) != keep_lora_dropout

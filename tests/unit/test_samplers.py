@@ -167,6 +167,8 @@ def test_raft_loss_is_sft_on_the_kept_samples():
 def test_recipes_select_their_sampler_and_loss(compose):
     rso = compose("experiment=rso")
     assert (rso.sampler.name, rso.loss.name, rso.run_name) == ("rso", "dpo", "rso")
+    # The paper's budget and pairs (Sec. 5.2): 8 accepted of 64 candidates, first-round pairs.
+    assert (rso.sampler.num_candidates, rso.sampler.num_samples, rso.pairs) == (64, 8, "first_round")
     assert compose("experiment=rso", "loss=hinge").loss.name == "hinge"  # the command line wins
     assert compose("experiment=rso", "sampler.num_candidates=32").sampler.num_candidates == 32
     raft = compose("experiment=raft")
@@ -176,3 +178,81 @@ def test_recipes_select_their_sampler_and_loss(compose):
     assert (boot.sampler.name, boot.loss.name) == ("self_bootstrap", "pro")
     reward = compose("experiment=reward_model")
     assert reward.loss.name == "reward" and reward.reward_model.heldout_fraction == 0.1
+
+
+# -- seeds ------------------------------------------------------------------------------------------------------
+def test_the_seed_changes_the_preference_data_and_keys_its_cache(tmp_path):
+    from alignexp.args import ModelArgs
+    from alignexp.models.backbone import build_model, build_tokenizer
+
+    task = SyntheticTask(n_sft=8, n_train_prompts=6, n_eval_prompts=4)
+    tokenizer = build_tokenizer(ModelArgs())
+    model = build_model(ModelArgs(arch={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                        "num_attention_heads": 2, "num_key_value_heads": 2}), tokenizer)
+
+    def ctx(seed: int) -> SamplerContext:
+        return SamplerContext(task=task, tokenizer=tokenizer, policy=model, reference=model, reference_key="sft",
+                              seed=seed, cache_dir=tmp_path, max_prompt_len=64, max_response_len=12,
+                              task_config={"n_train_prompts": 6})
+
+    first = samplers.OfflineSampler().examples(ctx(0), 0)
+    files = sorted((tmp_path / "preferences").glob("*.jsonl"))
+    again = samplers.OfflineSampler().examples(ctx(0), 0)  # read back from the cache
+    other = samplers.OfflineSampler().examples(ctx(1), 0)
+    assert len(files) == 1 and [ex.responses for ex in first] == [ex.responses for ex in again]
+    assert [ex.responses for ex in first] != [ex.responses for ex in other]
+    assert len(list((tmp_path / "preferences").glob("*.jsonl"))) == 2  # one file per seed
+
+
+def test_a_seed_sweep_shares_one_sft_policy_and_sft_seed_keys_it(compose):
+    from alignexp.config import build_task, validate
+    from alignexp.pipeline.weights import sft_policy_folder
+
+    def folder(*overrides):
+        args = validate(compose(*overrides))
+        return sft_policy_folder(args, build_task(args.task))
+
+    assert folder("seed=0") == folder("seed=1") == folder("seed=2")
+    assert folder("sft.seed=1") != folder("sft.seed=0")
+    assert folder("sft.lr=1e-3") != folder() and folder("task.tau=0.5") == folder()  # only what it depends on
+
+
+def test_rso_warns_about_pairs_its_paper_does_not_use():
+    from alignexp.pipeline.preference import pairs_warning
+
+    rso = build_sampler("rso")
+    assert "pairs=first_round or pairs=tournament" in pairs_warning(rso, get_loss("dpo"), "best_worst")
+    assert pairs_warning(rso, get_loss("dpo"), "tournament") is None
+    assert pairs_warning(rso, get_loss("ranked_dpo"), "best_worst") is None  # listwise: no pairs
+    assert pairs_warning(build_sampler("offline"), get_loss("dpo"), "best_worst") is None
+
+
+def test_sampled_tokens_reach_training_without_a_text_round_trip(tmp_path):
+    """Generations cut at the token limit carry no EOS into training, and every sampled response is encoded
+    from the tokens that were sampled, also after the preference cache is read back."""
+    import pickle
+
+    from alignexp.args import ModelArgs
+    from alignexp.models.backbone import build_model, build_tokenizer
+    from alignexp.modules.datamodule import encode_all
+    from alignexp.tasks.base import SampledText
+
+    task = SyntheticTask(n_sft=8, n_train_prompts=6, n_eval_prompts=4)
+    tokenizer = build_tokenizer(ModelArgs())
+    model = build_model(ModelArgs(arch={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                        "num_attention_heads": 2, "num_key_value_heads": 2}), tokenizer)
+    ctx = SamplerContext(task=task, tokenizer=tokenizer, policy=model, reference=model, reference_key="sft", seed=0,
+                         cache_dir=tmp_path, max_prompt_len=64, max_response_len=6, task_config={})
+    for attempt in range(2):  # sampled, then read from the cache
+        examples = samplers.OfflineSampler().examples(ctx, 0)
+        responses = [r for ex in examples for r in ex.responses]
+        assert all(isinstance(r, SampledText) for r in responses)
+        cut = [r for r in responses if not r.finished]
+        assert cut, "with 6 new tokens some generations are cut"  # an untrained model rarely stops early
+        encoded = encode_all(tokenizer, examples, 64, 6)
+        for ex, enc in zip(examples, encoded):
+            for response, ids in zip(ex.responses, enc.response_ids):
+                assert ids == list(response.token_ids)
+                assert (ids[-1] == tokenizer.eos_token_id) == response.finished
+    copied = pickle.loads(pickle.dumps(cut[0]))
+    assert copied == cut[0] and copied.token_ids == cut[0].token_ids and copied.finished is False

@@ -37,7 +37,8 @@ from alignexp.models.backbone import (
     build_tokenizer,
     route_block_masks_to_sdpa,
 )
-from alignexp.models.logprobs import EncodedExample, PackedBatch, additive_mask, encode_example, pack
+from alignexp.models.batched import map_batches
+from alignexp.models.logprobs import EncodedExample, PackedBatch, additive_mask, encode_example
 from alignexp.tasks.base import RankedExample, Text
 
 OFFSET_KEY = "reward_offset"
@@ -120,22 +121,9 @@ def sequence_scores(model, batch: PackedBatch) -> Tensor:
     return torch.where(batch.mask, scores, torch.zeros_like(scores))
 
 
-@torch.no_grad()
 def score_encoded(model, encoded: Sequence[EncodedExample], pad_id: int, batch_size: int = 32) -> list[Tensor]:
-    """Each example's rewards (n,) on the CPU, in batches of ``batch_size`` examples."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    rows: list[Tensor] = []
-    try:
-        for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start:start + batch_size]
-            batch = pack(chunk, pad_id=pad_id).to(device)
-            scores = sequence_scores(model, batch)
-            rows.extend(scores[i][batch.mask[i]].float().cpu() for i in range(len(chunk)))
-    finally:
-        model.train(was_training)
-    return rows
+    """Each example's rewards (n,) on the CPU, in batches of ``batch_size`` examples, without gradients."""
+    return map_batches(model, encoded, pad_id, batch_size, sequence_scores)
 
 
 def load_reward_model(path: str | Path, device: str = "cpu", dtype: str = "float32"):

@@ -31,6 +31,7 @@ from alignexp.judges.base import ScoreJudge, ranked_example
 from alignexp.models.backbone import (
     DTYPES,
     ModelArgs,
+    ModelUnavailable,
     _from_pretrained,
     attention_implementation,
     build_model,
@@ -148,7 +149,10 @@ class RewardModelJudge(ScoreJudge):
             if path is None:
                 raise ValueError("judge.path: the reward_model judge needs the folder of a trained reward model "
                                  "(<run>/reward_model)")
-            model, tokenizer = load_reward_model(path, "cpu" if offload else device)
+            try:
+                model, tokenizer = load_reward_model(path, "cpu" if offload else device)
+            except ModelUnavailable as error:
+                raise ModelUnavailable(f"judge.path={path}: the reward model cannot be loaded ({error})") from None
         if tokenizer is None:
             raise ValueError("RewardModelJudge(model=...) needs its tokenizer too")
         self.model, self.tokenizer, self.device, self.offload = model, tokenizer, device, offload

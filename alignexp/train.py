@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from alignexp.args import EvalArgs
 from alignexp.config import CONF_DIR, ConfigError, setup_runtime, validate
-from alignexp.evaluation import evaluate_policy, format_table, write_eval_json
+from alignexp.evaluation.policy import evaluate_policy
+from alignexp.evaluation.results import format_table, write_eval_json
 from alignexp.hardware import HardwareArgs, trainer_kwargs
 from alignexp.judges.reward_model import build_reward_model, score_encoded
 from alignexp.losses import get_loss

@@ -40,6 +40,39 @@ from alignexp.tasks.base import Task
 MODES = ("policy", "agreement", "export")
 
 
+@dataclass
+class EvaluateArgs:
+    """The command's typed arguments (conf/evaluate.yaml): the mode, the sections each mode reads, the
+    ``judge`` and ``task`` options (built later), and the models: ``policy`` and ``reference`` folders,
+    the reference defaulting to the one a training run's eval.json names; ``loss`` is that run's."""
+
+    mode: str
+    model: ModelArgs
+    hardware: HardwareArgs
+    eval: EvalArgs
+    agreement: AgreementArgs
+    export: ExportArgs
+    task: dict
+    judge: dict
+    policy: Path | None
+    reference: str | None
+    loss: str
+    seed: int
+    output_dir: Path
+
+    def check_inputs(self) -> None:
+        """What the mode needs, checked before anything is built."""
+        if self.mode == "policy" and (self.policy is None or self.reference is None):
+            raise ConfigError("policy: mode=policy needs policy=<HF folder> and reference=<HF folder> (the "
+                              "reference can be left out for a training run's <run>/policy, whose eval.json names it)")
+        if self.mode == "export":
+            if self.policy is None:
+                raise ConfigError("policy: mode=export needs policy=<HF folder>")
+            if not self.export.alpaca_eval and not self.export.mt_bench:
+                raise ConfigError("export: mode=export needs export.alpaca_eval=<eval set JSON> and/or "
+                                  "export.mt_bench=<question.jsonl>")
+
+
 def _run_folder_info(policy: Path) -> tuple[dict, dict]:
     """The training run's resolved config and eval.json next to a ``<run>/policy`` folder (empty if absent)."""
     run = policy.parent
@@ -122,39 +155,6 @@ def _export_mode(judge: Judge | None, args: EvaluateArgs, loaded: tuple) -> dict
     for key, value in record.items():
         print(f"[alignexp] {key}: {value}", flush=True)
     return record
-
-
-@dataclass
-class EvaluateArgs:
-    """The command's typed arguments (conf/evaluate.yaml): the mode, the sections each mode reads, the
-    ``judge`` and ``task`` options (built later), and the models: ``policy`` and ``reference`` folders,
-    the reference defaulting to the one a training run's eval.json names; ``loss`` is that run's."""
-
-    mode: str
-    model: ModelArgs
-    hardware: HardwareArgs
-    eval: EvalArgs
-    agreement: AgreementArgs
-    export: ExportArgs
-    task: dict
-    judge: dict
-    policy: Path | None
-    reference: str | None
-    loss: str
-    seed: int
-    output_dir: Path
-
-    def check_inputs(self) -> None:
-        """What the mode needs, checked before anything is built."""
-        if self.mode == "policy" and (self.policy is None or self.reference is None):
-            raise ConfigError("policy: mode=policy needs policy=<HF folder> and reference=<HF folder> (the "
-                              "reference can be left out for a training run's <run>/policy, whose eval.json names it)")
-        if self.mode == "export":
-            if self.policy is None:
-                raise ConfigError("policy: mode=export needs policy=<HF folder>")
-            if not self.export.alpaca_eval and not self.export.mt_bench:
-                raise ConfigError("export: mode=export needs export.alpaca_eval=<eval set JSON> and/or "
-                                  "export.mt_bench=<question.jsonl>")
 
 
 def parse(cfg: DictConfig) -> EvaluateArgs:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from alignexp.errors import ConfigError
+from alignexp.errors import AlignexpError, ConfigError
 
 A = TypeVar("A")
 
@@ -41,7 +41,7 @@ def instantiate_target(config: Mapping[str, Any], key: str, **kwargs: Any) -> An
         return instantiate(dict(config), **kwargs, _recursive_=False, _convert_="all")
     except InstantiationException as error:
         cause = error.__cause__
-        if isinstance(cause, ConfigError):
+        if isinstance(cause, AlignexpError):  # it names its key, file or model already
             raise cause from None
         reason = cause if isinstance(cause, (ValueError, TypeError)) else error
         raise ConfigError(f"{key}: {reason}") from None

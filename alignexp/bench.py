@@ -3,7 +3,7 @@
 Both sides train the same model (the tiny 2-layer Llama of ``conf/model/tiny.yaml``: hidden 128,
 4 heads, built by :func:`alignexp.models.backbone.build_model` with the byte tokenizer and the same
 seed), on the same token ids, in fp32 on the CPU with ``torch.set_num_threads(2)``, with reference
-log-probs precomputed before timing (alignexp: :func:`alignexp.models.reference.compute_ref_logps`;
+log-probs precomputed before timing (alignexp: :func:`alignexp.models.reference.response_logps`;
 TRL: ``precompute_ref_log_probs=True``), and the same optimizer (``torch.optim.AdamW``, lr 1e-5).
 
 **What one timed step is**, on both sides: collate the batch's already-tokenised examples, forward,
@@ -167,14 +167,14 @@ class AlignexpSide:
 
         from alignexp.models import logprobs
         from alignexp.models.logprobs import encode_example
-        from alignexp.models.reference import compute_ref_logps
+        from alignexp.models.reference import response_logps
         from alignexp.modules.datamodule import Collator
         from alignexp.modules.preference import OptimArgs, PreferenceModule
         from alignexp.tasks.base import RankedExample
 
         model, tokenizer = build_tiny()
         self.encoded = [encode_example(tokenizer, RankedExample(p, rs), 10**6, 10**6) for p, rs in texts]
-        self.ref_logps = compute_ref_logps(model, self.encoded, tokenizer.pad_token_id)
+        self.ref_logps = response_logps(model, self.encoded, tokenizer.pad_token_id)
         self.module = PreferenceModule(model, shape.alignexp_loss, {"beta": BETA}, OptimArgs(lr=LR))
         self.optimizer = self.module.configure_optimizers()["optimizer"]
         self.collate = Collator(tokenizer.pad_token_id)

@@ -1,2 +1,81 @@
-"""Temporary shim."""
-from alignexp.evaluate import format_table, write_eval_json  # noqa: F401
+"""What evaluation writes and prints: ``eval.json``, the printed tables, and the headline metrics that
+``alignexp.report`` tabulates and plots across runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alignexp.files import atomic_write_json
+
+HEADLINE_METRICS: tuple[tuple[str, str, str], ...] = (
+    ("gold_reward", "policy", "gold_reward"),
+    ("judge_score", "policy", "judge_score"),
+    ("kl", "policy", "kl"),
+    ("win_rate", "comparisons", "win_rate_vs_reference"),
+    ("preference_accuracy", "policy", "preference_accuracy"),
+    ("bleu", "policy", "bleu"),
+    ("chrf", "policy", "chrf"),
+    ("ter", "policy", "ter"),
+    ("rouge_l", "policy", "rouge_l"),
+    ("response_tokens", "policy", "response_tokens"),
+)
+"""(column, section of eval.json, key): the headline metrics, in the order tables show them."""
+
+LABELS = {"gold_reward": "gold reward", "judge_score": "judge score", "kl": "KL to reference",
+          "win_rate": "win rate vs reference", "preference_accuracy": "preference accuracy", "bleu": "BLEU",
+          "chrf": "chrF", "ter": "TER", "rouge_l": "ROUGE-L", "response_tokens": "response tokens",
+          "win_rate_vs_dataset": "win rate vs dataset"}
+"""Printed names of the headline columns (and of the per-model win rate against the dataset)."""
+
+
+def write_eval_json(path: str | Path, *, task: str, loss: str, model: str, result: dict, **extra) -> dict:
+    """Write ``eval.json`` in the contract's schema (task, loss, model, n_prompts, policy, reference,
+    comparisons; other fields added freely) in one atomic write. Returns the record."""
+    record = {"task": task, "loss": loss, "model": model, **result, **extra}
+    atomic_write_json(path, record)
+    return record
+
+
+def _cell(metrics: dict, key: str) -> str:
+    if key not in metrics or not isinstance(metrics[key], (int, float)):
+        return "-"
+    stderr = metrics.get(key + "_stderr")
+    return f"{metrics[key]:.3f} ± {stderr:.3f}" if isinstance(stderr, (int, float)) else f"{metrics[key]:.3f}"
+
+
+def format_table(result: dict) -> str:
+    """A reference-vs-policy table of the headline metrics present, then the win rate per temperature."""
+    lines = [f"{'':<26}{'reference':>20}{'policy':>20}"]
+    rows = [(column, key) for column, section, key in HEADLINE_METRICS if section == "policy"]
+    for column, key in [*rows, ("win_rate_vs_dataset", "win_rate_vs_dataset")]:
+        if key in result["reference"] or key in result["policy"]:
+            lines.append(f"{LABELS[column]:<26}{_cell(result['reference'], key):>20}"
+                         f"{_cell(result['policy'], key):>20}")
+    comparisons = result["comparisons"]
+    lines.append(f"{LABELS['win_rate']:<26}{'':>20}{_cell(comparisons, 'win_rate_vs_reference'):>20}"
+                 f"  (judge: {comparisons.get('judge', '')}, baseline: {comparisons.get('baseline', '-')}, "
+                 f"T={result.get('temperature')})")
+    by_temperature = result.get("by_temperature", {})
+    if len(by_temperature) > 1:
+        for t, entry in by_temperature.items():
+            row = f"  T={t:<5}"
+            for label, key, source in (("win", "win_rate_vs_reference", entry["comparisons"]),
+                                       ("gold", "gold_reward", entry["policy"]), ("kl", "kl", entry["policy"])):
+                if key in source:
+                    row += f"  {label} {_cell(source, key)}"
+            lines.append(row)
+    for entry in result.get("best_of_n", []):
+        lines.append(f"  best-of-{entry['n']:<4} KL {entry['kl']:.3f}  gold {_cell(entry, 'gold_reward')}")
+    return "\n".join(lines)
+
+
+def format_agreement(report: dict[str, dict]) -> str:
+    """The agreement report as a table: metric, agreement, its 95% interval, ties and pairs judged."""
+    lines = [f"{'metric':<20}{'agreement':>10}{'95% CI':>18}{'ties':>6}{'n':>7}"]
+    for name, row in report.items():
+        if row.get("agreement") is None:
+            lines.append(f"{name:<20}{'-':>10}{'':>18}{'':>6}{0:>7}  ({row.get('skipped', '')})")
+            continue
+        ci = f"[{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+        lines.append(f"{name:<20}{row['agreement']:>10.3f}{ci:>18}{row['ties']:>6}{row['n']:>7}")
+    return "\n".join(lines)

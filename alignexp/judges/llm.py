@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from alignexp.errors import AlignexpError
+from alignexp.files import atomic_write_text
 from alignexp.judges.base import rank_by_comparisons
 from alignexp.tasks.base import RankedExample, Text
 
@@ -228,10 +229,7 @@ class LLMJudge:
                     with self._lock:
                         self._memory[digest] = reply
                     if path is not None:
-                        path.parent.mkdir(parents=True, exist_ok=True)
-                        tmp = path.with_suffix(f".{threading.get_ident()}.tmp")
-                        tmp.write_text(json.dumps({"request": body, "reply": reply}))
-                        tmp.replace(path)
+                        atomic_write_text(path, json.dumps({"request": body, "reply": reply}))
                     return value
                 failure = "unparseable"
             self._count(f"failed_{failure}")

@@ -31,13 +31,15 @@ from alignexp.judges.base import ScoreJudge, ranked_example
 from alignexp.models.backbone import (
     DTYPES,
     ModelArgs,
+    ModelUnavailable,
     _from_pretrained,
     attention_implementation,
     build_model,
     build_tokenizer,
     route_block_masks_to_sdpa,
 )
-from alignexp.models.logprobs import EncodedExample, PackedBatch, additive_mask, encode_example, pack
+from alignexp.models.batched import map_batches
+from alignexp.models.logprobs import EncodedExample, PackedBatch, additive_mask, encode_example
 from alignexp.tasks.base import RankedExample, Text
 
 OFFSET_KEY = "reward_offset"
@@ -120,22 +122,9 @@ def sequence_scores(model, batch: PackedBatch) -> Tensor:
     return torch.where(batch.mask, scores, torch.zeros_like(scores))
 
 
-@torch.no_grad()
 def score_encoded(model, encoded: Sequence[EncodedExample], pad_id: int, batch_size: int = 32) -> list[Tensor]:
-    """Each example's rewards (n,) on the CPU, in batches of ``batch_size`` examples."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    rows: list[Tensor] = []
-    try:
-        for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start:start + batch_size]
-            batch = pack(chunk, pad_id=pad_id).to(device)
-            scores = sequence_scores(model, batch)
-            rows.extend(scores[i][batch.mask[i]].float().cpu() for i in range(len(chunk)))
-    finally:
-        model.train(was_training)
-    return rows
+    """Each example's rewards (n,) on the CPU, in batches of ``batch_size`` examples, without gradients."""
+    return map_batches(model, encoded, pad_id, batch_size, sequence_scores)
 
 
 def load_reward_model(path: str | Path, device: str = "cpu", dtype: str = "float32"):
@@ -160,7 +149,10 @@ class RewardModelJudge(ScoreJudge):
             if path is None:
                 raise ValueError("judge.path: the reward_model judge needs the folder of a trained reward model "
                                  "(<run>/reward_model)")
-            model, tokenizer = load_reward_model(path, "cpu" if offload else device)
+            try:
+                model, tokenizer = load_reward_model(path, "cpu" if offload else device)
+            except ModelUnavailable as error:
+                raise ModelUnavailable(f"judge.path={path}: the reward model cannot be loaded ({error})") from None
         if tokenizer is None:
             raise ValueError("RewardModelJudge(model=...) needs its tokenizer too")
         self.model, self.tokenizer, self.device, self.offload = model, tokenizer, device, offload

@@ -1,4 +1,5 @@
-"""Reference log-probs: computed once per (reference model, data, tokenisation) and cached on disk.
+"""Response log-probs of a model over encoded examples (:func:`response_logps`: a reference's or a
+policy's), and the reference's computed once per (model, data, tokenisation) and cached on disk.
 
 Precomputing is the default where the reference is fixed, so training holds one model in memory,
 and the runs of a sweep that share a reference and data share the cache.
@@ -14,9 +15,10 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from alignexp.models.logprobs import EncodedExample, pack, sequence_logps
+from alignexp.files import atomic_write
+from alignexp.models.batched import map_batches
+from alignexp.models.logprobs import EncodedExample, PackedBatch, sequence_logps
 
 log = logging.getLogger(__name__)
 
@@ -45,36 +47,25 @@ def data_fingerprint(encoded: Sequence[EncodedExample]) -> str:
     return digest.hexdigest()[:16]
 
 
-@torch.no_grad()
-def compute_ref_logps(model, encoded: Sequence[EncodedExample], pad_id: int,
-                      batch_size: int = 32) -> list[Tensor]:
-    """Each example's summed reference log-probs of its n responses, (n,) on the CPU."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    rows: list[Tensor] = []
-    try:
-        for start in tqdm(range(0, len(encoded), batch_size), desc="reference log-probs", leave=False):
-            chunk = encoded[start:start + batch_size]
-            batch = pack(chunk, pad_id=pad_id).to(device)
-            logps, _, mask = sequence_logps(model, batch)
-            rows.extend(logps[i][mask[i]].float().cpu() for i in range(len(chunk)))
-    finally:
-        model.train(was_training)
-    return rows
+def response_logps(model, encoded: Sequence[EncodedExample], pad_id: int, batch_size: int = 32,
+                   desc: str | None = None) -> list[Tensor]:
+    """Each example's summed log-probs log pi(y_k|x) of its n responses under ``model`` (a reference
+    or a policy), (n,) on the CPU, without gradients (:func:`alignexp.models.batched.map_batches`)."""
+    return map_batches(model, encoded, pad_id, batch_size, _summed_logps, desc)
+
+
+def _summed_logps(model, batch: PackedBatch) -> Tensor:
+    return sequence_logps(model, batch)[0]
 
 
 def cached_ref_logps(model, encoded: Sequence[EncodedExample], pad_id: int, cache_dir: str | Path,
                      batch_size: int = 32) -> list[Tensor]:
-    """:func:`compute_ref_logps`, read from ``cache_dir/reference/<model>-<data>.pt`` when present."""
+    """:func:`response_logps` of the reference, read from ``cache_dir/reference/<model>-<data>.pt`` when present."""
     path = Path(cache_dir) / "reference" / f"{model_fingerprint(model)}-{data_fingerprint(encoded)}.pt"
     if path.exists():
         log.info("reference log-probs: read from %s", path)
         return torch.load(path)
-    rows = compute_ref_logps(model, encoded, pad_id, batch_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(rows, tmp)
-    tmp.replace(path)
+    rows = response_logps(model, encoded, pad_id, batch_size, desc="reference log-probs")
+    atomic_write(path, lambda tmp: torch.save(rows, tmp))
     log.info("reference log-probs: computed for %d examples, cached at %s", len(rows), path)
     return rows

@@ -1,24 +1,25 @@
-"""Evaluation end to end on 2-layer models (alignexp/evaluate.py): eval.json, agreement, exports, the CLI."""
+"""Evaluation end to end on 2-layer models (alignexp/evaluation/, the CLI alignexp/evaluate.py): eval.json,
+agreement, exports, and the judge group's spelling on the command line."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from alignexp.evaluate import (
-    EvalArgs,
-    agreement_report,
-    agreement_scorers,
-    evaluate_policy,
-    format_table,
-    run,
-    write_eval_json,
-)
+from alignexp.args import EvalArgs, from_mapping
+from alignexp.errors import ConfigError
+from alignexp.evaluate import run
+from alignexp.evaluation.agreement import agreement_report, agreement_scorers
+from alignexp.evaluation.policy import evaluate_policy
+from alignexp.evaluation.results import format_table, write_eval_json
+from alignexp.judges import build_judge
 from alignexp.metrics.preference import LabelledPair
 from alignexp.models.backbone import ModelArgs, build_model, build_tokenizer
 from alignexp.tasks.synthetic import SyntheticTask
@@ -48,9 +49,15 @@ def args(**overrides) -> EvalArgs:
     return EvalArgs(**{**values, **overrides})
 
 
+def gold(task):
+    """The run's judge as ``judge=auto`` builds it: the gold reward on the synthetic task."""
+    return build_judge({"name": "auto"}, task)
+
+
 def test_eval_json_on_the_synthetic_task(models, tmp_path):
     policy, reference, tokenizer = models
-    result = evaluate_policy(policy, reference, tokenizer, small_task(), args(best_of_n=[1, 2]))
+    task = small_task()
+    result = evaluate_policy(policy, reference, tokenizer, task, args(best_of_n=[1, 2]), judge=gold(task))
     record = write_eval_json(tmp_path / "eval.json", task="synthetic", loss="dpo", model="tiny", result=result)
     loaded = json.loads((tmp_path / "eval.json").read_text())
     assert loaded == json.loads(json.dumps(record))
@@ -81,7 +88,8 @@ def test_policy_against_itself(models):
     """The policy evaluated against itself: identical samples (the same random streams), so every pair
     ties (win rate exactly 0.5), the log-ratio is 0 (KL 0) and the implicit reward orders nothing (0.5)."""
     _, reference, tokenizer = models
-    result = evaluate_policy(reference, reference, tokenizer, small_task(), args(temperatures=[1.0]))
+    task = small_task()
+    result = evaluate_policy(reference, reference, tokenizer, task, args(temperatures=[1.0]), judge=gold(task))
     assert result["comparisons"]["win_rate_vs_reference"] == 0.5
     assert result["policy"]["kl"] == 0.0
     assert result["policy"]["preference_accuracy"] == 0.5
@@ -100,7 +108,8 @@ def test_greedy_is_deterministic_and_temperatures_are_validated(models):
         args(baseline="humans")
     with pytest.raises(ValueError, match="eval.best_of_n"):
         args(best_of_n=[0])
-    assert EvalArgs.from_config({"enabled": True, "temperatures": [0.5], "best_of_n": None}).temperatures == [0.5]
+    assert from_mapping(EvalArgs, {"enabled": True, "temperatures": [0.5], "best_of_n": None},
+                        "eval").temperatures == [0.5]
 
 
 class LengthJudge:
@@ -139,12 +148,6 @@ def test_task_with_references_and_human_comparisons(models):
     assert "gold_reward" not in result["policy"]
 
 
-def test_gold_judge_needs_a_gold_reward(models):
-    policy, reference, tokenizer = models
-    with pytest.raises(ValueError, match="eval.judge=gold: task 'tldr' has no gold reward"):
-        evaluate_policy(policy, reference, tokenizer, tldr_task(), args())
-
-
 @pytest.fixture(scope="module")
 def saved_models(models, tmp_path_factory):
     """The two models saved as Hugging Face folders, as a training run leaves them."""
@@ -164,11 +167,21 @@ def compose_evaluate(tmp_path, *overrides: str):
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name="evaluate", overrides=[
-            f"paths.output_dir={tmp_path}", "hardware.threads=1", "eval.progress=false", "eval.max_new_tokens=6",
+            f"paths.output_dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}", "hardware.threads=1", "eval.progress=false", "eval.max_new_tokens=6",
             "eval.batch_size=8",
             f"model.arch.hidden_size={ARCH['hidden_size']}", f"model.arch.intermediate_size={ARCH['intermediate_size']}",
             f"model.arch.num_attention_heads={ARCH['num_attention_heads']}",
             f"model.arch.num_key_value_heads={ARCH['num_key_value_heads']}", *overrides])
+
+
+def test_gold_judge_needs_a_gold_reward(saved_models, tmp_path):
+    """judge=gold on a task without a gold reward fails when the judge is built, before any model loads."""
+    cfg = compose_evaluate(tmp_path, f"policy={saved_models / 'run' / 'policy'}", "judge=gold", "task=tldr",
+                           f"task.path={FIXTURES / 'tldr_comparisons.jsonl'}",
+                           f"task.sft_path={FIXTURES / 'tldr_posts.jsonl'}")
+    with pytest.raises(ConfigError, match="judge.name=gold: task 'tldr' has no gold reward"):
+        run(cfg)
+    assert not (tmp_path / "config.yaml").exists()  # nothing was written
 
 
 def test_cli_mode_policy_finds_the_reference_of_a_training_run(saved_models, tmp_path):
@@ -198,7 +211,7 @@ def test_cli_mode_agreement_on_human_comparisons(tmp_path):
 
 def test_cli_mode_agreement_on_the_synthetic_task(saved_models, tmp_path):
     cfg = compose_evaluate(tmp_path, "mode=agreement", f"policy={saved_models / 'run' / 'policy'}",
-                           f"reference={saved_models / 'sft'}", "agreement.judges=[gold]", "task.n_eval_prompts=4",
+                           f"reference={saved_models / 'sft'}", "judge=gold", "task.n_eval_prompts=4",
                            "task.n_responses=3", "task.prompt_len=4", "task.min_len=2", "task.max_len=3")
     report = run(cfg)["agreement"]
     assert set(report) == {"rouge_l", "rouge_1", "bleu", "length", "gold", "implicit_reward"}
@@ -248,3 +261,109 @@ def test_agreement_scorers_leave_out_leaking_references_and_judge_both_orders():
     assert report["llm"] == {**report["llm"], "agreement": 0.5, "ties": 3, "n": 3}
     only_leaking = agreement_report(pairs[:1], agreement_scorers([]))
     assert only_leaking["bleu"]["n"] == 0 and "skipped" in only_leaking["bleu"]
+
+
+SMALL_SYNTHETIC = ("task.n_eval_prompts=4", "task.n_responses=2", "task.prompt_len=4", "task.min_len=2",
+                   "task.max_len=3", "eval.temperatures=[1.0]")
+
+
+def test_cli_judge_reward_model_spelling(saved_models, tmp_path):
+    """``judge=reward_model judge.path=<run>/reward_model`` composes and scores: the eval.json judge score
+    is the mean of that reward model's scores of the policy's samples (recomputed here from the examples)."""
+    from alignexp.judges.reward_model import RewardModelJudge, build_reward_model
+
+    tokenizer = build_tokenizer(ModelArgs(arch=ARCH))
+    folder = tmp_path / "rm_run" / "reward_model"
+    build_reward_model(ModelArgs(arch=ARCH, init_seed=3), tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    cfg = compose_evaluate(tmp_path / "out", f"policy={saved_models / 'run' / 'policy'}", "judge=reward_model",
+                           f"judge.path={folder}", *SMALL_SYNTHETIC)
+    assert cfg.judge.path == str(folder) and "judge" not in cfg.eval
+    record = run(cfg)
+    assert record["comparisons"]["judge"] == "reward_model"
+    examples = record["by_temperature"]["1"]["examples"]
+    assert len(examples) == record["n_prompts"] == 4
+    scores = RewardModelJudge(folder).score([e["prompt"] for e in examples], [e["policy"] for e in examples])
+    assert record["policy"]["judge_score"] == pytest.approx(sum(scores) / len(scores), abs=1e-6)
+    assert "gold_reward" in record["policy"]  # the task's gold reward is still measured beside the judge
+    assert 0.0 <= record["comparisons"]["judge_preference_accuracy"] <= 1.0
+
+
+def test_cli_judge_settings_that_cannot_work_fail_naming_the_key(saved_models, tmp_path):
+    """Before any model loads: a reward model judge without its folder, or with a folder that is not there,
+    and an llm judge without its model name."""
+    from alignexp.models.backbone import ModelUnavailable
+
+    policy = f"policy={saved_models / 'run' / 'policy'}"
+    with pytest.raises(ConfigError, match="judge.path: the reward_model judge needs the folder"):
+        run(compose_evaluate(tmp_path / "a", policy, "judge=reward_model"))
+    with pytest.raises(ModelUnavailable, match="judge.path=.*missing_run/reward_model: the reward model cannot be"):
+        run(compose_evaluate(tmp_path / "b", policy, "judge=reward_model",
+                             f"judge.path={tmp_path / 'missing_run' / 'reward_model'}"))
+    with pytest.raises(ConfigError, match="judge.model: the llm judge needs the endpoint's model name"):
+        run(compose_evaluate(tmp_path / "c", policy, "judge=llm", "judge.base_url=http://127.0.0.1:9/v1"))
+    assert not any((tmp_path / name).exists() for name in "abc")  # nothing written
+
+
+def test_cli_judge_llm_spelling(saved_models, tmp_path):
+    """``judge=llm judge.base_url=... judge.model=...`` composes and judges through the endpoint (a local
+    stand-in that prefers the longer text): the win rate is the length rule applied to the samples, and
+    in mode=export the same judge grades the MT-Bench answers (each of its 6 grading requests is asked)."""
+    from tests.fixtures.llm_server import LLMServer
+
+    with LLMServer("good") as server:
+        judge = ("judge=llm", f"judge.base_url={server.base_url}", "judge.model=test-model", "judge.max_workers=1")
+        cfg = compose_evaluate(tmp_path / "policy", f"policy={saved_models / 'run' / 'policy'}", *judge,
+                               *SMALL_SYNTHETIC)
+        record = run(cfg)
+        examples = record["by_temperature"]["1"]["examples"]
+        wins = [1.0 if len(e["policy"]) > len(e["reference"]) else 0.5 if len(e["policy"]) == len(e["reference"])
+                else 0.0 for e in examples]
+        assert record["comparisons"]["judge"] == "llm"
+        assert record["comparisons"]["win_rate_vs_reference"] == pytest.approx(sum(wins) / len(wins))
+        assert server.requests and all(r["body"]["model"] == "test-model" for r in server.requests)
+        asked = len(server.requests)
+
+        cfg = compose_evaluate(tmp_path / "export", "mode=export", f"policy={saved_models / 'run' / 'policy'}",
+                               f"export.mt_bench={FIXTURES / 'mt_bench_question.jsonl'}", "export.max_new_tokens=4",
+                               *judge)
+        scores = run(cfg)["mt_bench_scores"]
+    # The stand-in answers FastChat's grading prompts without a [[rating]]: every rating is unparsed.
+    assert scores["turn_1_unparsed"] == 3 and scores["turn_2_unparsed"] == 3
+    assert len(server.requests) - asked == 6
+    judgments = (tmp_path / "export" / "mt_bench" / "model_judgment" / "single.jsonl").read_text().splitlines()
+    assert len(judgments) == 6 and json.loads(judgments[0])["judge"][0] == "test-model"
+
+
+def test_cli_export_with_the_default_judge_grades_nothing(saved_models, tmp_path):
+    cfg = compose_evaluate(tmp_path, "mode=export", f"policy={saved_models / 'run' / 'policy'}",
+                           f"export.mt_bench={FIXTURES / 'mt_bench_question.jsonl'}", "export.max_new_tokens=2")
+    record = run(cfg)
+    assert "mt_bench_scores" not in record and "judge=llm" in record["mt_bench_grading"]
+    with pytest.raises(ConfigError, match="judge=gold: this judge cannot answer free-form prompts"):
+        run(compose_evaluate(tmp_path / "gold", "mode=export", f"policy={saved_models / 'run' / 'policy'}",
+                             f"export.mt_bench={FIXTURES / 'mt_bench_question.jsonl'}", "judge=gold"))
+    assert not (tmp_path / "gold").exists()  # refused before any answer was generated
+
+
+DOC_COMMANDS = sorted({m.group(1).strip() for doc in (REPO / "README.md", *sorted((REPO / "docs").glob("*.md")))
+                       for m in re.finditer(r"(?:^|\$ |`)(python -m alignexp\.evaluate[^`#\n\\]*)",
+                                            doc.read_text(), re.M)})
+
+
+def test_the_evaluation_docs_show_commands():
+    assert any("judge=reward_model judge.path=" in c for c in DOC_COMMANDS)
+    assert any("judge=llm judge.base_url=" in c for c in DOC_COMMANDS)
+
+
+@pytest.mark.parametrize("command", DOC_COMMANDS)
+def test_evaluate_commands_in_the_docs_compose(command, tmp_path):
+    """Every ``python -m alignexp.evaluate`` command of the README and docs composes into typed arguments
+    (a placeholder such as ``<run>`` stands for a path)."""
+    from alignexp.evaluate import parse
+
+    runnable = re.sub(r"<[^<>\s]+>", "placeholder", command)
+    assert "<" not in runnable, "a placeholder with a space cannot be run as written"
+    overrides = [a for a in shlex.split(runnable)[3:] if a != "-m" and not a.startswith("hydra")]
+    args = parse(compose_evaluate(tmp_path, *[re.sub(r"=([^,{]+),.*$", r"=\1", a) for a in overrides]))
+    assert args.mode in ("policy", "agreement", "export") and args.judge["name"]

@@ -1,4 +1,4 @@
-"""AlpacaEval / MT-Bench answer files and MT-Bench grading, against the formats (alignexp/exports.py)."""
+"""AlpacaEval / MT-Bench answer files and MT-Bench grading, against the formats (alignexp/evaluation/exports.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from alignexp import exports
+from alignexp.evaluation import exports
 from alignexp.tasks.base import DataError
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "eval"

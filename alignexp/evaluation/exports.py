@@ -1,22 +1,6 @@
-"""Answer files for external benchmarks, generated from question files the user supplies (nothing is downloaded).
-
-* **AlpacaEval** (Li et al. 2023; github.com/tatsu-lab/alpaca_eval): the eval set is a JSON list of
-  ``{instruction, dataset?, output?, generator?}``; the model's outputs go to ``model_outputs.json``,
-  the same list with ``output`` the model's answer and ``generator`` the model's name (other fields,
-  such as ``dataset``, are kept). ``alpaca_eval --model_outputs model_outputs.json`` reads it.
-* **MT-Bench** (Zheng et al. 2023, "Judging LLM-as-a-judge"; FastChat's ``fastchat/llm_judge``):
-  ``question.jsonl`` holds ``{question_id, category, turns: [2 strings], reference?}``; the answer
-  file ``model_answer/<model_id>.jsonl`` holds one line per question,
-  ``{question_id, answer_id, model_id, choices: [{index: 0, turns: [answer_1, answer_2]}], tstamp}``.
-  The second answer is generated in the chat after the first question and the model's first answer.
-  Sampling temperatures per category follow FastChat's ``temperature_config`` (0 = greedy).
-* **MT-Bench single-answer grading** with an LLM judge: FastChat's ``single-v1`` prompts (the
-  ``single-math-v1`` ones where the question carries reference answers), a 1-10 rating asked for in
-  the ``[[rating]]`` format and parsed by :func:`parse_rating` exactly as FastChat does.
-
-Every prompt goes through the tokenizer's chat template (a user message; the documented default
-template for tokenizers without one), and generation through the sampling engine.
-"""
+"""Answer files for AlpacaEval and MT-Bench from question files the user supplies (nothing is downloaded),
+and MT-Bench single-answer grading with an LLM judge, in the formats docs/evaluation.md describes
+(FastChat's prompts, temperatures and rating parser)."""
 
 from __future__ import annotations
 
@@ -29,6 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alignexp.args import check_number
+from alignexp.errors import AlignexpError, ConfigError
+from alignexp.files import atomic_write_text
 from alignexp.metrics.stats import mean_stderr
 from alignexp.models.logprobs import encode_text
 from alignexp.sampling.engine import SamplingParams, generate
@@ -42,6 +29,30 @@ MT_BENCH_TEMPERATURES = {"writing": 0.7, "roleplay": 0.7, "extraction": 0.0, "ma
 DEFAULT_TEMPERATURE = 0.7
 NEED_REF_CATEGORIES = ("math", "reasoning", "coding", "arena-hard-200")
 
+
+@dataclass
+class ExportArgs:
+    """``export`` (conf/evaluate.yaml): the question files (``alpaca_eval``: an AlpacaEval eval set;
+    ``mt_bench``: MT-Bench's question.jsonl), the answers' ``model_id`` (null: the run folder's name),
+    and generation settings (``temperature`` is AlpacaEval's; MT-Bench uses its per-category ones)."""
+
+    alpaca_eval: str | None = None
+    mt_bench: str | None = None
+    model_id: str | None = None
+    max_new_tokens: int = 1024
+    temperature: float = 0.0
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        check_number("export.max_new_tokens", self.max_new_tokens, low=1, integer=True)
+        check_number("export.batch_size", self.batch_size, low=1, integer=True)
+        check_number("export.temperature", self.temperature, low=0)
+
+
+class QuestionFileNotFound(AlignexpError, FileNotFoundError):
+    """A question file named by ``export.alpaca_eval`` / ``export.mt_bench`` does not exist."""
+
+
 Generate = Callable[[list[list[Message]], list[float], list[int]], list[str]]
 """``generate(chats, temperatures, seeds)``: one answer (text) per chat."""
 
@@ -50,7 +61,7 @@ Generate = Callable[[list[list[Message]], list[float], list[int]], list[str]]
 def _records(path: str | Path) -> list[Any]:
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such question file")
+        raise QuestionFileNotFound(f"{path}: no such question file")
     records = list(read_file(path))
     for index, record in enumerate(records):
         if isinstance(record, InvalidRecord):
@@ -171,17 +182,11 @@ def mt_bench_answers(questions: Sequence[MtBenchQuestion], generate_fn: Generate
 
 
 def write_json(path: str | Path, records: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(records, indent=2, ensure_ascii=False))
-    return path
+    return atomic_write_text(path, json.dumps(records, indent=2, ensure_ascii=False))
 
 
 def write_jsonl(path: str | Path, records: Sequence[dict[str, Any]]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    return path
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 # -- MT-Bench single-answer grading --------------------------------------------------------------------
@@ -269,8 +274,8 @@ def chat_completion(judge: Any) -> Callable[[list[Message]], str]:
         return chat
     ask = getattr(judge, "ask", None)
     if not callable(ask):
-        raise ValueError(f"export.judge: judge '{getattr(judge, 'name', judge)}' cannot answer free-form prompts "
-                         "(MT-Bench grading needs the llm judge)")
+        raise ConfigError(f"judge={getattr(judge, 'name', judge)}: this judge cannot answer free-form prompts; "
+                          "MT-Bench grading needs judge=llm judge.base_url=... judge.model=...")
 
     def complete(messages: list[Message]) -> str:
         content = "\n\n".join(m["content"].strip() for m in messages if m["content"].strip())

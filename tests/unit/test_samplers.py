@@ -243,7 +243,7 @@ def test_sampled_tokens_reach_training_without_a_text_round_trip(tmp_path):
                                         "num_attention_heads": 2, "num_key_value_heads": 2}), tokenizer)
     ctx = SamplerContext(task=task, tokenizer=tokenizer, policy=model, reference=model, reference_key="sft", seed=0,
                          cache_dir=tmp_path, max_prompt_len=64, max_response_len=6, task_config={})
-    for attempt in range(2):  # sampled, then read from the cache
+    for _ in range(2):  # sampled, then read from the cache
         examples = samplers.OfflineSampler().examples(ctx, 0)
         responses = [r for ex in examples for r in ex.responses]
         assert all(isinstance(r, SampledText) for r in responses)

@@ -39,6 +39,12 @@ class LossSpec:
     needs_rewards: bool = False
     listwise: bool = False
     min_responses: int = 2
+    uses_scores: bool = False
+    """Whether the loss reads a batch's ranking scores (``rewards``): as labels (RRHF, PRO, LiPO) or for
+    their ties (ranked DPO, the reward model). The collator passes scores only when every ranking of a
+    batch has them, so such a loss must not see a dataset that mixes scored and unscored rankings
+    (:func:`alignexp.sampling.pairing.check_scores`). Pairwise losses read pairs whose order the pair
+    builders fixed from the scores, one ranking at a time, so they do not use them."""
 
     def __call__(self, *args, **kwargs) -> LossOutput:
         return self.fn(*args, **kwargs)
@@ -59,14 +65,16 @@ _REGISTRY: dict[str, LossSpec] = {}
 
 
 def register_loss(name: str, *, needs_reference: bool, needs_rewards: bool = False,
-                  listwise: bool = False, min_responses: int = 2, aliases: tuple[str, ...] = ()):
+                  listwise: bool = False, min_responses: int = 2, uses_scores: bool = False,
+                  aliases: tuple[str, ...] = ()):
     """Decorator: register ``fn`` under ``name`` (and ``aliases``) with what it needs."""
 
     def decorator(fn: Callable[..., LossOutput]) -> Callable[..., LossOutput]:
         for key in (name, *aliases):
             if key in _REGISTRY:
                 raise KeyError(f"loss '{key}' is registered twice")
-            _REGISTRY[key] = LossSpec(key, fn, needs_reference, needs_rewards, listwise, min_responses)
+            _REGISTRY[key] = LossSpec(key, fn, needs_reference, needs_rewards, listwise, min_responses,
+                                      uses_scores)
         return fn
 
     return decorator

@@ -16,7 +16,7 @@ Verdicts are :func:`alignexp.judges.base.verdicts` (1, 0.5 on a tie or a NaN sco
 
 The pairs of one ranking share a prompt and responses, so their verdicts are correlated: standard
 errors and intervals are clustered by ranking (:func:`alignexp.metrics.stats.clustered_mean_stderr`);
-treating the pairs as independent makes them about 15% too small with rankings of 4.
+taken over pairs as if independent they come out too small.
 """
 
 from __future__ import annotations

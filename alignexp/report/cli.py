@@ -1,4 +1,5 @@
-"""``python -m alignexp.report FOLDER [--out DIR] [--kl 1 2 4] [--compare A:B ...] [--baseline M]``.
+"""``python -m alignexp.report FOLDER [--out DIR] [--kl 1 2 4] [--compare A:B ...] [--baseline M]``: the
+tables and plots of every run below FOLDER, with means and intervals over seeds and paired comparisons.
 
 A run is a folder holding ``eval.json`` (and, normally, the ``config.yaml`` that train.py writes, and
 Hydra's ``.hydra/overrides.yaml``); FOLDER may be a single run, ``outputs/``, or a Hydra multirun

@@ -101,6 +101,14 @@ def plackett_luce_nll(u: Tensor, better: Tensor, margin: float = 0.0) -> Tensor:
     return torch.where(has_worse, terms, torch.zeros_like(terms)).sum(dim=1)
 
 
+def ranking_nll(u: Tensor, mask: Tensor, rewards: Tensor | None, margin: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """The Plackett-Luce negative log-likelihood of each row's ranking (:func:`plackett_luce_nll`) with
+    ties from ``rewards`` (:func:`ordered_pairs`). Returns (per-row loss (B,), ``better`` (B, n, n), the
+    rows that hold an ordered pair (B,))."""
+    better = ordered_pairs(mask, rewards)
+    return plackett_luce_nll(u, better, margin), better, comparable_rows(better)
+
+
 def position_labels(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """Ranking positions as labels when no scores are given: the number of existing responses after
     each slot, i.e. ``m - 1 - k`` for a list of m responses (best gets m - 1, worst 0). (B, n) ``dtype``."""

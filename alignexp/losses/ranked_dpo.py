@@ -4,14 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from alignexp.losses.common import (
-    batch_mean,
-    clean,
-    comparable_rows,
-    list_reward_metrics,
-    ordered_pairs,
-    plackett_luce_nll,
-)
+from alignexp.losses.common import batch_mean, clean, list_reward_metrics, ranking_nll
 from alignexp.losses.registry import LossOutput, default_mask, register_loss, require
 
 
@@ -44,10 +37,8 @@ def ranked_dpo_loss(policy_logps: Tensor, ref_logps: Tensor | None = None, lengt
     mask = default_mask(policy_logps, mask)
     logps = clean(policy_logps, mask)
     u = beta * (logps - clean(ref_logps, mask))
-    better = ordered_pairs(mask, rewards)
-    rank = plackett_luce_nll(u, better)
+    rank, better, rows = ranking_nll(u, mask, rewards)
     sft = sft_weight * -logps[:, 0]
-    rows = comparable_rows(better)
     metrics = {"loss/rank": batch_mean(rank.detach(), rows), "loss/sft": batch_mean(sft.detach(), rows)}
     metrics.update(list_reward_metrics(u, mask, better))
     return LossOutput(batch_mean(rank + sft, rows), metrics)

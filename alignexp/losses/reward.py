@@ -11,14 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from alignexp.losses.common import (
-    batch_mean,
-    clean,
-    comparable_rows,
-    list_reward_metrics,
-    ordered_pairs,
-    plackett_luce_nll,
-)
+from alignexp.losses.common import batch_mean, clean, list_reward_metrics, ranking_nll
 from alignexp.losses.registry import LossOutput, default_mask, register_loss
 
 
@@ -55,6 +48,5 @@ def reward_loss(policy_logps: Tensor, ref_logps: Tensor | None = None, lengths: 
     """
     mask = default_mask(policy_logps, mask)
     r = clean(policy_logps, mask)
-    better = ordered_pairs(mask, rewards)
-    losses = plackett_luce_nll(r, better, margin)
-    return LossOutput(batch_mean(losses, comparable_rows(better)), list_reward_metrics(r, mask, better, prefix="rewards"))
+    losses, better, rows = ranking_nll(r, mask, rewards, margin)
+    return LossOutput(batch_mean(losses, rows), list_reward_metrics(r, mask, better, prefix="rewards"))

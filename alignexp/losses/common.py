@@ -1,15 +1,16 @@
-"""Tensor helpers shared by the losses: masking, batch means, implicit-reward metrics.
+"""Tensor helpers shared by the losses: masking, ties, batch means, implicit-reward metrics.
 
 Conventions (see :mod:`alignexp.losses.registry`): tensors are (B, n), column 0 the best response,
 ``mask`` True where a response exists. Masked slots may hold anything (0, garbage, NaN rewards);
 the losses replace them with neutral values (:func:`clean`, :func:`clean_lengths`) *before* any
 arithmetic, so that neither the loss nor its gradient ever sees them (``0 * nan`` is ``nan`` in a
-backward pass, so zeroing a term after computing it is not enough).
+backward pass, so zeroing a term after computing it is not enough). Ties: :func:`ordered_pairs`.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -31,11 +32,6 @@ def pair_mask(mask: Tensor) -> Tensor:
     return mask[:, 0] & mask[:, 1]
 
 
-def list_rows(mask: Tensor) -> Tensor:
-    """(B,) True where the row holds at least two responses (something to rank)."""
-    return mask.sum(dim=1) >= 2
-
-
 def batch_mean(per_example: Tensor, rows: Tensor) -> Tensor:
     """Mean of ``per_example`` (B,) over the rows where ``rows`` is True.
 
@@ -51,6 +47,66 @@ def later_mask(mask: Tensor) -> Tensor:
     n = mask.shape[1]
     after = torch.ones(n, n, dtype=torch.bool, device=mask.device).triu(diagonal=1)
     return after[None] & mask[:, :, None] & mask[:, None, :]
+
+
+def ordered_pairs(mask: Tensor, rewards: Tensor | None = None) -> Tensor:
+    """(B, n, n) bool, ``[b, i, j]`` True where responses i and j both exist and i is strictly better
+    than j: ``rewards[b, i] > rewards[b, j]`` when scores are given, else i comes before j in the ranking.
+
+    This is the one treatment of ties every listwise loss, the reward model and the pair builders
+    share: **tied responses are never compared** (equal scores make no pair, and no Plackett-Luce
+    factor puts one tied response against another; see :func:`plackett_luce_nll`). It is the
+    pairwise convention of RRHF (Yuan et al. 2023, Eq. 2: pairs with r_i < r_j), of LiPO-lambda's
+    LambdaLoss (Liu et al. 2024, Eq. 8: pairs with psi_i > psi_j) and of DPO's pairs (a tie carries no
+    preference). A ranking without scores has no ties. Scores that are NaN in an existing slot compare
+    False both ways, so they make no pair either.
+    """
+    if rewards is None:
+        return later_mask(mask)
+    rewards = clean(rewards, mask)
+    return mask[:, :, None] & mask[:, None, :] & (rewards[:, :, None] > rewards[:, None, :])
+
+
+def comparable_rows(better: Tensor) -> Tensor:
+    """(B,) True where the row holds at least one ordered pair (``better`` from :func:`ordered_pairs`):
+    the rows a listwise loss averages over (a list of one response, or of tied responses only, teaches nothing)."""
+    return better.any(dim=2).any(dim=1)
+
+
+def plackett_luce_nll(u: Tensor, better: Tensor, margin: float = 0.0) -> Tensor:
+    """Per-row negative log-likelihood (B,) of a ranking under Plackett-Luce with utilities ``u`` (B, n),
+    ties left uncompared:
+
+        L = -sum_k log( e^{u_k - m0} / (e^{u_k - m0} + sum_{j: y_k > y_j} e^{u_j}) )
+          =  sum_k -log sigmoid(u_k - m0 - logsumexp_{j: y_k > y_j} u_j)
+
+    over the responses k that are strictly better than at least one response (``better[b, k, j]``,
+    :func:`ordered_pairs`); m0 = ``margin`` (0 for a plain Plackett-Luce likelihood).
+
+    Without ties this is the Plackett-Luce likelihood of the ranking (DPO paper, Rafailov et al. 2023,
+    Appendix A.3, Eq. 18): the k-th factor is the probability that y_k is chosen first among y_k and
+    every response ranked below it; with n = 2 it is Bradley-Terry, -log sigmoid(u_0 - u_1). With ties
+    each tied response is compared, as above, with the responses strictly worse than it only, never
+    with the responses it ties with; a tie at the bottom of a list gives no factor and a list of tied
+    responses none at all (the "tied factors dropped" treatment). Example: scores (1, 1, 0) and
+    u = (1, 0, -1) give log(1 + e^-2) + log(1 + e^-1) = 0.126928 + 0.313262 = 0.440190, where the
+    ordered list would give log(1 + e^-1 + e^-2) + log(1 + e^-1) = 0.720868.
+
+    The log-sigmoid form is the same number as the softmax form, is stable for any u, and makes the
+    n = 2 case literally DPO's -log sigmoid(u_0 - u_1).
+    """
+    rest = torch.logsumexp(u[:, None, :].masked_fill(~better, torch.finfo(u.dtype).min), dim=2)
+    has_worse = better.any(dim=2)
+    terms = -F.logsigmoid(u - margin - rest)
+    return torch.where(has_worse, terms, torch.zeros_like(terms)).sum(dim=1)
+
+
+def ranking_nll(u: Tensor, mask: Tensor, rewards: Tensor | None, margin: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    """The Plackett-Luce negative log-likelihood of each row's ranking (:func:`plackett_luce_nll`) with
+    ties from ``rewards`` (:func:`ordered_pairs`). Returns (per-row loss (B,), ``better`` (B, n, n), the
+    rows that hold an ordered pair (B,))."""
+    better = ordered_pairs(mask, rewards)
+    return plackett_luce_nll(u, better, margin), better, comparable_rows(better)
 
 
 def position_labels(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -88,9 +144,10 @@ def list_reward_metrics(values: Tensor, mask: Tensor, better: Tensor,
     ``{prefix}/chosen``: the best response's value; ``{prefix}/rejected``: the mean over the other
     responses of the row; ``{prefix}/margin``: their difference; ``{prefix}/accuracy``: the share of
     ordered pairs (``better``) that ``values`` order correctly. With n = 2 these equal DPO's metrics.
+    Rows without an ordered pair (a single response, or tied responses only) are left out.
     """
     values = clean(values.detach(), mask)
-    rows = list_rows(mask)
+    rows = comparable_rows(better)
     others = mask.clone()
     others[:, 0] = False
     rejected = values.masked_fill(~others, 0).sum(dim=1) / others.sum(dim=1).clamp(min=1).to(values.dtype)

@@ -10,8 +10,9 @@ from torch import Tensor
 from alignexp.losses.common import (
     batch_mean,
     clean,
+    comparable_rows,
     list_reward_metrics,
-    list_rows,
+    ordered_pairs,
     position_labels,
 )
 from alignexp.losses.registry import LossOutput, default_mask, register_loss, require
@@ -28,6 +29,17 @@ def predicted_ranks(scores: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, ranks, torch.full_like(ranks, scores.shape[1] + 1)).to(scores.dtype)
 
 
+def list_normalised(values: Tensor, mask: Tensor) -> Tensor:
+    """``values`` mapped per row to [0, 1] over the row's existing slots: (v - min) / (max - min); a row
+    whose values are all equal (or that has a single response) maps to 0. Masked slots: 0. (B, n).
+
+    Example: scores (3.0, 2.5, -1.0) give (1, 0.875, 0); positions (3, 2, 1, 0) give (1, 2/3, 1/3, 0)."""
+    low = values.masked_fill(~mask, float("inf")).amin(dim=1, keepdim=True)
+    high = values.masked_fill(~mask, float("-inf")).amax(dim=1, keepdim=True)
+    spread = torch.where(high > low, high - low, torch.ones_like(high))
+    return torch.where(mask & (high > low), (values - low) / spread, torch.zeros_like(values))
+
+
 def lambda_weights(labels: Tensor, ranks: Tensor) -> Tensor:
     """DCG Lambda weights (B, n, n): |G_i - G_j| * |1/D(tau_i) - 1/D(tau_j)|, G = 2^psi - 1,
     D(tau) = log2(1 + tau)."""
@@ -36,7 +48,7 @@ def lambda_weights(labels: Tensor, ranks: Tensor) -> Tensor:
     return (gains[:, :, None] - gains[:, None, :]).abs() * (inv_discounts[:, :, None] - inv_discounts[:, None, :]).abs()
 
 
-@register_loss("lipo", needs_reference=True, listwise=True)
+@register_loss("lipo", needs_reference=True, listwise=True, uses_scores=True)
 def lipo_loss(policy_logps: Tensor, ref_logps: Tensor | None = None, lengths: Tensor | None = None,
               rewards: Tensor | None = None, mask: Tensor | None = None, *,
               beta: float = 0.1) -> LossOutput:
@@ -52,9 +64,14 @@ def lipo_loss(policy_logps: Tensor, ref_logps: Tensor | None = None, lengths: Te
     ranks or gains). The paper writes D(tau) = log(1 + tau), the LambdaLoss/DCG discount, which is
     base 2 by convention; another base only rescales the loss (by ln 2 for the natural log).
 
-    Labels: the ``rewards`` when given (the paper's psi are scores in [0, 1]; large raw scores give
-    large gains 2^psi, so rescale rewards of a wide range), else the ranking positions
-    psi_k = m - 1 - k. Tied labels make no pair (and have |G_i - G_j| = 0 anyway).
+    Labels: the paper's psi lie in [0, 1] (the LiPO paper's labels are scores in that range), so the
+    raw labels -- the ``rewards`` when given, else the ranking positions m - 1 - k -- are mapped per
+    list to [0, 1] by :func:`list_normalised`: psi = (v - min) / (max - min) over the list. The gains
+    G = 2^psi - 1 then lie in [0, 1] whatever the scale of the scores (rewards in [-1, 1], ratings
+    1..10, a reward model's logits), so the loss and its gradients do not shrink or grow with it,
+    and a list's best response always has G = 1 and its worst G = 0. Tied labels make no pair
+    (:func:`alignexp.losses.common.ordered_pairs`; they have |G_i - G_j| = 0 anyway), and a list of tied
+    responses only is left out of the batch mean.
 
     Args:
         policy_logps, ref_logps: (B, n) summed log-probs, best first. rewards: optional (B, n)
@@ -66,11 +83,11 @@ def lipo_loss(policy_logps: Tensor, ref_logps: Tensor | None = None, lengths: Te
     ref_logps = require(ref_logps, "reference log-probs", "lipo")
     mask = default_mask(policy_logps, mask)
     s = beta * (clean(policy_logps, mask) - clean(ref_logps, mask))
-    labels = position_labels(mask, s.dtype) if rewards is None else clean(rewards.to(s.dtype), mask)
-    better = mask[:, :, None] & mask[:, None, :] & (labels[:, :, None] > labels[:, None, :])  # [b, i, j]
+    raw = position_labels(mask, s.dtype) if rewards is None else clean(rewards.to(s.dtype), mask)
+    labels = list_normalised(raw, mask)
+    better = ordered_pairs(mask, rewards)  # [b, i, j]: psi_i > psi_j
     weights = lambda_weights(labels, predicted_ranks(s, mask))
     weights = torch.where(better, weights, torch.zeros_like(weights))  # also keeps inf/NaN of unused pairs out
     pair_losses = F.softplus(-(s[:, :, None] - s[:, None, :]))
     per_row = (weights * pair_losses).sum(dim=(1, 2))
-    rows = list_rows(mask)
-    return LossOutput(batch_mean(per_row, rows), list_reward_metrics(s, mask, better))
+    return LossOutput(batch_mean(per_row, comparable_rows(better)), list_reward_metrics(s, mask, better))

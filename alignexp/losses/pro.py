@@ -12,16 +12,16 @@ from alignexp.losses.common import (
     batch_mean,
     clean,
     clean_lengths,
-    later_mask,
+    comparable_rows,
     list_reward_metrics,
-    list_rows,
+    ordered_pairs,
 )
 from alignexp.losses.registry import LossOutput, default_mask, register_loss, require
 
 PRO_EPS = 1e-10  # the constant inside the log of the authors' code
 
 
-@register_loss("pro", needs_reference=False, listwise=True)
+@register_loss("pro", needs_reference=False, listwise=True, uses_scores=True)
 def pro_loss(policy_logps: Tensor, ref_logps: Tensor | None = None, lengths: Tensor | None = None,
              rewards: Tensor | None = None, mask: Tensor | None = None, *,
              sft_weight: float = 0.05) -> LossOutput:
@@ -38,7 +38,13 @@ def pro_loss(policy_logps: Tensor, ref_logps: Tensor | None = None, lengths: Ten
     Without ``rewards`` every temperature is 1 (the paper's plain PRO, Eq. 5). The SFT term is on
     the **summed** log-prob of the best response and is scaled by (m - 1)^2, m the list length,
     as in the released code (``sft_weight * (training_stage_num - 1)^2``); their scripts use
-    ``sft_weight = 0.05``, our default. Tied rewards give 1/T = 0 (the code's behaviour, kept).
+    ``sft_weight = 0.05``, our default.
+
+    Ties: the sums over i > k run over the responses strictly worse than y_k (rewards r_i < r_k), and a
+    position with none (y_k ties with every response after it) has no term; a list of tied responses
+    only is left out of the batch mean (:func:`alignexp.losses.common.ordered_pairs`, the treatment
+    every listwise loss shares). The authors' code instead keeps a tied y_i in y_k's softmax with
+    1/T = r_k - r_i = 0, i.e. a constant e^0 = 1 added to the denominator whatever the policy does.
 
     Args:
         policy_logps: (B, n) summed log-probs, best first; lengths: (B, n) response tokens.
@@ -52,7 +58,7 @@ def pro_loss(policy_logps: Tensor, ref_logps: Tensor | None = None, lengths: Ten
     mask = default_mask(policy_logps, mask)
     logps = clean(policy_logps, mask)
     s = logps / clean_lengths(lengths, mask, logps.dtype)
-    later = later_mask(mask)  # [b, k, i]: i after k, both exist
+    later = ordered_pairs(mask, rewards)  # [b, k, i]: y_i strictly worse than y_k, both exist
     has_later = later.any(dim=2)
     if rewards is None:
         inv_t = torch.ones_like(later, dtype=s.dtype)
@@ -70,7 +76,7 @@ def pro_loss(policy_logps: Tensor, ref_logps: Tensor | None = None, lengths: Ten
     rank = torch.where(has_later, lse - positive, torch.zeros_like(lse)).sum(dim=1)
     m = mask.sum(dim=1).to(s.dtype)
     sft = sft_weight * (m - 1) ** 2 * (-logps[:, 0])
-    rows = list_rows(mask)
+    rows = comparable_rows(later)
     metrics = {"loss/rank": batch_mean(rank.detach(), rows), "loss/sft": batch_mean(sft.detach(), rows)}
     metrics.update(list_reward_metrics(s, mask, later, prefix="scores"))
     return LossOutput(batch_mean(rank + sft, rows), metrics)

@@ -49,6 +49,12 @@ class LossSpec:
     needs_rewards: bool = False
     listwise: bool = False
     min_responses: int = 2
+    uses_scores: bool = False
+    """Whether the loss reads a batch's ranking scores (``rewards``): as labels (RRHF, PRO, LiPO) or for
+    their ties (ranked DPO, the reward model). The collator passes scores only when every ranking of a
+    batch has them, so such a loss must not see a dataset that mixes scored and unscored rankings
+    (:func:`alignexp.sampling.pairing.check_scores`). Pairwise losses read pairs whose order the pair
+    builders fixed from the scores, one ranking at a time, so they do not use them."""
     stage: str = "preference"
     data: str = "rankings"
     per_token: bool = False
@@ -75,8 +81,9 @@ DATA_KINDS = ("rankings", "best", "demonstrations", "prompts")
 
 
 def register_loss(name: str, *, needs_reference: bool, needs_rewards: bool = False,
-                  listwise: bool = False, min_responses: int = 2, aliases: tuple[str, ...] = (),
-                  stage: str = "preference", data: str = "rankings", per_token: bool = False):
+                  listwise: bool = False, min_responses: int = 2, uses_scores: bool = False,
+                  aliases: tuple[str, ...] = (), stage: str = "preference", data: str = "rankings",
+                  per_token: bool = False):
     """Decorator: register ``fn`` under ``name`` (and ``aliases``) with what it needs.
 
     ``stage``: the training stage that runs it (alignexp/pipeline: ``preference``, ``reward_model``,
@@ -91,8 +98,8 @@ def register_loss(name: str, *, needs_reference: bool, needs_rewards: bool = Fal
         for key in (name, *aliases):
             if key in _REGISTRY:
                 raise KeyError(f"loss '{key}' is registered twice")
-            _REGISTRY[key] = LossSpec(key, fn, needs_reference, needs_rewards, listwise, min_responses, stage,
-                                      data, per_token)
+            _REGISTRY[key] = LossSpec(key, fn, needs_reference, needs_rewards, listwise, min_responses,
+                                      uses_scores, stage, data, per_token)
         return fn
 
     return decorator

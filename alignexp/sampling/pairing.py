@@ -20,7 +20,11 @@ used as given, which is deterministic but always pairs neighbours in the ranking
 Each pair is a RankedExample with n = 2, best first, its scores carried (or None), the target and
 a copy of ``meta`` plus ``meta["pair"] = (i, j)``, the indices of the two responses in the input.
 Tied responses (equal scores) make no pair; without scores the ranking positions are the labels,
-so there are no ties.
+so there are no ties. This is the tie treatment every listwise loss and the reward model share
+(:func:`alignexp.losses.common.ordered_pairs`): ``all`` yields exactly the ordered pairs they compare.
+
+:func:`check_scores` refuses a dataset that mixes scored and unscored rankings for a loss that reads
+scores.
 """
 
 from __future__ import annotations
@@ -136,3 +140,31 @@ def pairs_for_loss(examples: Iterable[RankedExample], spec: LossSpec, strategy: 
         return examples if isinstance(examples, list) else list(examples)
     rng = _as_rng(rng)
     return [pair for example in examples for pair in make_pairs(example, strategy, rng)]
+
+
+def check_scores(examples: Sequence[RankedExample], spec: LossSpec) -> None:
+    """Raise ValueError when ``examples`` mix rankings with ``scores`` and rankings without, for a loss
+    that reads scores (``spec.uses_scores``: RRHF, PRO, LiPO as labels; ranked DPO and the reward model
+    for their ties). The collator passes a batch's scores only when every ranking in it has them, so a
+    mixed dataset would silently switch such a loss to its unscored definition batch by batch. The
+    error names the first record whose kind differs from the first record's (its position, and its
+    ``meta`` source and index where present). Losses that ignore scores accept any mix.
+    """
+    if not spec.uses_scores or not examples:
+        return
+    first_scored = examples[0].scores is not None
+    for position, example in enumerate(examples):
+        if (example.scores is not None) != first_scored:
+            has, lacks = (0, position) if first_scored else (position, 0)
+            raise ValueError(
+                f"training rankings mix scored and unscored records: {_record(examples, lacks)} has no "
+                f"scores while {_record(examples, has)} has; loss '{spec.name}' reads the scores of a whole "
+                "batch (as labels, temperatures or to find ties) and would silently use its unscored "
+                "definition for batches that hold both. Give every ranking scores, or none")
+
+
+def _record(examples: Sequence[RankedExample], position: int) -> str:
+    """``record 5 (source 'hh', index 17)``: a ranking's position in the list and its provenance."""
+    meta = examples[position].meta or {}
+    where = ", ".join(f"{key} {meta[key]!r}" for key in ("source", "index") if key in meta)
+    return f"record {position}" + (f" ({where})" if where else "")

@@ -1,4 +1,6 @@
-"""``python -m alignexp.report`` over a smoke-sized multirun of fake run folders (alignexp/report.py)."""
+"""``python -m alignexp.report`` over smoke-sized multiruns of fake run folders (alignexp/report/): one
+seed per configuration (the table, plots and CSVs), and a ``seed=0,1,2`` sweep of two losses whose
+means, intervals, matched-KL values and paired differences are worked out here by hand."""
 
 from __future__ import annotations
 
@@ -71,8 +73,8 @@ def test_report_over_a_multirun(multirun, tmp_path):
     written = write_report(multirun, out)
     assert written["runs"] == 4
     names = {p.name for p in written["files"]}
-    assert {"results.md", "results.csv", "frontier.png", "win_rate_vs_temperature.png",
-            "metrics_vs_loss_beta.png"} <= names
+    assert {"results.md", "results.csv", "runs.csv", "comparisons.csv", "matched_kl.csv", "frontier.png",
+            "win_rate_vs_temperature.png", "metrics_vs_loss_beta.png"} <= names
     for path in written["files"]:
         assert path.exists() and path.stat().st_size > 0
     # every PNG parses as an image of a sensible size
@@ -81,26 +83,39 @@ def test_report_over_a_multirun(multirun, tmp_path):
     for path in out.glob("*.png"):
         image = matplotlib.image.imread(path)
         assert image.ndim == 3 and image.shape[0] > 200 and image.shape[1] > 300
-    # CSV: one row per run, the swept parameter and the metrics with their stderr columns
-    rows = list(csv.DictReader((out / "results.csv").open()))
+    # runs.csv: one row per run, the swept parameter and the metrics with their stderr columns
+    rows = list(csv.DictReader((out / "runs.csv").open()))
     assert [r["run"] for r in rows] == ["0_loss.beta=0.1,loss=dpo", "1_loss.beta=0.5,loss=dpo",
                                         "2_loss.beta=0.1,loss=ipo", "3_sampler=best_of_n"]
     assert [r["method"] for r in rows] == ["dpo", "dpo", "ipo", "best_of_n"]
     assert [float(r["loss.beta"]) for r in rows] == [0.1, 0.5, 0.1, 0.1]
+    assert [r["seed"] for r in rows] == ["0"] * 4
     # the best-of-N run reports its best-of-4: gold 0.15 at the analytic KL log 4 - 3/4
     assert float(rows[3]["gold_reward"]) == pytest.approx(0.15)
     assert float(rows[3]["kl"]) == pytest.approx(math.log(4) - 0.75) and rows[3]["kl_stderr"] == ""
     assert float(rows[0]["gold_reward"]) == pytest.approx(0.6) and float(rows[0]["win_rate"]) == 0.95
     assert float(rows[2]["kl_stderr"]) == pytest.approx(0.1)
     assert "preference_accuracy" in rows[0] and "bleu" not in rows[0]  # only metrics some run has
+    # results.csv: one row per configuration; one seed each, so the run's own stderr and no interval
+    points = list(csv.DictReader((out / "results.csv").open()))
+    assert [(p["method"], p["loss.beta"], p["n_seeds"]) for p in points] == [
+        ("best_of_n", "0.1", "1"), ("dpo", "0.1", "1"), ("dpo", "0.5", "1"), ("ipo", "0.1", "1")]
+    assert float(points[1]["gold_reward"]) == 0.6 and float(points[1]["gold_reward_stderr"]) == 0.01
+    assert points[1]["gold_reward_ci_low"] == ""
     # Markdown: every run appears, Hydra job folders by their number
     markdown = (out / "results.md").read_text()
-    lines = markdown.strip().splitlines()
-    assert len(lines) == 2 + 4
-    assert lines[0].startswith("| run | method | task | loss.beta | task.ranking_length |")
+    runs_section = markdown[markdown.index("## Runs"):].strip().splitlines()
+    assert runs_section[4].startswith("| run | method | task | seed | loss.beta | task.ranking_length |")
+    assert len(runs_section) == 4 + 2 + 4
     for number, method in (("#0", "dpo"), ("#1", "dpo"), ("#2", "ipo"), ("#3", "best_of_n")):
-        assert any(line.startswith(f"| {number} | {method} |") for line in lines[2:])
-    assert "0.600 ± 0.010" in markdown
+        assert any(line.startswith(f"| {number} | {method} |") for line in runs_section)
+    assert "| dpo | synthetic | 0.1 | - | 0 | 0.600 ± 0.010 | 8.000 ± 0.100 |" in markdown
+    # dpo's frontier through (3, 0.4) and (8, 0.6) at the default KL points 4.2, 5.5, 6.8 (1/4, 1/2, 3/4 of
+    # the way, two digits): 0.4 + 0.2 * 1.2/5 = 0.448, 0.5, 0.552; the others have one KL: no range
+    assert written["kls"] == [4.2, 5.5, 6.8]
+    assert "| dpo | synthetic | 0 | 3.00 to 8.00 | 0.448 | 0.500 | 0.552 |" in markdown
+    assert "| ipo | synthetic | 0 | one KL per seed | - | - | - |" in markdown
+    assert "fewer than two seeds in common, so no paired test, for best_of_n - dpo, ipo - dpo" in markdown
 
 
 def test_swept_parameters_ignore_paths_and_a_method_s_own_constant_keys(multirun):

@@ -36,19 +36,23 @@ def close(actual: torch.Tensor, expected: float) -> None:
 # --------------------------------------------------------------------------- registry
 
 
-EXPECTED = {  # name: (needs_reference, needs_rewards, listwise, min_responses)
-    "dpo": (True, False, False, 2), "cdpo": (True, False, False, 2), "ipo": (True, False, False, 2),
-    "hinge": (True, False, False, 2), "slic": (False, False, False, 2), "rrhf": (False, False, True, 2),
-    "pro": (False, False, True, 2), "ranked_dpo": (True, False, True, 2), "lipo": (True, False, True, 2),
-    "sft": (False, False, False, 1), "preferred_ft": (False, False, False, 1),
+EXPECTED = {  # name: (needs_reference, needs_rewards, listwise, min_responses, uses_scores)
+    "dpo": (True, False, False, 2, False), "cdpo": (True, False, False, 2, False),
+    "ipo": (True, False, False, 2, False), "hinge": (True, False, False, 2, False),
+    "slic": (False, False, False, 2, False), "rrhf": (False, False, True, 2, True),
+    "pro": (False, False, True, 2, True), "ranked_dpo": (True, False, True, 2, True),
+    "lipo": (True, False, True, 2, True), "reward": (False, False, True, 2, True),
+    "sft": (False, False, False, 1, False), "preferred_ft": (False, False, False, 1, False),
+    "raft": (False, False, False, 1, False), "ppo": (True, True, False, 1, False),
 }
 
 
 def test_every_loss_is_registered_with_what_it_needs():
-    assert set(EXPECTED) <= set(registered_losses())
+    assert set(EXPECTED) == set(registered_losses())
     for name, flags in EXPECTED.items():
         spec = get_loss(name)
-        assert (spec.needs_reference, spec.needs_rewards, spec.listwise, spec.min_responses) == flags, name
+        assert (spec.needs_reference, spec.needs_rewards, spec.listwise, spec.min_responses,
+                spec.uses_scores) == flags, name
 
 
 @pytest.mark.parametrize("name", ["dpo", "ipo", "hinge", "slic", "rrhf", "pro", "ranked_dpo", "lipo"])
@@ -64,7 +68,7 @@ def test_unknown_loss_lists_the_registered_names():
         get_loss("nope")
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", sorted(set(EXPECTED) - {"raft", "reward", "ppo"}))  # their YAMLs hold more
 def test_yaml_keys_are_the_function_hparams_and_valid(name):
     """conf/loss/<name>.yaml names the loss and lists exactly its keyword-only hyper-parameters."""
     config = yaml.safe_load((CONF / f"{name}.yaml").read_text())
@@ -332,40 +336,78 @@ def test_ranked_dpo_is_a_distribution_over_orders():
 
 
 def test_lipo_hand_worked():
-    """beta = 1, reference zeros, s = (2, 1, 0), no scores so psi = positions (2, 1, 0), G = 2^psi - 1 = (3, 1, 0).
+    """beta = 1, reference zeros, s = (2, 1, 0), no scores: positions (2, 1, 0) normalised per list to
+    psi = (1, 0.5, 0), G = 2^psi - 1 = (1, sqrt 2 - 1, 0) = (1, 0.414214, 0).
     Ranks by s: (1, 2, 3); 1/D = 1/log2(1 + tau) = (1, 1/log2 3 = 0.630930, 1/2).
-    Delta_01 = |3-1| |1 - 0.630930| = 0.738140;  Delta_02 = 3 * 0.5 = 1.5;  Delta_12 = 1 * 0.130930.
+    Delta_01 = (1 - 0.414214)(1 - 0.630930) = 0.585786 * 0.369070 = 0.216196;  Delta_02 = 1 * 0.5 = 0.5;
+    Delta_12 = 0.414214 * 0.130930 = 0.054233.
     Pair losses log(1 + e^{-(s_i - s_j)}): (0,1) 0.313262, (0,2) 0.126928, (1,2) 0.313262.
-    L = 0.738140 * 0.313262 + 1.5 * 0.126928 + 0.130930 * 0.313262 = 0.231231 + 0.190392 + 0.041015 = 0.462638.
-    Scores given as rewards (2, 1, 0) are the same labels: same loss."""
+    L = 0.216196 * 0.313262 + 0.5 * 0.126928 + 0.054233 * 0.313262 = 0.067726 + 0.063464 + 0.016989 = 0.148179.
+    Scores (2, 1, 0), (20, 10, 0) and (0.2, 0.1, 0) normalise to the same psi: the same loss."""
     s = t([[2.0, 1.0, 0.0]])
-    out = get_loss("lipo")(s, torch.zeros_like(s), beta=1.0)
-    inv = 1 / math.log2(3)
+    lipo = get_loss("lipo")
+    out = lipo(s, torch.zeros_like(s), beta=1.0)
+    inv, g1 = 1 / math.log2(3), math.sqrt(2) - 1
     sp1, sp2 = math.log1p(math.exp(-1)), math.log1p(math.exp(-2))
-    expected = 2 * (1 - inv) * sp1 + 1.5 * sp2 + (inv - 0.5) * sp1
+    expected = (1 - g1) * (1 - inv) * sp1 + 0.5 * sp2 + g1 * (inv - 0.5) * sp1
     close(out.loss, expected)
-    assert abs(expected - 0.462638) < 1e-6
-    close(get_loss("lipo")(s, torch.zeros_like(s), rewards=t([[2.0, 1.0, 0.0]]), beta=1.0).loss, expected)
+    assert abs(expected - 0.148179) < 1e-6
+    for scores in ([2.0, 1.0, 0.0], [20.0, 10.0, 0.0], [0.2, 0.1, 0.0]):
+        close(lipo(s, torch.zeros_like(s), rewards=t([scores]), beta=1.0).loss, expected)
     close(out.metrics["rewards/accuracy"], 1.0)
 
 
+def test_lipo_labels_are_normalised_per_list():
+    """psi = (v - min) / (max - min) per list: scores (0.2, 0.15, 0) give psi (1, 0.75, 0),
+    G = (1, 2^0.75 - 1 = 0.681793, 0); with s = (2, 1, 0) as above:
+    L = (1 - 0.681793)(1 - 0.630930) sp1 + 0.5 sp2 + 0.681793 (0.630930 - 0.5) sp1
+      = 0.117442 * 0.313262 + 0.063464 + 0.089268 * 0.313262 = 0.036790 + 0.063464 + 0.027964 = 0.128218.
+    A masked slot (garbage score NaN) does not enter the min or max."""
+    from alignexp.losses.lipo import list_normalised
+
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True], [True, False, False, False]])
+    psi = list_normalised(t([[3.0, 2.5, -1.0, float("nan")], [3.0, 2.0, 1.0, 0.0], [5.0, 0.0, 0.0, 0.0]]), mask)
+    torch.testing.assert_close(psi, t([[1.0, 0.875, 0.0, 0.0], [1.0, 2 / 3, 1 / 3, 0.0], [0.0, 0.0, 0.0, 0.0]]))
+    s = t([[2.0, 1.0, 0.0]])
+    inv, g1 = 1 / math.log2(3), 2 ** 0.75 - 1
+    sp1, sp2 = math.log1p(math.exp(-1)), math.log1p(math.exp(-2))
+    expected = (1 - g1) * (1 - inv) * sp1 + 0.5 * sp2 + g1 * (inv - 0.5) * sp1
+    assert abs(expected - 0.128218) < 1e-6
+    close(get_loss("lipo")(s, torch.zeros_like(s), rewards=t([[0.2, 0.15, 0.0]]), beta=1.0).loss, expected)
+
+
+def test_lipo_of_a_pair_is_dpo_scaled_by_one_dcg_weight_whatever_the_score_scale():
+    """n = 2: psi = (1, 0) for any two distinct scores, G = (1, 0), ranks (1, 2) or (2, 1), so
+    Delta = |1 - 1/log2 3| = 0.369070 and LiPO = 0.369070 * DPO, for scores in [-1, 1] as for ratings
+    1..10. (Before per-list normalisation, scores (0.3, -0.2) gave G = (0.231144, -0.129449), i.e.
+    Delta = 0.360593 * 0.369070 = 0.133: a loss about 7x smaller than DPO's at the same beta.)"""
+    gen = torch.Generator().manual_seed(0)
+    lp, lr = -torch.rand(8, 2, generator=gen, dtype=torch.float64) * 20, -torch.rand(8, 2, generator=gen, dtype=torch.float64) * 20
+    dpo = get_loss("dpo")(lp, lr, beta=0.1).loss
+    for scores in ([0.3, -0.2], [9.0, 2.0], [1e-3, 0.0]):
+        lipo = get_loss("lipo")(lp, lr, rewards=t([scores] * 8), beta=0.1).loss
+        torch.testing.assert_close(lipo, (1 - 1 / math.log2(3)) * dpo)
+
+
 def test_lipo_ranks_come_from_the_current_scores():
-    """s = (0, 1, 2) is the reverse of the labels (2, 1, 0): ranks tau = (3, 2, 1), 1/D = (1/2, 0.630930, 1).
-    Delta_01 = 2 * 0.130930 = 0.261860, Delta_02 = 3 * 0.5 = 1.5, Delta_12 = 1 * 0.369070.
+    """s = (0, 1, 2) is the reverse of the labels, psi = (1, 0.5, 0), G = (1, 0.414214, 0):
+    ranks tau = (3, 2, 1), 1/D = (1/2, 0.630930, 1).
+    Delta_01 = 0.585786 * 0.130930 = 0.076697, Delta_02 = 1 * 0.5, Delta_12 = 0.414214 * 0.369070 = 0.152874.
     Pair losses log(1 + e^{-(s_i - s_j)}): (0,1) log(1 + e) = 1.313262, (0,2) log(1 + e^2) = 2.126928, (1,2) 1.313262.
-    L = 0.343890 + 3.190392 + 0.484686 = 4.018968; accuracy 0.
-    Tied scores (1, 1, 0) make no (0, 1) pair: with s = (2, 1, 0), G = (1, 1, 0):
+    L = 0.100723 + 1.063464 + 0.200765 = 1.364952; accuracy 0.
+    Tied scores (1, 1, 0) make no (0, 1) pair: with s = (2, 1, 0), psi = G = (1, 1, 0):
     L = Delta_02 sp2 + Delta_12 sp1 = 1 * 0.5 * 0.126928 + 1 * 0.130930 * 0.313262 = 0.104479."""
     s = t([[0.0, 1.0, 2.0]])
     out = get_loss("lipo")(s, torch.zeros_like(s), beta=1.0)
-    inv = 1 / math.log2(3)
+    inv, g1 = 1 / math.log2(3), math.sqrt(2) - 1
     sp = lambda x: math.log1p(math.exp(-x))  # noqa: E731
-    close(out.loss, 2 * (inv - 0.5) * sp(-1) + 1.5 * sp(-2) + (1 - inv) * sp(-1))
-    assert abs(out.loss.item() - 4.018968) < 1e-5
+    close(out.loss, (1 - g1) * (inv - 0.5) * sp(-1) + 0.5 * sp(-2) + g1 * (1 - inv) * sp(-1))
+    assert abs(out.loss.item() - 1.364952) < 1e-5
     close(out.metrics["rewards/accuracy"], 0.0)
     s = t([[2.0, 1.0, 0.0]])
     tied = get_loss("lipo")(s, torch.zeros_like(s), rewards=t([[1.0, 1.0, 0.0]]), beta=1.0)
     close(tied.loss, 0.5 * sp(2) + (inv - 0.5) * sp(1))
+    assert abs(tied.loss.item() - 0.104479) < 1e-6
 
 
 # --------------------------------------------------------------------------- invariants for every loss

@@ -168,6 +168,7 @@ def test_ranking_accuracy_by_hand():
     (1 + 1 + 0 + 0.5)/4 = 0.625. Labels that tie (scores [0.2, 0.2, 0.1]) leave out pair (0,1)."""
     out = ranking_accuracy([[3.0, 1.0, 2.0]])
     assert out["preference_accuracy"] == pytest.approx(2 / 3) and out["preference_accuracy_n_pairs"] == 3
+    assert out["preference_accuracy_n_rankings"] == 1
     assert ranking_accuracy([[3.0, 1.0, 2.0], [1.0, 1.0]])["preference_accuracy"] == pytest.approx(0.625)
     assert labelled_pairs(3, [0.2, 0.2, 0.1]) == [(0, 2), (1, 2)]
     tied = ranking_accuracy([[3.0, 1.0, 2.0]], [[0.2, 0.2, 0.1]], prefix="acc")
@@ -182,8 +183,8 @@ def test_agreement_and_pairs_from_rankings():
     examples = [RankedExample("x", ["a", "b", "c"], scores=[2.0, 1.0, 1.0]),
                 RankedExample("y", ["d", "e"], target="gold y")]
     pairs = pairs_from_rankings(examples, references={"x": "gold x"})
-    assert pairs == [LabelledPair("x", "a", "b", "gold x"), LabelledPair("x", "a", "c", "gold x"),
-                     LabelledPair("y", "d", "e", "gold y")]
+    assert pairs == [LabelledPair("x", "a", "b", "gold x", 0), LabelledPair("x", "a", "c", "gold x", 0),
+                     LabelledPair("y", "d", "e", "gold y", 1)]
 
 
 def test_best_of_n():

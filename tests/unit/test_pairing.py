@@ -7,7 +7,7 @@ import random
 import pytest
 
 from alignexp.losses import get_loss
-from alignexp.sampling.pairing import PAIR_STRATEGIES, make_pairs, pairs_for_loss
+from alignexp.sampling.pairing import PAIR_STRATEGIES, check_scores, make_pairs, pairs_for_loss
 from alignexp.tasks.base import RankedExample
 
 
@@ -126,3 +126,25 @@ def test_pairs_for_loss():
     assert len(pairs_for_loss(examples, get_loss("slic"), "best_worst")) == 2
     seeded = pairs_for_loss(examples, get_loss("hinge"), "tournament", rng=5)
     assert names(seeded) == names(pairs_for_loss(examples, get_loss("hinge"), "tournament", rng=5))
+
+
+@pytest.mark.parametrize("name", ["rrhf", "pro", "lipo", "ranked_dpo", "reward"])
+def test_a_mix_of_scored_and_unscored_rankings_names_the_record(name):
+    """Record 2 has no scores after two scored ones: the error names it by position and provenance,
+    and the first scored record it conflicts with; an unscored first record names the scored one."""
+    examples = [ranked(3, meta={"source": "a.jsonl", "index": 0}), ranked(3, meta={"source": "a.jsonl", "index": 1}),
+                ranked(3, scores=None, meta={"source": "b.jsonl", "index": 7})]
+    with pytest.raises(ValueError, match=r"record 2 \(source 'b.jsonl', index 7\) has no scores while "
+                                         rf"record 0 \(source 'a.jsonl', index 0\) has; loss '{name}'"):
+        check_scores(examples, get_loss(name))
+    with pytest.raises(ValueError, match=r"record 0 has no scores while record 1 has"):
+        check_scores([ranked(2, scores=None), ranked(2)], get_loss(name))
+    check_scores(examples[:2], get_loss(name))  # all scored
+    check_scores([ranked(3, scores=None)] * 2, get_loss(name))  # none scored
+    check_scores([], get_loss(name))
+
+
+@pytest.mark.parametrize("name", ["dpo", "ipo", "slic", "hinge", "sft"])
+def test_losses_that_ignore_scores_accept_a_mix(name):
+    """Pairwise losses read pairs ordered by the pair builders one ranking at a time; sft reads column 0."""
+    check_scores([ranked(3), ranked(3, scores=None)], get_loss(name))

@@ -119,12 +119,13 @@ def implicit_reward_scorer(policy, reference, tokenizer, args: EvalArgs, max_res
 
 def agreement_report(pairs: Sequence[LabelledPair], scorers: dict[str, PairScorer]) -> dict[str, dict]:
     """For each metric: the fraction of labelled pairs on which it prefers the human's choice (ties half),
-    with a 95% Wilson interval, over the pairs it can judge (``n``)."""
+    with a 95% Wilson interval, over the pairs it can judge (``n``); its standard error is clustered by the
+    ranking each pair came from (the pairs of one ranking are not independent)."""
     out = {}
     for name, scorer in scorers.items():
-        judged = [v for v in scorer(pairs) if v is not None]
+        judged = [(v, p.ranking) for v, p in zip(scorer(pairs), pairs) if v is not None]
         if judged:
-            out[name] = agreement(judged)
+            out[name] = agreement([v for v, _ in judged], clusters=[c for _, c in judged])
         else:
             out[name] = {"agreement": None, "n": 0, "skipped": "no pair with what this metric needs (a reference)"}
     return out

@@ -17,7 +17,7 @@ from alignexp.errors import AlignexpError, ConfigError
 from alignexp.metrics.overlap import reference_metrics
 from alignexp.metrics.preference import labelled_pairs, ranking_accuracy
 from alignexp.metrics.reward import best_of_n_indices, best_of_n_kl, length_stats
-from alignexp.metrics.stats import summary
+from alignexp.metrics.stats import clustered_summary, summary
 from alignexp.metrics.winrate import Judge, batched, both_orders_verdicts, win_rate, win_rate_from_verdicts
 from alignexp.models.logprobs import EncodedExample, encode_example, encode_text
 from alignexp.models.reference import response_logps
@@ -125,9 +125,12 @@ def preference_metrics(policy, reference, tokenizer, task: Task, judge: Judge | 
     labels = [ex.scores for ex in examples]
     rewards = implicit_rewards(policy, reference, encoded, tokenizer.pad_token_id, args.beta, args.batch_size)
     margins = [row[i] - row[j] for row, ex in zip(rewards, examples) for i, j in labelled_pairs(ex.n, ex.scores)]
-    policy_metrics = {**ranking_accuracy(rewards, labels), **summary("implicit_reward_margin", margins)}
+    clusters = [k for k, ex in enumerate(examples) for _ in labelled_pairs(ex.n, ex.scores)]  # pairs by ranking
+    policy_metrics = {**ranking_accuracy(rewards, labels), **clustered_summary("implicit_reward_margin", margins,
+                                                                                 clusters)}
     zeros = [[0.0] * len(row) for row in rewards]  # the reference's implicit reward is 0 for every response
-    reference_metrics_ = {**ranking_accuracy(zeros, labels), **summary("implicit_reward_margin", [0.0] * len(margins))}
+    reference_metrics_ = {**ranking_accuracy(zeros, labels),
+                          **clustered_summary("implicit_reward_margin", [0.0] * len(margins), clusters)}
     comparisons: dict[str, Any] = {"preference_examples": len(examples)}
     if scores_cheaply(judge):
         rows = judge_scores(judge, [ex.prompt for ex in examples], [ex.responses for ex in examples], args,

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from alignexp.args import instantiate_target
-from alignexp.errors import ConfigError
+from alignexp.errors import AlignexpError, ConfigError
 from alignexp.judges.base import Judge, ScoreJudge, rank_by_comparisons
 from alignexp.judges.gold import GoldJudge
 
@@ -39,7 +39,7 @@ def build_judge(config: Mapping[str, Any], task: Any, key: str = "judge", **runt
         config = dict(GOLD)
     try:
         return instantiate_target(config, key, task=task, **runtime)
-    except ConfigError as error:
+    except AlignexpError as error:  # a bad setting of this judge: named where it was set
         raise ConfigError(str(error).replace("judge.", f"{key}.").replace(f"{key}: {key}.", f"{key}.")) from None
 
 

@@ -30,7 +30,8 @@ class RewardModule(PreferenceModule):
 
     def compute_loss(self, batch: PackedBatch) -> LossOutput:
         scores = sequence_scores(self.policy, batch)
-        return self.spec(scores, lengths=batch.lengths, mask=batch.mask, **self.loss_hparams)
+        rewards = None if batch.rewards is None else batch.rewards[:, :scores.shape[1]]  # ties are not ordered
+        return self.spec(scores, lengths=batch.lengths, mask=batch.mask, rewards=rewards, **self.loss_hparams)
 
 
 def split_heldout(examples: Sequence[RankedExample], fraction: float,

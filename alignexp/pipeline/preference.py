@@ -12,7 +12,7 @@ from alignexp.modules.datamodule import RankingDataset, encode_all, make_loader
 from alignexp.modules.preference import PreferenceModule
 from alignexp.pipeline.context import RunContext, register_stage
 from alignexp.pipeline.fit import fit, schedule
-from alignexp.sampling.pairing import pairs_for_loss
+from alignexp.sampling.pairing import check_scores, pairs_for_loss
 from alignexp.sampling.samplers import SamplerContext
 from alignexp.tasks.base import RankedExample, truncate_rankings
 
@@ -40,6 +40,7 @@ def shape_for_loss(ctx: RunContext, examples: list[RankedExample], round_index: 
         examples = [ex for ex in examples if ex.n >= spec.min_responses]
     if spec.data == "best":
         return [RankedExample(ex.prompt, ex.responses[:1], None, ex.target, ex.meta) for ex in examples]
+    check_scores(examples, spec)
     return pairs_for_loss(examples, spec, ctx.args.pairs, rng=random.Random(ctx.args.seed + round_index))
 
 

@@ -21,6 +21,7 @@ from alignexp.modules.reward import (
 from alignexp.pipeline.context import RunContext, register_stage
 from alignexp.pipeline.fit import fit, schedule
 from alignexp.pipeline.preference import sampler_context
+from alignexp.sampling.pairing import check_scores
 from alignexp.tasks.base import truncate_rankings
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ def reward_model(ctx: RunContext) -> None:
     """Train, measure and save a reward model from the rankings (eval.json's ``reward_model``)."""
     args, tokenizer = ctx.args, ctx.tokenizer
     examples = truncate_rankings(ctx.sampler.examples(sampler_context(ctx), 0), ctx.task.ranking_length)
+    check_scores(examples, ctx.spec)
     train_examples, heldout = split_heldout(examples, args.reward_model.heldout_fraction, args.seed)
     model_args = ctx.model_args
     train_encoded, heldout_encoded = (encode_all(tokenizer, part, model_args.max_prompt_len,

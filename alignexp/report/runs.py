@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignexp.evaluation.results import HEADLINE_METRICS
+
 # Hyper-parameters that are not an experiment's subject: left out of "swept" even where they differ.
 IGNORED_PREFIXES = ("paths.", "hydra.", "logger.", "hardware.", "eval.", "export.", "agreement.")
 # loss and sampler choices are the "method" column; the seed makes replicates, never a hyper-parameter.
@@ -18,18 +20,7 @@ IGNORED_KEYS = {"policy", "reference", "mode", "init_from", "model.path", "loss"
                 "sampler.name", SEED_KEY}
 
 # The headline metrics a table shows, in order, where at least one run has them: (column, section, key).
-METRICS: tuple[tuple[str, str, str], ...] = (
-    ("gold_reward", "policy", "gold_reward"),
-    ("judge_score", "policy", "judge_score"),
-    ("kl", "policy", "kl"),
-    ("win_rate", "comparisons", "win_rate_vs_reference"),
-    ("preference_accuracy", "policy", "preference_accuracy"),
-    ("bleu", "policy", "bleu"),
-    ("chrf", "policy", "chrf"),
-    ("ter", "policy", "ter"),
-    ("rouge_l", "policy", "rouge_l"),
-    ("response_tokens", "policy", "response_tokens"),
-)
+METRICS = HEADLINE_METRICS
 PLOTTED_PARAM_ORDER = ("loss.beta", "loss.margin", "task.ranking_length")
 
 

@@ -292,12 +292,10 @@ def test_cli_judge_reward_model_spelling(saved_models, tmp_path):
 def test_cli_judge_settings_that_cannot_work_fail_naming_the_key(saved_models, tmp_path):
     """Before any model loads: a reward model judge without its folder, or with a folder that is not there,
     and an llm judge without its model name."""
-    from alignexp.models.backbone import ModelUnavailable
-
     policy = f"policy={saved_models / 'run' / 'policy'}"
     with pytest.raises(ConfigError, match="judge.path: the reward_model judge needs the folder"):
         run(compose_evaluate(tmp_path / "a", policy, "judge=reward_model"))
-    with pytest.raises(ModelUnavailable, match="judge.path=.*missing_run/reward_model: the reward model cannot be"):
+    with pytest.raises(ConfigError, match="judge.path=.*missing_run/reward_model: the reward model cannot be"):
         run(compose_evaluate(tmp_path / "b", policy, "judge=reward_model",
                              f"judge.path={tmp_path / 'missing_run' / 'reward_model'}"))
     with pytest.raises(ConfigError, match="judge.model: the llm judge needs the endpoint's model name"):

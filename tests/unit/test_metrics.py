@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from alignexp.judges.gold import GoldJudge
+from alignexp.judges.base import ScoreJudge
 from alignexp.metrics.overlap import (
     corpus_scores,
     plain_text,
@@ -143,8 +143,14 @@ def test_win_rate_judges_both_orders_and_cancels_position_bias():
     assert win_rate(judge, prompts, baseline, policy)["win_rate"] == pytest.approx(0.25)
 
 
-def test_win_rate_counts_ties_as_half_with_the_gold_judge():
-    judge = GoldJudge(lambda prompt, response: float(len(response)))
+def test_win_rate_counts_ties_as_half_with_a_scoring_judge():
+    class Length(ScoreJudge):
+        name = "length"
+
+        def score(self, prompts, responses):
+            return [float(len(r)) for r in responses]
+
+    judge = Length()
     out = win_rate(judge, ["p", "p", "p"], ["aa", "a", "aaa"], ["a", "a", "aaaa"])
     assert out["win_rate"] == pytest.approx((1 + 0.5 + 0) / 3)
     assert out["win_rate_first_position_rate"] == pytest.approx(0.5)

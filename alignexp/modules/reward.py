@@ -8,6 +8,7 @@ accuracy and normalise the rewards after training.
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,10 +71,24 @@ def normalise_rewards(model, encoded: Sequence[EncodedExample], pad_id: int, bat
     return offset
 
 
+SAVED_PAD = "<|reward_pad|>"
+
+
 def save_reward_model(model, tokenizer, folder: str | Path) -> Path:
-    """Save in Hugging Face format (sequence classification, ``reward_offset`` in config.json)."""
+    """Save in Hugging Face format (sequence classification, ``reward_offset`` in config.json).
+
+    Transformers' sequence-classification forward pools at the last token that is not the pad token. A
+    tokenizer whose pad is its EOS (Llama's and Mistral's get pad = EOS, having none) would then pool at
+    the token before the EOS, where alignexp did not train; such a model is saved with a pad token of its
+    own (one embedding row added, never attended to), so that plain transformers scores at the EOS.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer = copy.deepcopy(tokenizer)
+        tokenizer.add_special_tokens({"pad_token": SAVED_PAD})
+        model.resize_token_embeddings(len(tokenizer))
+        model.config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

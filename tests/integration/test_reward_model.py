@@ -35,6 +35,7 @@ from alignexp.modules.reward import (
     save_reward_model,
     split_heldout,
 )
+from alignexp.tasks.base import RankedExample
 from alignexp.tasks.synthetic import SyntheticTask
 
 
@@ -163,3 +164,37 @@ def test_reward_model_learns_the_gold_ranking(tiny_args, tmp_path):
     ranked = judge.rank(ex.prompt, ex.responses)
     assert ranked.scores == pytest.approx(sorted(scores, reverse=True), abs=1e-4)
     assert judge.compare([ex.prompt], [ranked.responses[0]], [ranked.responses[-1]]) in ([1.0], [0.5])
+
+
+def test_saved_reward_model_scores_at_the_eos_in_plain_transformers(tmp_path):
+    """A tokenizer that had no pad token gets pad = EOS (as Llama's and Mistral's do in alignexp); the saved
+    reward model still scores, in plain transformers (one row, or right-padded batches), what alignexp
+    scores once config.reward_offset is subtracted: it pools at the EOS, not at the token before it."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from alignexp.models.tokenizer import build_byte_tokenizer
+
+    tokenizer = build_byte_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token  # a tokenizer without its own pad token, as build_tokenizer treats one
+    fields = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "model" / "tiny.yaml"))
+    model = build_reward_model(ModelArgs(**fields), tokenizer)
+    torch.nn.init.normal_(model.score.weight, std=0.5)
+    model.config.reward_offset = 0.25
+    examples = [RankedExample("abc:", ["dd", "efgh", "i"]), RankedExample("jk:", ["lmnop", "q"])]
+    encoded = encode_all(tokenizer, examples, 64, 32)
+    ours = [row.tolist() for row in score_encoded(model, encoded, tokenizer.pad_token_id)]
+    folder = save_reward_model(model, tokenizer, tmp_path / "reward_model")
+
+    plain = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    saved_tokenizer = AutoTokenizer.from_pretrained(folder)
+    assert saved_tokenizer.pad_token_id != saved_tokenizer.eos_token_id == tokenizer.eos_token_id
+    rows = [[saved_tokenizer.bos_token_id, *e.prompt_ids[1:], *r] for e in encoded for r in e.response_ids]
+    expected = [s for row in ours for s in row]
+    with torch.no_grad():
+        one_by_one = [plain(input_ids=torch.tensor([row])).logits[0, 0].item() for row in rows]
+        width = max(map(len, rows))
+        padded = torch.tensor([row + [saved_tokenizer.pad_token_id] * (width - len(row)) for row in rows])
+        batch = plain(input_ids=padded, attention_mask=(padded != saved_tokenizer.pad_token_id).long()).logits[:, 0]
+    offset = plain.config.reward_offset
+    assert [v - offset for v in one_by_one] == pytest.approx(expected, abs=1e-4)
+    assert [v - offset for v in batch.tolist()] == pytest.approx(expected, abs=1e-4)

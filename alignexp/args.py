@@ -155,7 +155,7 @@ class ModelArgs:
 
 STRATEGIES = ("auto", "ddp", "fsdp", "deepspeed")
 PRECISIONS = ("32-true", "32", "64-true", "bf16-mixed", "bf16-true", "16-mixed", "16-true")
-SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
+SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP")  # FSDP2: parameters resharded after forward, or kept
 
 
 @dataclass
@@ -165,7 +165,10 @@ class HardwareArgs:
     ``offload_parameters`` (stage 3 only). FSDP: ``sharding_strategy``, ``activation_checkpointing``,
     ``cpu_offload``, ``wrap_layers`` (decoder-layer class names; None: every ``*DecoderLayer``).
     ``process_group_backend`` (None: NCCL on GPU, Gloo on CPU), ``find_unused_parameters`` (DDP),
-    ``threads`` (intra-op CPU threads), ``gpu_memory_gib`` (read by ``python -m alignexp.plan``)."""
+    ``threads`` (intra-op CPU threads), ``gpu_memory_gib`` (read by ``python -m alignexp.plan``),
+    ``zero_persistence_threshold`` (ZeRO-3 leaves parameters smaller than this unpartitioned; None:
+    DeepSpeed's default). ``name: auto`` is resolved to another option at start
+    (:func:`alignexp.hardware.resolve_auto`)."""
 
     name: str = "cpu"
     accelerator: str = "cpu"
@@ -184,6 +187,7 @@ class HardwareArgs:
     process_group_backend: str | None = None
     find_unused_parameters: bool = False
     gpu_memory_gib: float | None = None
+    zero_persistence_threshold: int | None = None
 
     def __post_init__(self) -> None:
         if self.wrap_layers is not None:
@@ -209,6 +213,8 @@ class HardwareArgs:
             raise ConfigError(f"hardware.zero_stage / offload_optimizer / offload_parameters are DeepSpeed settings; "
                               f"hardware.strategy is {self.strategy!r} (use hardware=deepspeed_zero2|deepspeed_zero3|...)")
         check_choice("hardware.sharding_strategy", self.sharding_strategy, SHARDING_STRATEGIES)
+        check_number("hardware.zero_persistence_threshold", self.zero_persistence_threshold, low=0, integer=True,
+                     optional=True)
         check_number("hardware.gpu_memory_gib", self.gpu_memory_gib, low=0, low_open=True, optional=True)
 
     @property
@@ -217,10 +223,13 @@ class HardwareArgs:
 
     @property
     def torch_device(self) -> str:
-        """Where models live outside Lightning's fit (sampling, reference log-probs, evaluation)."""
+        """Where this process's models live outside Lightning's fit (sampling, reference log-probs,
+        evaluation): the GPU of its local rank, or the CPU."""
         import torch
 
-        return "cuda" if self.device_type == "cuda" and torch.cuda.is_available() else "cpu"
+        from alignexp.distributed import local_rank
+
+        return f"cuda:{local_rank()}" if self.device_type == "cuda" and torch.cuda.is_available() else "cpu"
 
     @property
     def world_size(self) -> int:
@@ -252,7 +261,10 @@ class TrainArgs:
     """``train``: the schedule of every training stage (preference, reward model, PPO's optimiser).
     ``reference``: the reference's log-probs precomputed and cached (default), or a frozen copy.
     ``disable_dropout``: the backbone's dropout off while training (as the DPO reference code and TRL do;
-    PPO always has it off); ``keep_lora_dropout``: except LoRA's own (``model.lora.dropout``)."""
+    PPO always has it off); ``keep_lora_dropout``: except LoRA's own (``model.lora.dropout``).
+    ``batch_size`` is per device; ``global_batch_size`` (optional) sets ``accumulate_grad_batches`` so that
+    batch_size x devices x nodes x accumulation equals it. ``checkpoint_every``: a checkpoint every that many
+    optimizer steps (0: none; a SLURM preemption signal still saves one), from which ``resume=`` continues."""
 
     batch_size: int = 16
     accumulate_grad_batches: int = 1
@@ -266,8 +278,12 @@ class TrainArgs:
     reference: str = "precompute"
     disable_dropout: bool = True
     keep_lora_dropout: bool = False
+    global_batch_size: int | None = None
+    checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
+        check_number("train.global_batch_size", self.global_batch_size, low=1, integer=True, optional=True)
+        check_number("train.checkpoint_every", self.checkpoint_every, low=0, integer=True)
         check_bool("train.disable_dropout", self.disable_dropout)
         check_bool("train.keep_lora_dropout", self.keep_lora_dropout)
         for key in ("batch_size", "accumulate_grad_batches", "max_epochs", "log_every_n_steps"):
@@ -287,7 +303,9 @@ class TrainArgs:
 @dataclass
 class SFTArgs:
     """``sft``: the schedule of the task's own SFT policy (trained once and cached). Its own ``seed`` (data
-    order) is in the cache key, so a sweep over the run's ``seed`` shares one SFT policy on purpose."""
+    order) is in the cache key, so a sweep over the run's ``seed`` shares one SFT policy on purpose.
+    ``batch_size`` is the global batch (split over the ranks), so the cached policy does not depend on how
+    many processes trained it."""
 
     batch_size: int = 64
     lr: float = 3e-3
@@ -451,6 +469,7 @@ class RunArgs:
     init_from: str | None = None
     run_name: str = "run"
     imports: list[str] = field(default_factory=list)
+    resume: str | None = None
 
     def __post_init__(self) -> None:
         check_number("seed", self.seed, integer=True)

@@ -102,6 +102,7 @@ def validate(cfg: DictConfig) -> RunArgs:
         init_from=container.get("init_from"),
         run_name=str(container.get("run_name") or name),
         imports=list(container.get("imports") or []),
+        resume=container.get("resume"),
     )
     instantiate_target(args.sampler, "sampler")  # a sampler checks its settings when it is built
     from alignexp.tasks.base import check_ranking_length

@@ -4,6 +4,7 @@ Every write goes to a temporary name unique to its process (``.<name>.<pid>-<ran
 destination's folder and is renamed into place, so concurrent writers (ranks, sweep jobs) never share
 a temporary file, and a file that exists is whole. A folder is written the same way
 (:func:`atomic_folder`); if another writer finished the same folder first, its copy is kept.
+:func:`file_lock` lets one process at a time compute a cache entry, so concurrent jobs compute it once.
 """
 
 from __future__ import annotations
@@ -66,3 +67,20 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive lock for the cache entry ``path``, held by this process until the block ends: the
+    ``flock`` of ``.<name>.lock`` beside it (waits while another process, e.g. a concurrent sweep job,
+    holds it; released by the kernel if the holder dies)."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -2,21 +2,24 @@
 
 Modules never branch on the strategy: everything hardware-specific is decided here, from
 ``conf/hardware/<name>.yaml``, by one plain function (:func:`build_strategy`) that maps the
-config to a Lightning strategy object:
+config to a Lightning strategy object (:mod:`alignexp.strategies`):
 
 =========================  ===================================================================
 ``strategy: auto``         one device (``cpu``, ``gpu``)
 ``strategy: ddp``          :class:`~lightning.pytorch.strategies.DDPStrategy`, one process per device
-``strategy: fsdp``         :class:`~lightning.pytorch.strategies.FSDPStrategy`: sharded parameters,
-                           gradients and optimizer states (``sharding_strategy``), decoder layers
-                           as wrap units, optional activation checkpointing and CPU offload
-``strategy: deepspeed``    :class:`~lightning.pytorch.strategies.DeepSpeedStrategy`: ZeRO stage
-                           ``zero_stage`` (1, 2, 3) with optional optimizer / parameter offload
+``strategy: fsdp``         FSDP2 (``fully_shard``, :class:`alignexp.strategies.FSDP2`): parameters,
+                           gradients and optimizer states sharded per parameter over all ranks, each
+                           decoder layer a unit, fp32 master weights with bf16 compute
+``strategy: deepspeed``    DeepSpeed ZeRO stage ``zero_stage`` (1, 2, 3) with optional optimizer /
+                           parameter offload (:class:`alignexp.strategies.DeepSpeedAnyDevice`; on
+                           GPUs, or on CPU ranks with gloo)
 =========================  ===================================================================
 
-Multi-GPU and multi-node runs go through Lightning's launchers: ``hardware.devices`` GPUs per
-node and ``hardware.num_nodes`` nodes (Lightning starts one process per device, or reads the ranks
-from SLURM / torchrun). Mixed precision is ``hardware.precision`` (``bf16-mixed`` on GPU).
+The processes are started once, before the first stage (:mod:`alignexp.launch`):
+``hardware.devices`` per node and ``hardware.num_nodes`` nodes. Precision is ``hardware.precision``:
+``bf16-mixed`` keeps fp32 master weights under every strategy (the trainable parameters are held in
+fp32 while they train, :func:`master_weights`); ``bf16-true`` trains pure bf16, only when asked for.
+``hardware=auto`` (the default) picks one of the options for the machine (:func:`resolve_auto`).
 
 This module imports no Hydra, OmegaConf or DeepSpeed at import time (``alignexp.gpu_check`` uses it
 on machines without them).
@@ -24,40 +27,16 @@ on machines without them).
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from alignexp.args import HardwareArgs  # noqa: F401  (the settings of the hardware group)
+from alignexp.launch import devices_per_node
 
 log = logging.getLogger(__name__)
-
-class DecoderLayers:
-    """True for a module whose class is one of ``names`` (None: any class name ending in ``DecoderLayer``).
-
-    With ``skip_checkpointed``, layers that the model already checkpoints itself
-    (``model.gradient_checkpointing=true`` sets ``layer.gradient_checkpointing``) are left out, so
-    FSDP's activation checkpointing never nests inside the model's.
-    """
-
-    def __init__(self, names: list[str] | None = None, skip_checkpointed: bool = False):
-        self.names = frozenset(names) if names else None
-        self.skip_checkpointed = skip_checkpointed
-
-    def __call__(self, module) -> bool:
-        name = type(module).__name__
-        matches = name in self.names if self.names is not None else name.endswith("DecoderLayer")
-        if matches and self.skip_checkpointed and getattr(module, "gradient_checkpointing", False):
-            return False
-        return matches
-
-
-def _lambda_policy(matcher: DecoderLayers):
-    from torch.distributed.fsdp.wrap import lambda_auto_wrap_policy
-
-    return functools.partial(lambda_auto_wrap_policy, lambda_fn=matcher)
 
 
 def build_strategy(hw: HardwareArgs):
@@ -70,24 +49,23 @@ def build_strategy(hw: HardwareArgs):
         return DDPStrategy(process_group_backend=hw.process_group_backend,
                            find_unused_parameters=hw.find_unused_parameters)
     if hw.strategy == "fsdp":
-        from lightning.pytorch.strategies import FSDPStrategy
+        from alignexp.strategies import FSDP2
 
-        checkpointing = _lambda_policy(DecoderLayers(hw.wrap_layers, skip_checkpointed=True)) \
-            if hw.activation_checkpointing else None
-        # Mixed precision comes from hw.precision (Lightning's FSDPPrecision: bf16 parameters in
-        # compute, reduce and buffers for bf16-mixed; the shards keep the model's own dtype).
-        return FSDPStrategy(sharding_strategy=hw.sharding_strategy,
-                            auto_wrap_policy=_lambda_policy(DecoderLayers(hw.wrap_layers)),
-                            activation_checkpointing_policy=checkpointing, cpu_offload=hw.cpu_offload,
-                            process_group_backend=hw.process_group_backend, state_dict_type="full",
-                            use_orig_params=True, limit_all_gathers=True)
-    from lightning.pytorch.strategies import DeepSpeedStrategy
+        return FSDP2(devices_per_node(hw) * hw.num_nodes, mixed_precision=hw.precision.endswith("-mixed"),
+                     reshard_after_forward=hw.sharding_strategy == "FULL_SHARD", cpu_offload=hw.cpu_offload,
+                     activation_checkpointing=hw.activation_checkpointing, wrap_layers=hw.wrap_layers,
+                     process_group_backend=hw.process_group_backend)
+    if hw.device_type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
+    from alignexp.strategies import DeepSpeedAnyDevice
 
     offload = hw.offload_optimizer or hw.offload_parameters
-    strategy = DeepSpeedStrategy(stage=hw.zero_stage, offload_optimizer=hw.offload_optimizer,
-                                 offload_parameters=hw.offload_parameters, pin_memory=offload,
-                                 process_group_backend=hw.process_group_backend, exclude_frozen_parameters=True,
-                                 logging_level=logging.WARNING)
+    strategy = DeepSpeedAnyDevice(stage=hw.zero_stage, offload_optimizer=hw.offload_optimizer,
+                                  offload_parameters=hw.offload_parameters, pin_memory=offload,
+                                  process_group_backend=hw.process_group_backend, exclude_frozen_parameters=True,
+                                  logging_level=logging.WARNING)
+    if hw.zero_persistence_threshold is not None:
+        strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = hw.zero_persistence_threshold
     if hw.offload_optimizer:
         # The modules' own torch AdamW runs the offloaded step on the CPU (DeepSpeed would otherwise
         # refuse any optimizer but its compiled DeepSpeedCPUAdam); see docs/scale.md.
@@ -95,10 +73,81 @@ def build_strategy(hw: HardwareArgs):
     return strategy
 
 
+def precision_settings(hw: HardwareArgs) -> dict[str, Any]:
+    """The Trainer's ``precision`` or ``plugins`` for ``hw``. Where Lightning would convert a whole batch
+    to 16 bits (DeepSpeed, ``*-true`` half precision), a plugin that keeps the reference log-probs and
+    rewards fp32; under FSDP2 the mixed precision is its ``MixedPrecisionPolicy`` (the Trainer's is 32-bit)."""
+    from alignexp.strategies import DeepSpeedBatchPrecision, HalfBatchPrecision
+
+    if hw.strategy == "deepspeed":
+        return {"plugins": [DeepSpeedBatchPrecision(hw.precision)]}
+    if hw.precision in ("bf16-true", "16-true"):
+        return {"plugins": [HalfBatchPrecision(hw.precision)]}
+    if hw.strategy == "fsdp" and hw.precision.endswith("-mixed"):
+        return {"precision": "32-true"}
+    return {"precision": hw.precision}
+
+
 def trainer_kwargs(hw: HardwareArgs) -> dict[str, Any]:
     """Keyword arguments for ``lightning.Trainer`` that this hardware option decides."""
     return {"accelerator": hw.accelerator, "devices": hw.devices, "num_nodes": hw.num_nodes,
-            "precision": hw.precision, "strategy": build_strategy(hw)}
+            "strategy": build_strategy(hw), **precision_settings(hw)}
+
+
+def master_weights(hw: HardwareArgs) -> bool:
+    """Whether the trainable parameters are held in fp32 while they train: mixed precision outside DeepSpeed
+    (whose optimizer keeps its own fp32 master copy of its 16-bit parameters)."""
+    return hw.precision.endswith("-mixed") and hw.strategy != "deepspeed"
+
+
+def _option(base: HardwareArgs, **settings: Any) -> HardwareArgs:
+    import dataclasses
+
+    return dataclasses.replace(base, **settings)
+
+
+def choose_auto(hw: HardwareArgs, run=None, single_process: bool = False) -> tuple[HardwareArgs, str]:
+    """The option ``hardware=auto`` stands for on this machine, and why: the CPU without CUDA; one GPU; all
+    GPUs of the node with DDP, or DeepSpeed ZeRO-3 where ``python -m alignexp.plan`` says the run (``run``,
+    its :class:`~alignexp.args.RunArgs`) does not fit under DDP. ``single_process``: at most one GPU (a
+    command that runs one process, e.g. ``alignexp.sample``)."""
+    import torch
+
+    common = {"threads": hw.threads, "num_nodes": hw.num_nodes}
+    if not torch.cuda.is_available():
+        return _option(HardwareArgs(), name="cpu", **common), "no CUDA device"
+    gpus = torch.cuda.device_count() if hw.devices in ("auto", -1) else devices_per_node(hw)
+    gpu = _option(hw, name="gpu", accelerator="gpu", devices=1, strategy="auto", threads=None)
+    if gpus == 1 or single_process:
+        return gpu, f"{torch.cuda.device_count()} CUDA device(s), one process"
+    memory = hw.gpu_memory_gib or torch.cuda.get_device_properties(0).total_memory / 2**30
+    ddp = _option(gpu, name="ddp", devices=gpus, strategy="ddp", gpu_memory_gib=memory)
+    if run is None:
+        return ddp, f"{gpus} CUDA devices"
+    from alignexp.plan import plan_for_run
+
+    total = plan_for_run(run, ddp).peak_gib
+    if total <= memory:
+        return ddp, f"{gpus} CUDA devices; the plan's peak under DDP is {total:.1f} of {memory:.0f} GiB per GPU"
+    zero3 = _option(ddp, name="deepspeed_zero3", strategy="deepspeed", zero_stage=3)
+    return zero3, (f"{gpus} CUDA devices; under DDP the plan's peak is {total:.1f} GiB per GPU, more than "
+                   f"{memory:.0f}: ZeRO-3 ({plan_for_run(run, zero3).peak_gib:.1f} GiB)")
+
+
+def resolve_auto(run, single_process: bool = False):
+    """``run`` (:class:`~alignexp.args.RunArgs`) with ``hardware=auto`` replaced by :func:`choose_auto`'s option,
+    which is printed with its reason; other options unchanged."""
+    import dataclasses
+
+    if run.hardware.name != "auto":
+        return run
+    hw, why = choose_auto(run.hardware, run, single_process)
+    from alignexp.distributed import env_rank
+
+    if env_rank() == 0:
+        print(f"[alignexp] hardware=auto: {hw.name} ({why}); {hw.accelerator}, devices={hw.devices}, "
+              f"precision {hw.precision}. Choose with hardware=cpu|gpu|ddp|deepspeed_zero3|fsdp", flush=True)
+    return dataclasses.replace(run, hardware=hw)
 
 
 class JobStatusCallback:
@@ -134,8 +183,10 @@ class JobStatusCallback:
         from hydra.core.utils import JobStatus
         from hydra.types import RunMode
 
+        from alignexp.distributed import env_rank
+
         hydra_cfg = config.hydra
-        if hydra_cfg.mode != RunMode.MULTIRUN:
+        if hydra_cfg.mode != RunMode.MULTIRUN or env_rank() != 0:  # one line per job, from its rank 0
             return
         failed = job_return.status == JobStatus.FAILED
         error = job_return._return_value if failed else None

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from alignexp.args import EvalArgs
+from alignexp.distributed import shard_map
 from alignexp.errors import AlignexpError, ConfigError
 from alignexp.metrics.overlap import reference_metrics
 from alignexp.metrics.preference import labelled_pairs, ranking_accuracy
@@ -40,19 +41,15 @@ def scores_cheaply(judge: Judge | None) -> bool:
 # -- sampling and log-probs --------------------------------------------------------------------------
 def sample(model, tokenizer, prompts: Sequence[Text], n: int, params: SamplingParams, args: EvalArgs,
            desc: str) -> list[list[Generation]]:
-    """n generations per prompt in chunks (a tqdm bar); prompt i keeps its own random streams."""
+    """n generations per prompt in chunks (a tqdm bar); prompt i keeps its own random streams. On N ranks
+    the chunks are sharded over the ranks and gathered in order (the one-process samples exactly)."""
     chunk = max(1, args.batch_size // n)
     starts = range(0, len(prompts), chunk)
-    if args.progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc=desc, unit="batch", leave=False, disable=None)
-    out: list[list[Generation]] = []
-    for start in starts:
-        out.extend(sample_responses(model, tokenizer, prompts[start:start + chunk], n, params, seed=args.seed,
-                                    max_prompt_len=args.max_prompt_len, batch_size=args.batch_size,
-                                    first_index=start))
-    return out
+    parts = shard_map(lambda i: sample_responses(model, tokenizer, prompts[starts[i]:starts[i] + chunk], n, params,
+                                                 seed=args.seed, max_prompt_len=args.max_prompt_len,
+                                                 batch_size=args.batch_size, first_index=starts[i]),
+                      len(starts), desc if args.progress else None)
+    return [row for part in parts for row in part]
 
 
 def sample_texts(model, tokenizer, prompts: Sequence[Text], n: int, args: EvalArgs, desc: str) -> list[list[str]]:

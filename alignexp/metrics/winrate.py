@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from alignexp.distributed import on_main
 from alignexp.judges.base import Judge
 from alignexp.metrics.stats import summary
 from alignexp.tasks.base import Text
@@ -24,7 +25,13 @@ from alignexp.tasks.base import Text
 
 def batched(fn, *columns: Sequence, batch_size: int = 64, desc: str | None = None,
             progress: bool = False) -> list[float]:
-    """``fn(*column_slices)`` over consecutive slices of ``batch_size`` rows, concatenated (tqdm bar optional)."""
+    """``fn(*column_slices)`` over consecutive slices of ``batch_size`` rows, concatenated (tqdm bar optional).
+    On N ranks (every rank calls it) rank 0 alone calls ``fn`` and broadcasts the values: a judge's
+    requests and counters are not repeated per rank."""
+    return on_main(lambda: _batched(fn, *columns, batch_size=batch_size, desc=desc, progress=progress))
+
+
+def _batched(fn, *columns: Sequence, batch_size: int, desc: str | None, progress: bool) -> list[float]:
     n = len(columns[0])
     starts = range(0, n, batch_size)
     if progress:

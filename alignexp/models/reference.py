@@ -2,7 +2,9 @@
 policy's), and the reference's computed once per (model, data, tokenisation) and cached on disk.
 
 Precomputing is the default where the reference is fixed, so training holds one model in memory,
-and the runs of a sweep that share a reference and data share the cache.
+and the runs of a sweep that share a reference and data share the cache. On N ranks the batches are
+sharded over the ranks and gathered (the one-process result exactly); the cache is written by rank 0
+under a lock (:func:`alignexp.distributed.shared_cache`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from alignexp.distributed import shard_batches, shared_cache
 from alignexp.files import atomic_write
 from alignexp.models.batched import map_batches
 from alignexp.models.logprobs import EncodedExample, PackedBatch, sequence_logps
@@ -50,8 +53,10 @@ def data_fingerprint(encoded: Sequence[EncodedExample]) -> str:
 def response_logps(model, encoded: Sequence[EncodedExample], pad_id: int, batch_size: int = 32,
                    desc: str | None = None) -> list[Tensor]:
     """Each example's summed log-probs log pi(y_k|x) of its n responses under ``model`` (a reference
-    or a policy), (n,) on the CPU, without gradients (:func:`alignexp.models.batched.map_batches`)."""
-    return map_batches(model, encoded, pad_id, batch_size, _summed_logps, desc)
+    or a policy), (n,) on the CPU, without gradients (:func:`alignexp.models.batched.map_batches`).
+    Every rank calls it: its batches are sharded over the ranks and the rows gathered, in order."""
+    return shard_batches(lambda part: map_batches(model, part, pad_id, batch_size, _summed_logps),
+                         list(encoded), batch_size, desc)
 
 
 def _summed_logps(model, batch: PackedBatch) -> Tensor:
@@ -62,10 +67,14 @@ def cached_ref_logps(model, encoded: Sequence[EncodedExample], pad_id: int, cach
                      batch_size: int = 32) -> list[Tensor]:
     """:func:`response_logps` of the reference, read from ``cache_dir/reference/<model>-<data>.pt`` when present."""
     path = Path(cache_dir) / "reference" / f"{model_fingerprint(model)}-{data_fingerprint(encoded)}.pt"
-    if path.exists():
-        log.info("reference log-probs: read from %s", path)
-        return torch.load(path)
-    rows = response_logps(model, encoded, pad_id, batch_size, desc="reference log-probs")
-    atomic_write(path, lambda tmp: torch.save(rows, tmp))
-    log.info("reference log-probs: computed for %d examples, cached at %s", len(rows), path)
-    return rows
+
+    def load(found: Path) -> list[Tensor]:
+        log.info("reference log-probs: read from %s", found)
+        return torch.load(found)
+
+    def save(rows: list[Tensor], target: Path) -> None:
+        atomic_write(target, lambda tmp: torch.save(rows, tmp))
+        log.info("reference log-probs: computed for %d examples, cached at %s", len(rows), target)
+
+    return shared_cache(path, lambda: response_logps(model, encoded, pad_id, batch_size, desc="reference log-probs"),
+                        save, load)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from alignexp.models.logprobs import EncodedExample, PackedBatch, encode_example, pack
 from alignexp.tasks.base import RankedExample, SampledText
@@ -58,8 +58,96 @@ class Collator:
         return batch
 
 
-def make_loader(dataset: RankingDataset, batch_size: int, pad_id: int, shuffle: bool, seed: int = 0,
-                with_target: bool = False) -> DataLoader:
+def epoch_permutation(n: int, seed: int, epoch: int, batch_size: int) -> list[int]:
+    """The order of epoch ``epoch`` of ``n`` examples: exactly the one torch's
+    ``DataLoader(shuffle=True, batch_size=batch_size, generator=torch.Generator().manual_seed(seed))`` yields
+    in its epoch ``epoch`` under Lightning, computed from (seed, epoch) alone so that a resumed run finds it
+    again. Each epoch that loader draws a base seed, then its ``RandomSampler`` a permutation, and, when
+    the epoch ends on a shorter batch (the batch sampler runs the sampler to its end), one more that it
+    discards; with full batches Lightning stops at the loader's length and it is never drawn."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=Collator(pad_id, with_target), num_workers=0)
+    for _ in range(epoch):
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+        torch.randperm(n, generator=generator)
+        if n % batch_size:
+            torch.randperm(n, generator=generator)
+    torch.empty((), dtype=torch.int64).random_(generator=generator)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+class EpochBatches(Sampler[list[int]]):
+    """One rank's batches of each epoch, resumable mid-epoch.
+
+    The epoch's order (:func:`epoch_permutation`, or 0..n-1 without ``shuffle``) is cut into global
+    batches of ``batch_size x world`` examples, and rank r takes the r-th ``batch_size`` of each: the
+    ranks together see exactly the batches one process would see at ``batch_size x world``, so N
+    ranks at batch b follow the optimisation of one process at N x b. The last, shorter global batch is
+    split as evenly as the ranks allow (a rank left with none repeats the epoch's first examples, as
+    torch's ``DistributedSampler`` pads). ``position`` batches of epoch ``epoch`` are skipped: the state a
+    checkpoint saves (:meth:`state_dict`) and a resumed run loads.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.position = 0, 0
+
+    def __len__(self) -> int:
+        return -(-self.n // (self.batch_size * self.world_size))
+
+    @property
+    def sampler(self) -> EpochBatches:
+        """Itself: Lightning calls ``set_epoch`` on a batch sampler's ``sampler``."""
+        return self
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        size = self.batch_size * self.world_size
+        order = epoch_permutation(self.n, self.seed, epoch, size) if self.shuffle else list(range(self.n))
+        out = []
+        for start in range(0, self.n, size):
+            chunk = order[start:start + size]
+            if len(chunk) == size:
+                out.append(chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size])
+                continue
+            if len(chunk) < self.world_size:
+                chunk = chunk + order[:self.world_size - len(chunk)]
+            share, extra = divmod(len(chunk), self.world_size)
+            first = self.rank * share + min(self.rank, extra)
+            out.append(chunk[first:first + share + (self.rank < extra)])
+        return out
+
+    def __iter__(self):
+        yield from self.batches(self.epoch)[self.position:]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over :class:`EpochBatches` that Lightning saves in and restores from a checkpoint (its
+    ``state_dict``: the epoch and how many of its batches were trained on)."""
+
+    def state_dict(self) -> dict:
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.load_state_dict(state)
+
+
+def make_loader(dataset: RankingDataset, batch_size: int, pad_id: int, shuffle: bool, seed: int = 0,
+                with_target: bool = False) -> ResumableLoader:
+    """This rank's loader of ``dataset``: ``batch_size`` examples per batch, in the order of :class:`EpochBatches`
+    (the one ``DataLoader(shuffle=shuffle, generator=manual_seed(seed))`` has on one process)."""
+    from alignexp.distributed import rank, world_size
+
+    batches = EpochBatches(len(dataset), batch_size, shuffle, seed, rank(), world_size())
+    # Its own generator for the base seed a DataLoader draws each epoch, so the global RNG is left alone.
+    return ResumableLoader(dataset, batch_sampler=batches, collate_fn=Collator(pad_id, with_target), num_workers=0,
+                           generator=torch.Generator())

@@ -52,7 +52,10 @@ class PreferenceModule(L.LightningModule):
                     raise RuntimeError(f"loss '{self.spec.name}' needs a reference: precomputed log-probs or a model")
                 with torch.no_grad():
                     ref_logps = sequence_logps(self.reference, batch)[0][:, :logps.shape[1]]
-            ref_logps = ref_logps[:, :logps.shape[1]].to(logps.dtype)
+            # fp32 at least (bf16 policy log-probs included): a DPO margin is a difference of two sums of
+            # hundreds of log-probs, whose bf16 step is 2 nats at -300
+            dtype = torch.promote_types(logps.dtype, torch.float32)
+            logps, ref_logps = logps.to(dtype), ref_logps[:, :logps.shape[1]].to(dtype)
         rewards = batch.rewards[:, :logps.shape[1]] if batch.rewards is not None else None
         return self.spec(logps, ref_logps=ref_logps, lengths=lengths, rewards=rewards, mask=mask,
                          **extra, **self.loss_hparams)

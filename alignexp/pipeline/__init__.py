@@ -2,14 +2,33 @@
 
 ``plan`` for a loss and a sampler: ``weights`` -> ``models`` -> the training stage (the sampler's
 ``stage`` where it declares one, e.g. best-of-N; else the loss's, from ``register_loss(..., stage=)``)
--> ``save_policy`` and ``evaluate`` after a stage that trains the policy. The stage table below says
-how each runs on N processes (the stages-and-ranks contract of DESIGN.md):
+-> ``save_policy`` and ``evaluate`` after a stage that trains the policy.
 
-================  =======================================================================================
-stage             on N processes
-================  =======================================================================================
-(see STAGES)      each stage's ``ranks`` (``python -c "import alignexp.pipeline as p; p.describe()"``)
-================  =======================================================================================
+How each stage runs on N processes (the stages-and-ranks contract of DESIGN.md; the processes are
+launched once, before the first stage, :mod:`alignexp.launch`, and every stage runs on every rank;
+each stage's ``ranks`` says it again, ``python -c "import alignexp.pipeline as p; print(p.describe())"``):
+
+==============  ==========================================================================================
+stage           on N processes
+==============  ==========================================================================================
+weights         SFT policy cached: every rank reads it. Missing: all ranks train it together, rank 0
+                writes it, holding the cache entry's lock (a concurrent job waits, then reads it)
+models          every rank builds the tokenizer, the policy and the reference on its own device
+preference      sampling: prompts sharded over ranks, samples gathered; judges: rank 0, verdicts
+                broadcast; reference log-probs: batches sharded, gathered, cached by rank 0 under a
+                lock; training: all ranks together (global batch = per-device batch x ranks x
+                accumulation), the reference in CPU memory meanwhile when its log-probs are cached
+reward_model    training: all ranks; held-out scoring, the save and eval.json: rank 0
+ppo             one process only (more are refused: the rollouts are not sharded)
+save_policy     rank 0 writes (the fit left every rank the whole trained model); the others wait
+evaluate        sampling and log-probs: prompts sharded, gathered before the metrics; judges: rank 0,
+                broadcast; rank 0 writes eval.json and prints the table
+best_of_n       as evaluate
+==============  ==========================================================================================
+
+Every file (config, caches, policy, eval.json, jobs.jsonl) is written once, by rank 0, behind a
+barrier; nothing is repeated per rank (the task's own cheap labelling and metric arithmetic run on
+every rank over the gathered data, so all ranks hold the same results and take the same path).
 """
 
 from __future__ import annotations
@@ -33,7 +52,8 @@ log = logging.getLogger("alignexp.pipeline")
 __all__ = ["STAGES", "RunContext", "Stage", "describe", "plan", "register_stage", "run"]
 
 
-@register_stage("weights", ranks="rank 0 trains the SFT policy when it is not cached, the others wait for it")
+@register_stage("weights", ranks="cached SFT policy: every rank reads it; missing: all ranks train it, rank 0 writes "
+                                "it under the cache entry's lock")
 def weights(ctx: RunContext) -> None:
     """Which weights the policy starts from (and the reference is): init_from, model.path, or the task's
     SFT policy (trained and cached when missing)."""
@@ -43,7 +63,7 @@ def weights(ctx: RunContext) -> None:
     log.info("policy and reference: %s", ctx.init or f"{args.model.name} built from its config")
 
 
-@register_stage("models", ranks="every rank builds both models on its own device")
+@register_stage("models", ranks="every rank builds the tokenizer, the policy and the reference on its own device")
 def models(ctx: RunContext) -> None:
     """The tokenizer, the policy and the reference (a frozen copy, or the LoRA policy with its adapters off)."""
     model_args = ctx.model_args

@@ -24,7 +24,8 @@ class RunContext:
     """One run: its arguments, task, loss and sampler, and what the stages build (weights, models, record).
 
     ``init`` is the folder or hub id the policy starts from, and the reference is (None: built from
-    ``model.arch``); ``record`` is the eval.json record once a stage has written it.
+    ``model.arch``); ``record`` is the eval.json record once a stage has written it, and ``record_extra``
+    what a training stage adds to it (``global_batch_size``).
     """
 
     args: RunArgs
@@ -36,6 +37,7 @@ class RunContext:
     policy: Any = None
     reference: Any = None
     record: dict = field(default_factory=dict)
+    record_extra: dict = field(default_factory=dict)
 
     @property
     def hw(self) -> HardwareArgs:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from alignexp.distributed import is_main, on_main
 from alignexp.evaluation.policy import evaluate_policy
 from alignexp.evaluation.results import format_table, write_eval_json
 from alignexp.judges import build_judge
@@ -13,22 +14,31 @@ from alignexp.pipeline.fit import save_policy
 from alignexp.pipeline.preference import sampler_context
 
 
-@register_stage("save_policy", ranks="rank 0 writes, after gathering sharded weights; the others wait")
+@register_stage("save_policy", ranks="rank 0 writes (the fit left every rank the whole trained model); the others "
+                                    "wait at a barrier")
 def save(ctx: RunContext) -> None:
     """The trained policy as <run>/policy (Hugging Face format, with its tokenizer; LoRA merged)."""
     folder = save_policy(ctx.policy, ctx.tokenizer, ctx.out / "policy")
-    print(f"[alignexp] trained policy (Hugging Face format): {folder}", flush=True)
+    if is_main():
+        print(f"[alignexp] trained policy (Hugging Face format): {folder}", flush=True)
 
 
 def _finish(ctx: RunContext, result: dict, loss: str, **extra) -> None:
-    ctx.record = write_eval_json(ctx.out / "eval.json", task=ctx.task.name, loss=loss, model=ctx.args.model.name,
-                                 result=result, **extra, init_from=ctx.init)
-    print(format_table(result), flush=True)
-    print(f"[alignexp] eval.json: {ctx.out / 'eval.json'}", flush=True)
+    """eval.json and the table, by rank 0 (every rank keeps the record)."""
+    def write() -> dict:
+        record = write_eval_json(ctx.out / "eval.json", task=ctx.task.name, loss=loss, model=ctx.args.model.name,
+                                 result=result, **extra, **ctx.record_extra,
+                                 init_from=ctx.init)
+        print(format_table(result), flush=True)
+        print(f"[alignexp] eval.json: {ctx.out / 'eval.json'}", flush=True)
+        return record
+
+    ctx.record = on_main(write)
 
 
 @register_stage("evaluate", trains_policy=False,
-                ranks="prompts sharded over ranks and gathered before the metrics; rank 0 writes eval.json")
+                ranks="sampling and log-probs: prompts sharded over ranks, gathered before the metrics; judge: "
+                      "rank 0, broadcast; rank 0 writes eval.json and prints the table")
 def evaluate(ctx: RunContext) -> None:
     """The policy against its reference on the task's held-out prompts (the ``eval`` section, the run's judge)."""
     args = ctx.args
@@ -42,7 +52,8 @@ def evaluate(ctx: RunContext) -> None:
 
 
 @register_stage("best_of_n", trains_policy=False,
-                ranks="prompts sharded over ranks and gathered before the metrics; rank 0 writes eval.json")
+                ranks="sampling: prompts sharded over ranks, gathered before the metrics; judge: rank 0, broadcast; "
+                      "rank 0 writes eval.json")
 def best_of_n(ctx: RunContext) -> None:
     """Best-of-n sampling of the reference under the sampler's judge, at its analytic KL log n - (n - 1) / n
     (eval.json's ``best_of_n``); nothing is trained."""

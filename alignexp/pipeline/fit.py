@@ -1,4 +1,14 @@
-"""Training under the hardware group's strategy (one ``fit`` for every stage), its loggers, and the save."""
+"""Training under the hardware group's strategy (one ``fit`` for every stage), its checkpoints and resume,
+its loggers, and the save.
+
+:func:`fit` is the one way a stage trains, on all ranks together: the global batch is printed;
+checkpoints go to ``<folder>/checkpoints/<stage>/`` every ``train.checkpoint_every`` optimizer steps
+(``last.ckpt``, written atomically) and at a SLURM preemption signal (Lightning's requeue,
+``hpc_ckpt_<n>.ckpt``); the newest one there is resumed from, data order included
+(:class:`~alignexp.modules.datamodule.EpochBatches`), so a run killed and restarted in its folder
+ends with the weights of an uninterrupted run. Afterwards the module's models are plain modules with
+their trained weights on every rank, whatever the strategy sharded.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 
 from alignexp.args import HardwareArgs, TrainArgs
-from alignexp.hardware import trainer_kwargs
+from alignexp.distributed import barrier, is_main, world_size
+from alignexp.errors import ConfigError
+from alignexp.files import atomic_write
+from alignexp.hardware import master_weights, trainer_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -32,31 +46,134 @@ def make_loggers(logger: Mapping[str, Any], out: Path, stage: str) -> list:
     return loggers
 
 
+def accumulation(train: TrainArgs, batch_size: int | None = None) -> int:
+    """``accumulate_grad_batches``: ``train.global_batch_size / (batch_size x ranks)`` where a global batch
+    is asked for (it must divide), else ``train.accumulate_grad_batches``."""
+    batch_size = batch_size or train.batch_size
+    if train.global_batch_size is None:
+        return train.accumulate_grad_batches
+    per_step = batch_size * world_size()
+    if train.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size={train.global_batch_size} is not a multiple of train.batch_size "
+                          f"x processes = {batch_size} x {world_size()} = {per_step}")
+    return train.global_batch_size // per_step
+
+
 def schedule(train: TrainArgs) -> dict[str, Any]:
     """The Trainer settings a ``train``-like section decides."""
     return {"max_epochs": train.max_epochs, "max_steps": train.max_steps,
-            "accumulate_grad_batches": train.accumulate_grad_batches,
+            "accumulate_grad_batches": accumulation(train),
             "gradient_clip_val": train.gradient_clip_val or None, "log_every_n_steps": train.log_every_n_steps}
 
 
+def global_batch_size(loader, accumulate: int) -> int:
+    """Examples per optimizer step over all ranks: per-device batch x ranks x accumulation."""
+    return loader.batch_sampler.batch_size * world_size() * accumulate
+
+
+class AtomicCheckpointIO(L.pytorch.plugins.TorchCheckpointIO):
+    """Lightning's checkpoint file written under a unique temporary name and renamed, so a process killed
+    while saving leaves the previous checkpoint whole."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+class DataPosition(L.Callback):
+    """Tells the loader's :class:`~alignexp.modules.datamodule.EpochBatches` how many batches of the epoch
+    were trained on, before a checkpoint saves it (checkpoint callbacks run last)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        sampler = getattr(trainer.train_dataloader, "batch_sampler", None)
+        if hasattr(sampler, "position"):
+            sampler.position = batch_idx + 1
+
+
+class FinalCheckpoint(L.Callback):
+    """``last.ckpt`` once more when training ends: a resumed run then finds this stage finished."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        trainer.save_checkpoint(self.path)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint in ``folder`` (``last.ckpt``, or a SLURM preemption's ``hpc_ckpt_<n>.ckpt``)."""
+    found = [p for p in [folder / "last.ckpt", *folder.glob("hpc_ckpt_*.ckpt")] if p.exists()]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+def _hold_master_weights(module: torch.nn.Module) -> dict[torch.nn.Parameter, torch.dtype]:
+    """Trainable 16-bit parameters upcast to fp32 in place (mixed precision's master weights); returns
+    their dtypes to restore."""
+    dtypes = {}
+    for param in module.parameters():
+        if param.requires_grad and param.dtype in (torch.bfloat16, torch.float16):
+            dtypes[param] = param.dtype
+            param.data = param.data.float()
+    return dtypes
+
+
 def fit(module: L.LightningModule, loader, *, hw: HardwareArgs, logger: Mapping[str, Any], out: Path, stage: str,
-        **settings: Any) -> L.Trainer:
-    """Train ``module`` on ``loader`` with Lightning under the hardware option's strategy; ``settings`` are
-    Trainer arguments (:func:`schedule`'s, or a stage's own). Returns the Trainer."""
-    trainer = L.Trainer(**trainer_kwargs(hw), logger=make_loggers(logger, out, stage), enable_checkpointing=False,
-                        enable_model_summary=False, default_root_dir=str(out), num_sanity_val_steps=0,
+        checkpoint_every: int = 0, **settings: Any) -> L.Trainer:
+    """Train ``module`` on ``loader`` (from :func:`~alignexp.modules.datamodule.make_loader`) on all ranks
+    under the hardware option's strategy; ``settings`` are Trainer arguments (:func:`schedule`'s, or a
+    stage's own). Checkpoints and resume as the module docstring says. Afterwards every model of
+    ``module`` is a plain module with its trained weights, on this rank's device. Returns the Trainer."""
+    from alignexp.strategies import GatherTrained
+
+    kwargs = trainer_kwargs(hw)
+    strategy = kwargs["strategy"]
+    gather = GatherTrained(module) if getattr(strategy, "shards_parameters", lambda: False)() else None
+    folder = out / "checkpoints" / stage
+    callbacks: list[L.Callback] = [DataPosition()] + ([gather] if gather else [])
+    if checkpoint_every:
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks += [ModelCheckpoint(dirpath=folder, every_n_train_steps=checkpoint_every, save_top_k=0,
+                                      save_last=True, save_on_train_epoch_end=False), FinalCheckpoint(folder / "last.ckpt")]
+    kwargs["plugins"] = [*kwargs.get("plugins", []), AtomicCheckpointIO()]
+    resume = latest_checkpoint(folder)
+    if is_main():
+        accumulate = settings.get("accumulate_grad_batches", 1) or 1
+        print(f"[alignexp] {stage}: global batch {global_batch_size(loader, accumulate)} = "
+              f"{loader.batch_sampler.batch_size} per device x {world_size()} process(es) x {accumulate} "
+              f"accumulated" + (f"; resuming from {resume}" if resume else ""), flush=True)
+    dtypes = _hold_master_weights(module) if master_weights(hw) else {}
+    trainer = L.Trainer(**kwargs, logger=make_loggers(logger, out, stage), callbacks=callbacks,
+                        enable_checkpointing=bool(checkpoint_every), enable_model_summary=False,
+                        default_root_dir=str(folder), num_sanity_val_steps=0, use_distributed_sampler=False,
                         **settings)
-    trainer.fit(module, train_dataloaders=loader)
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(resume) if resume else None)
+    if gather is not None:
+        if not gather.states:  # a resumed fit that had nothing left to train ends without on_train_end
+            gather.on_train_end(trainer, module)
+        for name, plain in gather.plain(hw.torch_device).items():
+            setattr(module, name, plain)
+    for param, dtype in dtypes.items():
+        param.data = param.data.to(dtype)
     # Lightning's teardown leaves the module on the CPU: sampling and evaluation run on the device again.
     module.to(hw.torch_device)
+    barrier()
     return trainer
 
 
-def save_policy(model, tokenizer, folder: Path) -> Path:
-    """The policy in Hugging Face format with its tokenizer (LoRA adapters merged into full weights)."""
+def write_policy(model, tokenizer, folder: Path) -> Path:
+    """The policy in Hugging Face format with its tokenizer (LoRA adapters merged into full weights), written
+    by this process (a plain model: :func:`fit` leaves one)."""
     from alignexp.models.lora import save_pretrained_merged
 
     folder.mkdir(parents=True, exist_ok=True)
     save_pretrained_merged(model, folder)
     tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_policy(model, tokenizer, folder: Path) -> Path:
+    """:func:`write_policy` by rank 0 alone; the other ranks wait for it (every rank calls this)."""
+    if is_main():
+        write_policy(model, tokenizer, folder)
+    barrier()
     return folder

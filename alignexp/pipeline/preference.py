@@ -6,12 +6,17 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import torch
+
+from alignexp.models.lora import AdaptersOff
 from alignexp.models.reference import cached_ref_logps
 from alignexp.modules.datamodule import RankingDataset, encode_all, make_loader
 from alignexp.modules.preference import PreferenceModule
 from alignexp.pipeline.context import RunContext, register_stage
-from alignexp.pipeline.fit import fit, schedule
+from alignexp.pipeline.fit import fit, global_batch_size, schedule
 from alignexp.sampling.pairing import check_scores, pairs_for_loss
 from alignexp.sampling.samplers import SamplerContext
 from alignexp.tasks.base import RankedExample, truncate_rankings
@@ -65,19 +70,44 @@ def training_data(ctx: RunContext, sampler_ctx: SamplerContext, round_index: int
     return encoded
 
 
-@register_stage("preference", ranks="all ranks train together; sampling and the reference precompute "
-                                   "run before it (see reference_logps)")
+def adopt_trained(ctx: RunContext, module) -> None:
+    """The context's models are the trained module's (plain again after a sharded fit): the policy, a frozen
+    reference trained beside it, or the LoRA policy with its adapters off."""
+    ctx.policy = module.policy
+    if isinstance(ctx.reference, AdaptersOff):
+        ctx.reference = AdaptersOff(ctx.policy)
+    elif getattr(module, "reference", None) is not None:
+        ctx.reference = module.reference
+
+
+@contextmanager
+def reference_off_device(ctx: RunContext, needed: bool) -> Iterator[None]:
+    """The reference model moved to CPU memory for the block when training does not need it (its log-probs
+    are precomputed, and it is not the LoRA policy itself), and back on this rank's device afterwards."""
+    parked = not needed and not isinstance(ctx.reference, AdaptersOff) and ctx.hw.device_type == "cuda"
+    if parked:
+        ctx.reference.to("cpu")
+        torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        if parked:
+            ctx.reference.to(ctx.hw.torch_device)
+
+
+@register_stage("preference", ranks="sampling: prompts sharded over ranks, samples gathered; judge: rank 0, "
+                                   "broadcast; reference log-probs: batches sharded, gathered, cached by rank 0; "
+                                   "training: all ranks together (global batch = batch_size x ranks x accumulation)")
 def preference(ctx: RunContext) -> None:
     """Rounds of sampling and training: the sampler's rankings (one round offline), the loss on them."""
     args, spec = ctx.args, ctx.spec
     warning = pairs_warning(ctx.sampler, spec, args.pairs)
     if warning:
         log.warning(warning)
-    sampler_ctx = sampler_context(ctx)
     rounds = ctx.sampler.rounds
     for round_index in range(rounds):
         stage = "train" if rounds == 1 else f"train-round{round_index}"
-        encoded = training_data(ctx, sampler_ctx, round_index)
+        encoded = training_data(ctx, sampler_context(ctx), round_index)
         ref_rows, frozen = None, None
         if spec.needs_reference:  # the reference's log-probs, once, before training
             if args.train.reference == "precompute":
@@ -88,6 +118,11 @@ def preference(ctx: RunContext) -> None:
         module = PreferenceModule(ctx.policy, spec.name, args.loss.hparams, args.train.optim, reference=frozen)
         loader = make_loader(RankingDataset(encoded, ref_rows), args.train.batch_size, ctx.tokenizer.pad_token_id,
                              shuffle=True, seed=args.seed + round_index, with_target=spec.uses_target)
+        settings = schedule(args.train)
+        ctx.record_extra["global_batch_size"] = global_batch_size(loader, settings["accumulate_grad_batches"])
         start = time.time()
-        fit(module, loader, hw=ctx.hw, logger=args.logger, out=ctx.out, stage=stage, **schedule(args.train))
+        with reference_off_device(ctx, needed=frozen is not None):
+            fit(module, loader, hw=ctx.hw, logger=args.logger, out=ctx.out, stage=stage,
+                checkpoint_every=args.train.checkpoint_every, **settings)
+        adopt_trained(ctx, module)
         log.info("%s: %.1fs", stage, time.time() - start)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 
+from alignexp.distributed import barrier, on_main
 from alignexp.evaluation.results import write_eval_json
 from alignexp.judges.reward_model import build_reward_model, score_encoded
 from alignexp.metrics.preference import ranking_accuracy
@@ -19,7 +20,7 @@ from alignexp.modules.reward import (
     split_heldout,
 )
 from alignexp.pipeline.context import RunContext, register_stage
-from alignexp.pipeline.fit import fit, schedule
+from alignexp.pipeline.fit import fit, global_batch_size, schedule
 from alignexp.pipeline.preference import sampler_context
 from alignexp.sampling.pairing import check_scores
 from alignexp.tasks.base import truncate_rankings
@@ -28,7 +29,7 @@ log = logging.getLogger(__name__)
 
 
 @register_stage("reward_model", trains_policy=False,
-                ranks="all ranks train together; the held-out scoring and the save on rank 0")
+                ranks="all ranks train together; the held-out scoring, the save and eval.json on rank 0")
 def reward_model(ctx: RunContext) -> None:
     """Train, measure and save a reward model from the rankings (eval.json's ``reward_model``)."""
     args, tokenizer = ctx.args, ctx.tokenizer
@@ -44,12 +45,23 @@ def reward_model(ctx: RunContext) -> None:
     loader = make_loader(RankingDataset(train_encoded), args.train.batch_size, tokenizer.pad_token_id, shuffle=True,
                          seed=args.seed)
     start = time.time()
-    fit(RewardModule(model, args.loss.hparams, args.train.optim), loader, hw=ctx.hw, logger=args.logger,
-        out=ctx.out, stage="reward", **schedule(args.train))
+    module = RewardModule(model, args.loss.hparams, args.train.optim)
+    settings = schedule(args.train)
+    fit(module, loader, hw=ctx.hw, logger=args.logger, out=ctx.out, stage="reward",
+        checkpoint_every=args.train.checkpoint_every, **settings)
     log.info("reward model: trained on %d rankings in %.1fs", len(train_examples), time.time() - start)
+    extra = {"global_batch_size": global_batch_size(loader, settings["accumulate_grad_batches"])}
+    ctx.record = on_main(lambda: measure_and_save(ctx, module.policy, train_encoded, heldout, heldout_encoded, extra))
+    barrier()
+
+
+def measure_and_save(ctx: RunContext, model, train_encoded: list, heldout: list, heldout_encoded: list,
+                     extra: dict) -> dict:
+    """The trained reward model's held-out accuracy, its normalisation, the save and eval.json (rank 0)."""
+    args, tokenizer, model_args = ctx.args, ctx.tokenizer, ctx.model_args
     pad, batch_size = tokenizer.pad_token_id, args.train.batch_size
     metrics = {"reward_offset": normalise_rewards(model, train_encoded, pad, batch_size),
-               "train_rankings": len(train_examples), "heldout_rankings": len(heldout)}
+               "train_rankings": len(train_encoded), "heldout_rankings": len(heldout)}
     if heldout:
         rows = [r.tolist() for r in score_encoded(model, heldout_encoded, pad, batch_size)]
         metrics.update(ranking_accuracy(rows, [ranking_labels(ex) for ex in heldout], prefix="heldout_accuracy"))
@@ -63,8 +75,8 @@ def reward_model(ctx: RunContext) -> None:
         print(f"[alignexp] held-out ranking accuracy: {metrics['heldout_accuracy']:.3f} "
               f"± {metrics['heldout_accuracy_stderr']:.3f} over {metrics['heldout_accuracy_n_pairs']} pairs",
               flush=True)
-    ctx.record = write_eval_json(ctx.out / "eval.json", task=ctx.task.name, loss=ctx.spec.name,
-                                 model=model_args.name, result={"n_prompts": len(heldout), "policy": {},
-                                                                "reference": {}, "comparisons": {},
-                                                                "reward_model": metrics},
-                                 hparams=args.loss.hparams, init_from=ctx.init)
+    return write_eval_json(ctx.out / "eval.json", task=ctx.task.name, loss=ctx.spec.name,
+                           model=model_args.name, result={"n_prompts": len(heldout), "policy": {},
+                                                          "reference": {}, "comparisons": {},
+                                                          "reward_model": metrics},
+                           hparams=args.loss.hparams, init_from=ctx.init, **extra)

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from alignexp.args import HardwareArgs, ModelArgs, OptimArgs, RunArgs
+from alignexp.distributed import is_main, shared_cache, world_size
+from alignexp.errors import ConfigError
 from alignexp.files import atomic_folder, digest
 from alignexp.models.backbone import build_model, build_tokenizer
 from alignexp.tasks.base import Task
@@ -34,7 +36,7 @@ def resolve_weights(explicit: str | None, model: ModelArgs, task: Task, wants_sf
 
 
 def load_model(model: ModelArgs, tokenizer, hw: HardwareArgs, *, frozen: bool = False):
-    """The causal LM for ``model`` (its ``path``, or built from ``arch``) on the hardware's device."""
+    """The causal LM for ``model`` (its ``path``, or built from ``arch``) on this rank's device."""
     built = build_model(model, tokenizer, hw.device_type)
     if frozen:
         built.requires_grad_(False).eval()
@@ -48,28 +50,50 @@ def sft_policy_folder(args: RunArgs, task: Task) -> Path:
     return args.cache_dir / "sft" / f"{task.name}-{args.model.name}-{key}"
 
 
+def per_device_batch(global_batch: int, key: str) -> int:
+    """A global batch split over the ranks (it must divide)."""
+    if global_batch % world_size():
+        raise ConfigError(f"{key}={global_batch} is a global batch and does not split over {world_size()} processes")
+    return global_batch // world_size()
+
+
 def ensure_sft_policy(args: RunArgs, task: Task) -> Path:
-    """The task's SFT policy, trained on its demonstrations when not cached yet; its folder is returned."""
+    """The task's SFT policy, trained on its demonstrations when not cached yet; its folder is returned.
+
+    Every rank calls it: when the folder is missing, all ranks train it together and rank 0 writes it,
+    holding the cache entry's lock meanwhile, so a concurrent job waits for it instead of training it too
+    (:func:`alignexp.distributed.shared_cache`)."""
     from alignexp.modules.datamodule import RankingDataset, encode_all, make_loader
     from alignexp.modules.sft import SFTModule
-    from alignexp.pipeline.fit import fit, save_policy
+    from alignexp.pipeline.fit import fit, write_policy
 
     folder = sft_policy_folder(args, task)
-    if (folder / "config.json").exists():
-        log.info("SFT policy: cached at %s", folder)
-        return folder
-    print(f"[alignexp] no SFT policy for this task and model yet: training one (cached at {folder})", flush=True)
-    start = time.time()
     base = dataclasses.replace(args.model, path=None)
     tokenizer = build_tokenizer(base)
-    model = build_model(base, tokenizer, args.hardware.device_type)
-    encoded = encode_all(tokenizer, task.sft_examples("train"), base.max_prompt_len, base.max_response_len)
-    loader = make_loader(RankingDataset(encoded), args.sft.batch_size, tokenizer.pad_token_id, shuffle=True,
-                         seed=args.sft.seed)
-    module = SFTModule(model, OptimArgs(lr=args.sft.lr, warmup_steps=args.train.warmup_steps))
-    fit(module, loader, hw=args.hardware, logger=args.logger, out=folder.parent / f".{folder.name}-logs",
-        stage="sft", max_epochs=args.sft.max_epochs, log_every_n_steps=args.train.log_every_n_steps)
-    with atomic_folder(folder) as tmp:
-        save_policy(model, tokenizer, tmp)
-    log.info("SFT policy: trained in %.1fs", time.time() - start)
+
+    def train():
+        if is_main():
+            print(f"[alignexp] no SFT policy for this task and model yet: training one (cached at {folder})",
+                  flush=True)
+        start = time.time()
+        model = build_model(base, tokenizer, args.hardware.device_type)
+        encoded = encode_all(tokenizer, task.sft_examples("train"), base.max_prompt_len, base.max_response_len)
+        loader = make_loader(RankingDataset(encoded), per_device_batch(args.sft.batch_size, "sft.batch_size"),
+                             tokenizer.pad_token_id, shuffle=True, seed=args.sft.seed)
+        module = SFTModule(model, OptimArgs(lr=args.sft.lr, warmup_steps=args.train.warmup_steps))
+        fit(module, loader, hw=args.hardware, logger=args.logger, out=folder.parent / f".{folder.name}-logs",
+            stage="sft", max_epochs=args.sft.max_epochs, log_every_n_steps=args.train.log_every_n_steps,
+            checkpoint_every=args.train.checkpoint_every)
+        log.info("SFT policy: trained in %.1fs", time.time() - start)
+        return module.policy
+
+    def save(model, target: Path) -> None:
+        with atomic_folder(target) as tmp:
+            write_policy(model, tokenizer, tmp)
+
+    def cached(found: Path) -> Path:
+        log.info("SFT policy: cached at %s", found)
+        return found
+
+    shared_cache(folder, train, save, cached, exists=lambda path: (path / "config.json").exists())
     return folder

@@ -24,6 +24,8 @@ task.
 ``self_bootstrap`` and ``best_of_n`` come from the sampler's judge, an option of the ``judge`` group
 (``judge@sampler.judge=reward_model sampler.judge.path=<folder>``; gold by default). Each round's
 figures (mean reward of the candidates and of what was kept) are logged and kept in ``history``.
+On N ranks, sampling is sharded over the ranks and gathered (:func:`draw`); the judge scores once, on
+rank 0, and its verdicts are broadcast (an LLM judge's requests and counters are not repeated).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from alignexp.distributed import on_main, shard_map, shared_cache, world_size
 from alignexp.files import atomic_write_text, digest
 from alignexp.judges import build_judge
 from alignexp.judges.base import Judge, ranked_example
@@ -69,9 +72,21 @@ class SamplerContext:
 
 def draw(model: Any, tokenizer: Any, prompts: list[Text], n: int, params: SamplingParams, *, seed: int,
          max_prompt_len: int, batch_size: int = 64) -> list[list[SampledText]]:
-    """n samples per prompt, as text that carries the tokens sampled (:class:`SampledText`)."""
-    rows = sample_responses(model, tokenizer, prompts, n, params, seed=seed, max_prompt_len=max_prompt_len,
-                            batch_size=batch_size)
+    """n samples per prompt, as text that carries the tokens sampled (:class:`SampledText`).
+
+    On N ranks (every rank calls it) the prompts are sharded in chunks of ``batch_size // n`` and the
+    samples gathered: each prompt keeps its own random streams, and when n divides ``batch_size`` each
+    chunk is exactly one batch of the one-process run, so the samples are the same bit for bit."""
+    if world_size() == 1:
+        rows = sample_responses(model, tokenizer, prompts, n, params, seed=seed, max_prompt_len=max_prompt_len,
+                                batch_size=batch_size)
+    else:
+        chunk = max(1, batch_size // n)
+        starts = range(0, len(prompts), chunk)
+        parts = shard_map(lambda i: sample_responses(model, tokenizer, prompts[starts[i]:starts[i] + chunk], n, params,
+                                                     seed=seed, max_prompt_len=max_prompt_len, batch_size=batch_size,
+                                                     first_index=starts[i]), len(starts))
+        rows = [row for part in parts for row in part]
     return [[SampledText(decode(tokenizer, g), g.token_ids, g.finished) for g in row] for row in rows]
 
 
@@ -118,21 +133,23 @@ class OfflineSampler:
         # sampling streams, and the engine that drew them.
         key = digest(ctx.reference_key, ctx.task_config, ctx.seed, ENGINE_VERSION)
         path = ctx.cache_dir / "preferences" / f"{task.name}-{key}.jsonl"
-        if path.exists():
-            log.info("preference data: read from %s", path)
-            return read_jsonl_examples(path)
         params = SamplingParams(temperature=1.0, max_new_tokens=ctx.max_response_len)
 
         def sample_fn(prompts, n):
             return draw(ctx.reference, ctx.tokenizer, prompts, n, params, seed=ctx.seed,
                         max_prompt_len=ctx.max_prompt_len)
 
+        def load(found: Path) -> list[RankedExample]:
+            log.info("preference data: read from %s", found)
+            return read_jsonl_examples(found)
+
+        def save(examples: list[RankedExample], target: Path) -> None:
+            write_jsonl_examples(target, examples)
+            log.info("preference data: sampled %d rankings from the SFT policy in %.1fs, cached at %s",
+                     len(examples), time.time() - start, target)
+
         start = time.time()
-        examples = task.preference_examples("train", sample_fn=sample_fn)
-        write_jsonl_examples(path, examples)
-        log.info("preference data: sampled %d rankings from the SFT policy in %.1fs, cached at %s",
-                 len(examples), time.time() - start, path)
-        return examples
+        return shared_cache(path, lambda: task.preference_examples("train", sample_fn=sample_fn), save, load)
 
 
 def _mean(values: list[float]) -> float:
@@ -220,8 +237,8 @@ class RSOSampler(JudgedSampler):
     def examples(self, ctx: SamplerContext, round_index: int) -> list[RankedExample]:
         prompts = self.prompts(ctx)
         candidates = self.sample(ctx.reference, ctx, prompts, self.num_candidates, round_index)
-        judge = self.judge_for(ctx)
-        flat = judge.score([p for p, cs in zip(prompts, candidates) for _ in cs], [c for cs in candidates for c in cs])
+        judge_name, flat = on_main(lambda: (self.judge_for(ctx).name, self.judge_for(ctx).score(
+            [p for p, cs in zip(prompts, candidates) for _ in cs], [c for cs in candidates for c in cs])))
         out: list[RankedExample] = []
         all_rewards: list[float] = []
         kept_rewards: list[float] = []
@@ -235,7 +252,7 @@ class RSOSampler(JudgedSampler):
             chosen = [valid[k] for k in result.accepted]
             all_rewards.extend(rewards[k] for k in valid)
             kept_rewards.extend(rewards[k] for k in chosen)
-            out.append(ranked_example(prompt, [cands[k] for k in chosen], [rewards[k] for k in chosen], judge.name,
+            out.append(ranked_example(prompt, [cands[k] for k in chosen], [rewards[k] for k in chosen], judge_name,
                                       {"source": "rso", "index": i, "sweeps": result.sweeps}))
         self.record(round_index, candidates_reward=_mean(all_rewards), accepted_reward=_mean(kept_rewards),
                     prompts=len(out))
@@ -263,7 +280,7 @@ class RaftSampler(JudgedSampler):
     def examples(self, ctx: SamplerContext, round_index: int) -> list[RankedExample]:
         prompts = self.prompts(ctx)
         candidates = self.sample(ctx.policy, ctx, prompts, self.num_candidates, round_index)
-        ranked = self.judge_for(ctx).rank_all(prompts, candidates)
+        ranked = on_main(lambda: self.judge_for(ctx).rank_all(prompts, candidates))
         if self.selection == "per_prompt":  # RAFT's local ranking: the best of each prompt's K samples
             kept = [(ex.prompt, ex.responses[0], ex.scores[0]) for ex in ranked]
         else:  # RAFT's global ranking: the best top_fraction of all b * K samples of the batch
@@ -296,9 +313,9 @@ class SelfBootstrapSampler(JudgedSampler):
                 self._base = self._base[:self.max_prompts]
         prompts = [ex.prompt for ex in self._base]
         new = self.sample(ctx.policy, ctx, prompts, self.num_new, round_index)
-        ranked = self.judge_for(ctx).rank_all(
+        ranked = on_main(lambda: self.judge_for(ctx).rank_all(
             prompts, [list(ex.responses) + ys for ex, ys in zip(self._base, new)],
-            [{"source": "self_bootstrap", "index": i, "round": round_index} for i in range(len(prompts))])
+            [{"source": "self_bootstrap", "index": i, "round": round_index} for i in range(len(prompts))]))
         # meta["order"][k] is the input index of the k-th ranked response: the new samples come last
         new_rewards = [s for ex, base in zip(ranked, self._base)
                        for s, index in zip(ex.scores, ex.meta["order"]) if index >= base.n]

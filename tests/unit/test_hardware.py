@@ -19,11 +19,12 @@ import torch
 from omegaconf import OmegaConf
 
 from alignexp.config import CONF_DIR, validate
-from alignexp.hardware import DecoderLayers, HardwareArgs, build_strategy, trainer_kwargs
+from alignexp.hardware import HardwareArgs, build_strategy, choose_auto, trainer_kwargs
+from alignexp.strategies import DecoderLayers, called_units
 from tests.conftest import REPO
 
 HARDWARE = sorted(p.stem for p in (Path(CONF_DIR) / "hardware").glob("*.yaml"))
-EXPECTED_HARDWARE = ["cpu", "ddp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload", "fsdp", "gpu"]
+EXPECTED_HARDWARE = ["auto", "cpu", "ddp", "deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload", "fsdp", "gpu"]
 
 
 def test_the_hardware_options_are_the_documented_ones():
@@ -56,14 +57,11 @@ def _tiny_decoder_layer():
                                          num_key_value_heads=2), layer_idx=0)
 
 
-@pytest.mark.parametrize("option", HARDWARE)
+@pytest.mark.parametrize("option", [h for h in HARDWARE if h != "auto"])
 def test_every_option_builds_its_strategy_and_trainer(compose, fake_cuda, option):
-    from lightning.pytorch.strategies import (
-        DDPStrategy,
-        DeepSpeedStrategy,
-        FSDPStrategy,
-        SingleDeviceStrategy,
-    )
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+
+    from alignexp.strategies import FSDP2
 
     if option.startswith("deepspeed"):
         pytest.importorskip("deepspeed")
@@ -82,19 +80,14 @@ def test_every_option_builds_its_strategy_and_trainer(compose, fake_cuda, option
     elif option == "ddp":
         assert isinstance(strategy, DDPStrategy) and trainer.world_size == 8  # devices: auto -> all 8
         assert type(precision).__name__ == "MixedPrecision"
-    elif option == "fsdp":
-        assert isinstance(strategy, FSDPStrategy) and trainer.world_size == 8
-        assert strategy.sharding_strategy.name == "FULL_SHARD" and strategy.kwargs["use_orig_params"] is True
-        assert precision.mixed_precision_config.param_dtype == torch.bfloat16
-        layer = _tiny_decoder_layer()
-        wrap = strategy._fsdp_kwargs["auto_wrap_policy"] if hasattr(strategy, "_fsdp_kwargs") \
-            else strategy.kwargs["auto_wrap_policy"]
-        assert wrap(layer, recurse=False, nonwrapped_numel=0) is True
-        assert wrap(layer.mlp.up_proj, recurse=False, nonwrapped_numel=0) is False
-        assert strategy._activation_checkpointing_kwargs["auto_wrap_policy"](layer, False, 0) is True
+    elif option == "fsdp":  # FSDP2: bf16 compute through its MixedPrecisionPolicy, fp32 shards (master weights)
+        assert isinstance(strategy, FSDP2) and trainer.world_size == 8 and strategy._data_parallel_size == 8
+        assert strategy.mixed_precision and strategy.reshard_after_forward and strategy.activation_checkpointing
+        assert type(precision).__name__ == "Precision"
+        assert strategy.layers(_tiny_decoder_layer()) is True
     else:
         assert isinstance(strategy, DeepSpeedStrategy) and trainer.world_size == 8
-        assert type(precision).__name__ == "DeepSpeedPrecision" and precision.precision == "bf16-mixed"
+        assert type(precision).__name__ == "DeepSpeedBatchPrecision" and precision.precision == "bf16-mixed"
         zero = strategy.config["zero_optimization"]
         assert zero["stage"] == hw.zero_stage == (2 if option == "deepspeed_zero2" else 3)
         offloaded = option.endswith("offload")
@@ -187,13 +180,34 @@ def test_old_yaml_fields_alone_still_work():
                                   "strategy": "auto"}
 
 
-def test_fsdp_never_checkpoints_a_layer_the_model_checkpoints():
+def test_fsdp_units_are_decoder_layers_and_the_modules_the_log_prob_code_calls():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     layer = _tiny_decoder_layer()
-    assert DecoderLayers(skip_checkpointed=True)(layer) is True
-    layer.gradient_checkpointing = True  # what model.gradient_checkpointing=true sets
-    assert DecoderLayers(skip_checkpointed=True)(layer) is False
-    assert DecoderLayers()(layer) is True
-    assert DecoderLayers(["MistralDecoderLayer"])(layer) is False
+    assert DecoderLayers()(layer) is True and DecoderLayers(["MistralDecoderLayer"])(layer) is False
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2,
+                         num_hidden_layers=1, vocab_size=40, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config)
+    assert called_units(model) == [model.model, model.lm_head]  # each its own FSDP2 root
+    tied = LlamaForCausalLM(LlamaConfig(**{**config.to_dict(), "tie_word_embeddings": True}))
+    with pytest.raises(ValueError, match="ties its output head"):
+        called_units(tied)
+
+
+def test_auto_picks_the_cpu_without_cuda_and_ddp_or_zero3_by_the_plan(compose, fake_cuda):
+    """hardware=auto: DDP on all 8 (faked) GPUs for the tiny model; ZeRO-3 for full DPO of a 7B model, which
+    the plan puts above 80 GiB per GPU under DDP; the CPU option (as hardware=cpu) without CUDA."""
+    tiny = validate(compose())
+    hw, why = choose_auto(tiny.hardware, tiny)
+    assert (hw.name, hw.strategy, hw.devices, hw.precision) == ("ddp", "ddp", 8, "bf16-mixed") and "DDP" in why
+    big = validate(compose("model=mistral7b", "loss=dpo", "hardware.gpu_memory_gib=80"))
+    hw, why = choose_auto(big.hardware, big)
+    assert (hw.name, hw.strategy, hw.zero_stage) == ("deepspeed_zero3", "deepspeed", 3) and "ZeRO-3" in why
+    with mock.patch("torch.cuda.is_available", lambda: False):
+        hw, why = choose_auto(tiny.hardware, tiny)
+    cpu = _hardware(compose, "hardware=cpu")
+    assert (hw.name, hw.accelerator, hw.devices, hw.precision, hw.threads) == \
+        (cpu.name, cpu.accelerator, cpu.devices, cpu.precision, cpu.threads) and why == "no CUDA device"
 
 
 def test_block_masks_go_to_sdpa_under_flash_attention_2(monkeypatch):

@@ -1,0 +1,142 @@
+"""The ranks of a run, and the few collectives its stages use: gather, broadcast, barrier, and a cache that
+N ranks fill together and rank 0 writes once.
+
+A run on N processes is launched once, before its first stage (:func:`alignexp.hardware.launched`), so
+every stage runs on every rank. With one process (no process group) every helper here is the trivial
+one: rank 0 of 1, a gather of one. All ranks call the collectives in the same order: they see the same
+data (gathered, never rank-local), so their control flow is the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import TypeVar
+
+import torch.distributed as dist
+
+from alignexp.files import file_lock
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+log = logging.getLogger(__name__)
+
+
+def is_distributed() -> bool:
+    """Whether this process is one of several (a process group is initialised)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main() -> bool:
+    """Rank 0: the one process that writes files and prints results."""
+    return rank() == 0
+
+
+def env_rank() -> int:
+    """This process's global rank from the environment its launcher set (0 without one), readable before
+    the process group exists: ``RANK`` (torchrun, alignexp's own launcher) or SLURM's ``SLURM_PROCID``."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return int(os.environ.get("SLURM_PROCID", "0"))
+    return 0
+
+
+def local_rank() -> int:
+    """This process's index on its node (0 without a launcher): which GPU it takes."""
+    for key in ("LOCAL_RANK", "SLURM_LOCALID"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast(value: T, src: int = 0) -> T:
+    """``value`` of rank ``src`` on every rank (any picklable object)."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather(value: T) -> list[T]:
+    """Every rank's ``value``, in rank order, on every rank."""
+    if not is_distributed():
+        return [value]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def shard_map(fn: Callable[[int], R], n: int, desc: str | None = None) -> list[R]:
+    """``[fn(0), ..., fn(n - 1)]`` with unit i computed on rank ``i % world_size()`` and gathered in order.
+
+    Each unit (a batch of a forward, a chunk of prompts to sample) is computed exactly as one process
+    would compute it, so the gathered result equals the one-process result bit for bit. ``desc``: a
+    tqdm bar of rank 0's units with that title.
+    """
+    size, me = world_size(), rank()
+    units = range(me, n, size)
+    if desc is not None and me == 0:
+        from tqdm.auto import tqdm
+
+        units = tqdm(units, desc=desc, unit="batch", leave=False, disable=None)
+    mine = [fn(i) for i in units]
+    if size == 1:
+        return mine
+    per_rank = all_gather(mine)
+    return [per_rank[i % size][i // size] for i in range(n)]
+
+
+def shard_batches(fn: Callable[[Sequence[T]], list[R]], items: Sequence[T], batch_size: int,
+                  desc: str | None = None) -> list[R]:
+    """``fn`` over ``items`` in batches of ``batch_size`` (``fn`` returns one result per item), the batches
+    sharded over ranks by :func:`shard_map` and the results gathered in order."""
+    starts = range(0, len(items), batch_size)
+    per_batch = shard_map(lambda i: fn(items[starts[i]:starts[i] + batch_size]), len(starts), desc)
+    return [result for batch in per_batch for result in batch]
+
+
+def on_main(fn: Callable[[], T]) -> T:
+    """``fn()`` computed on rank 0 alone and its result broadcast: for work that must not be repeated or
+    split (a judge's API calls and counters), or that is cheap."""
+    return broadcast(fn() if is_main() else None)
+
+
+def shared_cache(path: Path, compute: Callable[[], T], save: Callable[[T, Path], None], load: Callable[[Path], T],
+                 exists: Callable[[Path], bool] = Path.exists) -> T:
+    """The value cached at ``path``: loaded by every rank when it is there; otherwise computed by all ranks
+    together (``compute`` may shard its work and gather), written by rank 0 alone (``save`` must write
+    under a unique temporary name and rename, :mod:`alignexp.files`), and read back by no one.
+
+    Rank 0 holds a lock on ``path`` (:func:`alignexp.files.file_lock`) from the check to the write, so a
+    concurrent job that needs the same entry waits and then loads it, instead of computing it again or
+    reading half of it.
+    """
+    with file_lock(path) if is_main() else nullcontext():
+        found = broadcast(exists(path) if is_main() else None)
+        if found:
+            barrier()
+            return load(path)
+        value = compute()
+        if is_main():
+            save(value, path)
+        barrier()
+        return value

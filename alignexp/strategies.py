@@ -90,14 +90,15 @@ class DeepSpeedAnyDevice(DeepSpeedStrategy):
     def shards_parameters(self) -> bool:
         return self.zero_stage_3
 
-    def full_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """Every parameter of ``module`` whole (ZeRO-3 gathers each from its partitions), on every rank."""
+    def full_state(self, module: nn.Module, dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+        """Every parameter of ``module`` whole, in ``dtypes[name]``, on every rank (ZeRO-3 gathers one
+        parameter at a time from its partitions)."""
         import deepspeed
 
         state = {}
         for name, param in module.named_parameters():
             with deepspeed.zero.GatheredParameters([param]):
-                state[name] = param.data.detach().clone()
+                state[name] = param.data.detach().to(dtypes[name], copy=True)
         return state
 
 
@@ -190,11 +191,12 @@ class FSDP2(ModelParallelStrategy):
     def shards_parameters(self) -> bool:
         return True
 
-    def full_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        """Every parameter of ``module`` whole, on every rank (each DTensor's ``full_tensor``)."""
+    def full_state(self, module: nn.Module, dtypes: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
+        """Every parameter of ``module`` whole, in ``dtypes[name]``, on every rank (each DTensor's
+        ``full_tensor``, one parameter at a time: the fp32 master shards become the model's dtype)."""
         from torch.distributed.tensor import DTensor
 
-        return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+        return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().to(dtypes[name], copy=True)
                 for name, p in module.named_parameters()}
 
 
@@ -234,7 +236,9 @@ class GatherTrained(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         children = dict(pl_module.named_children())
-        self.states = {name: trainer.strategy.full_state(children[name]) for name in self.skeletons}
+        self.states = {name: trainer.strategy.full_state(children[name], {n: p.dtype for n, p in
+                                                                          skeleton.named_parameters()})
+                       for name, skeleton in self.skeletons.items()}
 
     def plain(self, device: torch.device | str) -> dict[str, nn.Module]:
         if set(self.states) != set(self.skeletons):

@@ -66,9 +66,11 @@ def schedule(train: TrainArgs) -> dict[str, Any]:
             "gradient_clip_val": train.gradient_clip_val or None, "log_every_n_steps": train.log_every_n_steps}
 
 
-def global_batch_size(loader, accumulate: int) -> int:
-    """Examples per optimizer step over all ranks: per-device batch x ranks x accumulation."""
-    return loader.batch_sampler.batch_size * world_size() * accumulate
+def global_batch_size(loader, accumulate: int) -> int | None:
+    """Examples per optimizer step over all ranks: per-device batch x ranks x accumulation (None for a loader
+    without a fixed batch size, e.g. PPO's rollouts)."""
+    batch = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    return batch * world_size() * accumulate if batch else None
 
 
 class AtomicCheckpointIO(L.pytorch.plugins.TorchCheckpointIO):
@@ -128,7 +130,7 @@ def fit(module: L.LightningModule, loader, *, hw: HardwareArgs, logger: Mapping[
     strategy = kwargs["strategy"]
     gather = GatherTrained(module) if getattr(strategy, "shards_parameters", lambda: False)() else None
     folder = out / "checkpoints" / stage
-    callbacks: list[L.Callback] = [DataPosition()] + ([gather] if gather else [])
+    callbacks: list[L.Callback] = [DataPosition(), *([gather] if gather else []), *settings.pop("callbacks", [])]
     if checkpoint_every:
         from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -136,11 +138,13 @@ def fit(module: L.LightningModule, loader, *, hw: HardwareArgs, logger: Mapping[
                                       save_last=True, save_on_train_epoch_end=False), FinalCheckpoint(folder / "last.ckpt")]
     kwargs["plugins"] = [*kwargs.get("plugins", []), AtomicCheckpointIO()]
     resume = latest_checkpoint(folder)
-    if is_main():
-        accumulate = settings.get("accumulate_grad_batches", 1) or 1
-        print(f"[alignexp] {stage}: global batch {global_batch_size(loader, accumulate)} = "
-              f"{loader.batch_sampler.batch_size} per device x {world_size()} process(es) x {accumulate} "
-              f"accumulated" + (f"; resuming from {resume}" if resume else ""), flush=True)
+    accumulate = settings.get("accumulate_grad_batches", 1) or 1
+    total = global_batch_size(loader, accumulate)
+    if is_main() and total:
+        print(f"[alignexp] {stage}: global batch {total} = {loader.batch_sampler.batch_size} per device x "
+              f"{world_size()} process(es) x {accumulate} accumulated", flush=True)
+    if is_main() and resume:
+        print(f"[alignexp] {stage}: resuming from {resume}", flush=True)
     dtypes = _hold_master_weights(module) if master_weights(hw) else {}
     trainer = L.Trainer(**kwargs, logger=make_loggers(logger, out, stage), callbacks=callbacks,
                         enable_checkpointing=bool(checkpoint_every), enable_model_summary=False,

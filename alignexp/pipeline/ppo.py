@@ -41,12 +41,13 @@ def ppo(ctx: RunContext) -> None:
                        max_grad_norm=args.train.gradient_clip_val or None, seed=args.seed,
                        max_prompt_len=args.model.max_prompt_len,
                        checkpoint_path=ctx.out / "checkpoints" / "ppo-last.pt")
-    if args.ppo.resume_from:
-        module.load_checkpoint(args.ppo.resume_from)
-        log.info("ppo: resumed from %s at iteration %d", args.ppo.resume_from, module.iteration)
+    # ppo.resume_from, or this run's own checkpoint when the run folder is resumed (resume=<run folder>)
+    resume_from = args.ppo.resume_from or (module.checkpoint_path if module.checkpoint_path.exists() else None)
+    if resume_from:
+        module.load_checkpoint(resume_from)
+        log.info("ppo: resumed from %s at iteration %d", resume_from, module.iteration)
     loader = module.prompt_loader()
     if len(loader) == 0:
         log.info("ppo: nothing to do (iteration %d of %d)", module.iteration, args.ppo.steps)
         return
-    fit(module, loader, hw=ctx.hw, logger=args.logger, out=ctx.out, stage="ppo", max_epochs=1,
-        log_every_n_steps=1, use_distributed_sampler=False)
+    fit(module, loader, hw=ctx.hw, logger=args.logger, out=ctx.out, stage="ppo", max_epochs=1, log_every_n_steps=1)

@@ -197,7 +197,7 @@ def test_fsdp_units_are_decoder_layers_and_the_modules_the_log_prob_code_calls()
 def test_auto_picks_the_cpu_without_cuda_and_ddp_or_zero3_by_the_plan(compose, fake_cuda):
     """hardware=auto: DDP on all 8 (faked) GPUs for the tiny model; ZeRO-3 for full DPO of a 7B model, which
     the plan puts above 80 GiB per GPU under DDP; the CPU option (as hardware=cpu) without CUDA."""
-    tiny = validate(compose())
+    tiny = validate(compose("hardware.gpu_memory_gib=80"))
     hw, why = choose_auto(tiny.hardware, tiny)
     assert (hw.name, hw.strategy, hw.devices, hw.precision) == ("ddp", "ddp", 8, "bf16-mixed") and "DDP" in why
     big = validate(compose("model=mistral7b", "loss=dpo", "hardware.gpu_memory_gib=80"))

@@ -1,50 +1,14 @@
-"""``python -m alignexp.plan``: will this run fit? Per-GPU memory of a training config, before renting GPUs.
-
-Composes the same config as ``alignexp.train`` (model, loss, hardware, task, batch and sequence
-settings; any override works: ``python -m alignexp.plan model=mistral7b hardware=deepspeed_zero3
-hardware.devices=8 train.batch_size=2``) and prints, per GPU:
-
-* **model states**: weights, gradients and optimizer states (AdamW) as the chosen strategy lays them
-  out: DeepSpeed ZeRO stage 1/2/3 (Rajbhandari et al. 2020, "ZeRO", section 3.1: mixed-precision Adam
-  holds 2 + 2 + K bytes per parameter, 16-bit weights and gradients and K = 12 bytes of fp32 master
-  weights, momentum and variance; DeepSpeed adds a 4-byte fp32 gradient partition; the stage decides
-  what is partitioned over the data-parallel GPUs, see :func:`model_state_bytes`; with
-  optimizer/parameter offload those bytes live in CPU memory), FSDP (shards in the model's dtype,
-  a bf16 copy of the units being computed), DDP and one device (weights, gradients and AdamW states in
-  the model's dtype, plus DDP's gradient buckets). With LoRA only the adapters have gradients and
-  optimizer states (fp32, as PEFT keeps them).
-* **reference**: none when reference log-probs are precomputed (``train.reference=precompute``, the
-  cache) or when the reference is the LoRA policy with its adapters off; a frozen copy otherwise.
-* **activations** of one micro-batch with shared-prefix packing (one row per prompt: the prompt once,
-  then its n responses; ``alignexp.models.logprobs``): what autograd keeps per token and decoder
-  layer (see :func:`activation_bytes`), only the layer inputs under gradient checkpointing, the
-  (B, 1, T, T) block mask (boolean, and additive once), and the fp32 log-softmax over the vocabulary
-  for response tokens only. Rows are counted as one per prompt (``train.batch_size`` rows of the
-  longest block): the packer may put several short examples in one row, so this is an upper bound.
-* an **allowance** for the CUDA context, the allocator's fragmentation and communication buffers
-  (``plan.overhead_gib``, default 2 GiB: an assumption, not a measurement).
-
-The model-state part agrees with DeepSpeed's own estimators
-(``estimate_zero2_model_states_mem_needs`` / ``estimate_zero3_model_states_mem_needs``), checked in
-``tests/unit/test_plan.py``; the activation formula is checked there against the bytes the packed
-forward of a small GQA model keeps on CPU. Parameter counts come from ``model.arch`` (no download).
-
-Plan-only settings, all optional: ``+plan.gpus=16`` (default: hardware.devices x hardware.num_nodes),
-``+plan.gpu_memory_gib=80`` (default: hardware.gpu_memory_gib), ``+plan.n_responses=4``,
-``+plan.prompt_len=1024``, ``+plan.response_len=512``, ``+plan.overhead_gib=2``.
-Exit status 0 when it fits, 1 when it does not, 2 for a bad config.
-"""
+"""The memory formulas of ``python -m alignexp.plan``: parameter counts, model states per strategy,
+activations of a packed micro-batch (see the package docstring, :mod:`alignexp.plan`)."""
 
 from __future__ import annotations
 
 import functools
 import json
-import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignexp.hardware import HardwareArgs
-from alignexp.models.lora import LoraArgs
+from alignexp.args import HardwareArgs, LoraArgs
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
@@ -178,12 +142,14 @@ def model_state_bytes(counts: ModelCounts, hw: HardwareArgs, model_dtype: str, g
       gradients (4 bytes per parameter) while it runs. So stage 2: 2N + 18T/G, stage 3:
       18N/G + 4 x largest module (full fine-tuning). Offloaded optimizer: the fp32 gradients, master
       weights and moments live on the CPU; offloaded parameters (stage 3): the 16-bit parameters too.
-    * FSDP: parameters, gradients and AdamW states sharded in the model's dtype (FULL_SHARD); the
-      units being computed are gathered in bf16 (the root unit, and a decoder layer with the next
+    * FSDP2: parameters, gradients and AdamW states sharded (FULL_SHARD); under mixed precision the
+      trainable parameters are fp32 master weights (4 + 4 + 8 bytes), else the model's dtype; the
+      units being computed are gathered in bf16 (the decoder's root, and a decoder layer with the next
       one prefetched and its gradient: 2 bytes x (outside + 3 x layer)). SHARD_GRAD_OP keeps the
-      gathered bf16 parameters through the step (2 bytes x N); NO_SHARD is DDP.
-    * DDP / one device: weights, gradients and AdamW states in the model's dtype (LoRA adapters in
-      fp32), and DDP's gradient buckets, a copy of the gradients.
+      gathered bf16 parameters through the step (2 bytes x N).
+    * DDP / one device: weights, gradients and AdamW states, fp32 for the trainable parameters under
+      mixed precision (the master weights alignexp keeps there), else in the model's dtype (LoRA
+      adapters in fp32 either way); DDP adds its gradient buckets, a copy of the gradients.
     """
     n, t = float(counts.total), float(counts.trainable)
     f = n - t
@@ -205,12 +171,13 @@ def model_state_bytes(counts: ModelCounts, hw: HardwareArgs, model_dtype: str, g
         return ModelStates(weights=params16, gradients=grads16 + grads32, optimizer=optimizer, gathered=gathered,
                            cpu=cpu)
     p = DTYPE_BYTES[model_dtype]
-    trainable_bytes = 4 if lora else p  # PEFT keeps adapters (and so their gradients and states) in fp32
+    # PEFT keeps adapters (and so their gradients and states) in fp32; mixed precision holds fp32 master weights
+    trainable_bytes = 4 if lora or hw.precision.endswith("-mixed") else p
     weights = f * p + t * trainable_bytes
     gradients = t * trainable_bytes
     optimizer = ADAM_STATES * t * trainable_bytes
-    if hw.strategy == "fsdp" and hw.sharding_strategy != "NO_SHARD":
-        shard = gpus if hw.sharding_strategy != "HYBRID_SHARD" else max(1, gpus // hw.num_nodes)
+    if hw.strategy == "fsdp":
+        shard = gpus
         gathered = 2 * (counts.outside_layers + 3 * counts.layer)
         if hw.sharding_strategy == "SHARD_GRAD_OP":
             gathered = 2 * n
@@ -314,6 +281,10 @@ class PlanInputs:
     response_len: int
     reference: str  # precompute | frozen | adapters_off
     overhead_gib: float = 2.0
+    sample_batch: int = 64  # sequences per generation batch of the sampler (flat: prompts x samples)
+    sample_new_tokens: int = 256
+    eval_batch: int = 64
+    eval_new_tokens: int = 32
 
 
 @dataclass
@@ -393,7 +364,7 @@ def plan_memory(inputs: PlanInputs) -> MemoryPlan:
     states = model_state_bytes(counts, hw, inputs.model_dtype, inputs.gpus)
     deepspeed = hw.strategy == "deepspeed"
     param_bytes = 2 if deepspeed else DTYPE_BYTES[inputs.model_dtype]
-    sharded = (deepspeed and hw.zero_stage == 3) or (hw.strategy == "fsdp" and hw.sharding_strategy != "NO_SHARD")
+    sharded = (deepspeed and hw.zero_stage == 3) or hw.strategy == "fsdp"
     reference_weights = 0.0
     if inputs.reference == "frozen":
         reference_weights = param_bytes * counts.total / (inputs.gpus if sharded else 1)
@@ -404,27 +375,36 @@ def plan_memory(inputs: PlanInputs) -> MemoryPlan:
                                    reference_forward=inputs.reference in ("frozen", "adapters_off"),
                                    lora_dropout=bool(inputs.lora and inputs.lora.dropout > 0))
     notes = []
-    if not deepspeed and param_bytes == 2 and inputs.lora is None:
-        notes.append(f"model.dtype={inputs.model_dtype} without DeepSpeed: weights and AdamW states are 16-bit "
-                     "(no fp32 master copy); set model.dtype=float32 to keep one (4 bytes per parameter each)")
+    if not deepspeed and hw.precision.endswith("-true") and param_bytes == 2 and inputs.lora is None:
+        notes.append(f"hardware.precision={hw.precision}: pure 16-bit training, no fp32 master weights (most "
+                     "updates at DPO learning rates round away); bf16-mixed keeps them (4 bytes per parameter)")
     return MemoryPlan(inputs, counts, states, reference_weights, activations, inputs.overhead_gib * GIB, notes)
+
+
+PLAN_KEYS = ("gpus", "gpu_memory_gib", "n_responses", "prompt_len", "response_len", "overhead_gib")
 
 
 def plan_inputs(cfg) -> PlanInputs:
     """Read :class:`PlanInputs` from a composed ``conf/train.yaml`` (with optional ``plan.*`` keys)."""
     from omegaconf import OmegaConf
 
+    container = OmegaConf.to_container(cfg, resolve=False)
+    plan_cfg = dict(container.get("plan") or {})
+    unknown = sorted(set(plan_cfg) - set(PLAN_KEYS))
+    if unknown:
+        raise ValueError(f"plan.{unknown[0]}: unknown key (known: {', '.join(sorted(PLAN_KEYS))})")
+    section = lambda key: OmegaConf.to_container(cfg[key], resolve=True) if key in cfg else {}  # noqa: E731
+    hw = HardwareArgs(**section("hardware"))
+    return make_inputs(section("model"), hw, str(cfg.loss.name), section("task"), section("train"),
+                       section("eval"), section("sampler"), plan_cfg)
+
+
+def make_inputs(model: dict[str, Any], hw: HardwareArgs, loss_name: str, task: dict[str, Any], train: dict[str, Any],
+                evaluation: dict[str, Any], sampler: dict[str, Any], plan_cfg: dict[str, Any]) -> PlanInputs:
+    """:class:`PlanInputs` from the sections of a run's config (plain mappings) and ``plan.*`` settings."""
     from alignexp.losses import get_loss
     from alignexp.models.lora import lora_args
 
-    container = OmegaConf.to_container(cfg, resolve=False)
-    plan_cfg = dict(container.get("plan") or {})
-    known = {"gpus", "gpu_memory_gib", "n_responses", "prompt_len", "response_len", "overhead_gib"}
-    unknown = sorted(set(plan_cfg) - known)
-    if unknown:
-        raise ValueError(f"plan.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})")
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    hw = HardwareArgs(**OmegaConf.to_container(cfg.hardware, resolve=True))
     arch = dict(model.get("arch") or {})
     if "vocab_size" not in arch:
         if model.get("path") is not None:
@@ -435,8 +415,7 @@ def plan_inputs(cfg) -> PlanInputs:
 
         arch["vocab_size"] = len(build_byte_tokenizer())
     lora = lora_args(model.get("lora"))
-    spec = get_loss(str(cfg.loss.name))
-    task = cfg.get("task") or {}
+    spec = get_loss(loss_name)
     if spec.listwise:
         n = task.get("ranking_length") or task.get("n_responses") or 4
     else:
@@ -444,45 +423,20 @@ def plan_inputs(cfg) -> PlanInputs:
     n = int(plan_cfg.get("n_responses", n)) + int(spec.uses_target)
     reference = "none"
     if spec.needs_reference:
-        reference = "adapters_off" if lora else str(cfg.train.get("reference", "precompute"))
+        reference = "adapters_off" if lora else str(train.get("reference", "precompute"))
     if reference not in ("none", "precompute", "frozen", "adapters_off"):
         raise ValueError(f"train.reference must be precompute or frozen, got {reference!r}")
     gpus = int(plan_cfg["gpus"]) if "gpus" in plan_cfg else hw.world_size
     memory = plan_cfg.get("gpu_memory_gib", hw.gpu_memory_gib)
+    response_len = int(plan_cfg.get("response_len", model.get("max_response_len", 256)))
     return PlanInputs(model_name=str(model.get("name")), arch=arch, model_dtype=str(model.get("dtype", "float32")),
                       gradient_checkpointing=bool(model.get("gradient_checkpointing", False)), lora=lora,
                       hardware=hw, gpus=gpus, gpu_memory_gib=None if memory is None else float(memory),
-                      rows=int(cfg.train.batch_size), n_responses=n,
+                      rows=int(train.get("batch_size", 16)), n_responses=n,
                       prompt_len=int(plan_cfg.get("prompt_len", model.get("max_prompt_len", 512))),
-                      response_len=int(plan_cfg.get("response_len", model.get("max_response_len", 256))),
-                      reference=reference,
-                      overhead_gib=float(plan_cfg.get("overhead_gib", 2.0)))
-
-
-def _main(cfg) -> None:
-    try:
-        plan = plan_memory(plan_inputs(cfg))
-    except ValueError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        sys.exit(2)
-    print(plan.table())
-    print(json.dumps(plan.record()))
-    if plan.fits is False:
-        sys.exit(1)
-
-
-def main() -> None:
-    """The Hydra entry point (``conf/train.yaml``); writes no run folder or log file."""
-    import hydra
-
-    from alignexp.config import CONF_DIR
-
-    defaults = {"hydra.run.dir": ".", "hydra.output_subdir": "null", "hydra/job_logging": "disabled",
-                "hydra/hydra_logging": "disabled"}
-    given = {arg.split("=", 1)[0].lstrip("+~") for arg in sys.argv[1:] if "=" in arg}
-    sys.argv += [f"{key}={value}" for key, value in defaults.items() if key not in given]
-    hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")(_main)()
-
-
-if __name__ == "__main__":
-    main()
+                      response_len=response_len, reference=reference,
+                      overhead_gib=float(plan_cfg.get("overhead_gib", 2.0)),
+                      sample_batch=int(sampler.get("batch_size") or 64),
+                      sample_new_tokens=int(sampler.get("max_new_tokens") or response_len),
+                      eval_batch=int(evaluation.get("batch_size", 64)),
+                      eval_new_tokens=int(evaluation.get("max_new_tokens", 32)))

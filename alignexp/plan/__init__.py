@@ -1,0 +1,88 @@
+"""``python -m alignexp.plan``: will this run fit? Per-GPU memory of a run, stage by stage, before renting GPUs.
+
+Composes the same config as ``alignexp.train`` (model, loss, hardware, task, batch and sequence
+settings; any override works: ``python -m alignexp.plan model=mistral7b hardware=deepspeed_zero3
+hardware.devices=8 train.batch_size=2``) and prints, per GPU, the training stage in detail
+(:mod:`alignexp.plan.memory`):
+
+* **model states**: weights, gradients and optimizer states (AdamW) as the chosen strategy lays them
+  out: DeepSpeed ZeRO stage 1/2/3 (Rajbhandari et al. 2020, "ZeRO", section 3.1: mixed-precision Adam
+  holds 2 + 2 + K bytes per parameter, 16-bit weights and gradients and K = 12 bytes of fp32 master
+  weights, momentum and variance; DeepSpeed adds a 4-byte fp32 gradient partition; the stage decides
+  what is partitioned over the data-parallel GPUs, see :func:`model_state_bytes`; with
+  optimizer/parameter offload those bytes live in CPU memory), FSDP2 (fp32 master shards under mixed
+  precision, a bf16 copy of the units being computed), DDP and one device (fp32 master weights,
+  gradients and AdamW states for the trainable parameters under mixed precision, plus DDP's gradient
+  buckets). With LoRA only the adapters have gradients and optimizer states (fp32, as PEFT keeps them).
+* **reference**: none when reference log-probs are precomputed (``train.reference=precompute``, the
+  cache: the reference waits in CPU memory while the policy trains) or when the reference is the LoRA
+  policy with its adapters off; a frozen copy otherwise.
+* **activations** of one micro-batch with shared-prefix packing (one row per prompt: the prompt once,
+  then its n responses; ``alignexp.models.logprobs``): what autograd keeps per token and decoder
+  layer (see :func:`activation_bytes`), only the layer inputs under gradient checkpointing, the
+  (B, 1, T, T) block mask (boolean, and additive once), and the fp32 log-softmax over the vocabulary
+  for response tokens only. Rows are counted as one per prompt (``train.batch_size`` rows of the
+  longest block): the packer may put several short examples in one row, so this is an upper bound.
+* an **allowance** for the CUDA context, the allocator's fragmentation and communication buffers
+  (``plan.overhead_gib``, default 2 GiB: an assumption, not a measurement).
+
+and then the **peak of every stage** (:mod:`alignexp.plan.stages`): sampling, the reference
+precompute, training, the gather after a sharded fit, evaluation. The run fits when its largest
+stage does.
+
+The model-state part agrees with DeepSpeed's own estimators
+(``estimate_zero2_model_states_mem_needs`` / ``estimate_zero3_model_states_mem_needs``), checked in
+``tests/unit/test_plan.py``; the activation formula is checked there against the bytes the packed
+forward of a small GQA model keeps on CPU. Parameter counts come from ``model.arch`` (no download).
+
+Plan-only settings, all optional: ``+plan.gpus=16`` (default: hardware.devices x hardware.num_nodes),
+``+plan.gpu_memory_gib=80`` (default: hardware.gpu_memory_gib), ``+plan.n_responses=4``,
+``+plan.prompt_len=1024``, ``+plan.response_len=512``, ``+plan.overhead_gib=2``.
+Exit status 0 when it fits, 1 when it does not, 2 for a bad config.
+"""
+
+from alignexp.plan.memory import (
+    DTYPE_BYTES,
+    GIB,
+    Activations,
+    MemoryPlan,
+    ModelCounts,
+    ModelStates,
+    PlanInputs,
+    activation_bytes,
+    count_parameters,
+    layer_bytes_per_token,
+    make_inputs,
+    model_state_bytes,
+    plan_inputs,
+    plan_memory,
+)
+from alignexp.plan.stages import RunPlan, StagePeak, plan_for_run, plan_run, stage_peaks
+
+__all__ = ["DTYPE_BYTES", "GIB", "Activations", "MemoryPlan", "ModelCounts", "ModelStates", "PlanInputs", "RunPlan",
+           "StagePeak", "activation_bytes", "count_parameters", "layer_bytes_per_token", "make_inputs",
+           "model_state_bytes", "plan_for_run", "plan_inputs", "plan_memory", "plan_run", "stage_peaks", "_main",
+           "main"]
+
+
+def main() -> None:
+    """``python -m alignexp.plan`` (:mod:`alignexp.plan.__main__`)."""
+    from alignexp.plan.__main__ import main as entry
+
+    entry()
+
+
+def _main(cfg) -> None:
+    """Print the plan of a composed config; exit 1 when it does not fit, 2 for a bad config."""
+    import json
+    import sys
+
+    try:
+        plan = plan_run(plan_inputs(cfg))
+    except ValueError as error:
+        print(f"config error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(plan.table())
+    print(json.dumps(plan.record()))
+    if plan.fits is False:
+        sys.exit(1)

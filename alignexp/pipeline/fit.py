@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import signal
+import subprocess
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,7 @@ import torch
 
 from alignexp.args import HardwareArgs, TrainArgs
 from alignexp.distributed import barrier, is_main, world_size
-from alignexp.errors import ConfigError
+from alignexp.errors import AlignexpError, ConfigError
 from alignexp.files import atomic_write
 from alignexp.hardware import master_weights, trainer_kwargs
 
@@ -91,6 +95,52 @@ class DataPosition(L.Callback):
             sampler.position = batch_idx + 1
 
 
+class Preempted(AlignexpError):
+    """Training stopped at a preemption signal after saving its checkpoint (the run is requeued, or resumable)."""
+
+
+class Preemption(L.Callback):
+    """A scheduler's warning before it stops the job (SLURM: ``#SBATCH --signal=USR1@120``, or submitit's
+    USR2): the ranks agree at the next step boundary, save ``last.ckpt`` and stop; then the job is handed
+    back: to the handler that was there (submitit requeues), or ``scontrol requeue`` on SLURM, and the
+    run ends with :class:`Preempted`. A requeued run resumes from the checkpoint (its run folder must be
+    the same: ``hydra.run.dir=outputs/${oc.env:SLURM_JOB_ID}``, docs/scale.md)."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self, path: Path):
+        self.path, self.received, self.saved = path, None, False
+        self.previous: dict[int, Any] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
+
+    def _note(self, signum: int, frame) -> None:
+        self.received = signum
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+            trainer.save_checkpoint(self.path)
+            self.saved, trainer.should_stop = True, True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def hand_over(self) -> None:
+        """After the fit: requeue the job (the previous handler, or ``scontrol requeue`` by rank 0) and stop."""
+        handler = self.previous.get(self.received or signal.SIGUSR1)
+        if callable(handler):
+            handler(self.received, None)
+        elif is_main() and "SLURM_JOB_ID" in os.environ:
+            job = os.environ.get("SLURM_ARRAY_JOB_ID")
+            job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ["SLURM_JOB_ID"]
+            subprocess.call(["scontrol", "requeue", job])
+        raise Preempted(f"stopped at signal {self.received}: checkpoint {self.path}; the run continues from it "
+                        f"when requeued or resumed (resume=<run folder>)")
+
+
 class FinalCheckpoint(L.Callback):
     """``last.ckpt`` once more when training ends: a resumed run then finds this stage finished."""
 
@@ -130,7 +180,9 @@ def fit(module: L.LightningModule, loader, *, hw: HardwareArgs, logger: Mapping[
     strategy = kwargs["strategy"]
     gather = GatherTrained(module) if getattr(strategy, "shards_parameters", lambda: False)() else None
     folder = out / "checkpoints" / stage
-    callbacks: list[L.Callback] = [DataPosition(), *([gather] if gather else []), *settings.pop("callbacks", [])]
+    preemption = Preemption(folder / "last.ckpt")
+    callbacks: list[L.Callback] = [DataPosition(), preemption, *([gather] if gather else []),
+                                   *settings.pop("callbacks", [])]
     if checkpoint_every:
         from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -151,6 +203,8 @@ def fit(module: L.LightningModule, loader, *, hw: HardwareArgs, logger: Mapping[
                         default_root_dir=str(folder), num_sanity_val_steps=0, use_distributed_sampler=False,
                         **settings)
     trainer.fit(module, train_dataloaders=loader, ckpt_path=str(resume) if resume else None)
+    if preemption.saved:
+        preemption.hand_over()
     if gather is not None:
         if not gather.states:  # a resumed fit that had nothing left to train ends without on_train_end
             gather.on_train_end(trainer, module)

@@ -12,11 +12,15 @@ Reference log-probs come with each batch, as the precomputed cache gives them.
 
 It prints one JSON line: ``tokens_per_s`` (packed tokens, the prompt once per row), ``mfu`` (model
 FLOPs utilisation: 6 x parameters x tokens per second, with the output head counted on response
-tokens only, over the GPU's peak dense bf16 FLOP/s, e.g. 989 TFLOP/s for an H100 SXM; Chowdhery et
-al. 2022, "PaLM", appendix B), ``peak_memory_gib`` (``torch.cuda.max_memory_allocated``) next to
-``plan_estimate_gib`` (:mod:`alignexp.plan`'s estimate for the same run), and
+tokens only, plus attention's score and value products over the pairs the block mask leaves
+(:func:`attention_flops`), over the GPU's peak dense bf16 FLOP/s, e.g. 989 TFLOP/s for an H100 SXM;
+Chowdhery et al. 2022, "PaLM", appendix B), ``peak_memory_gib`` (``torch.cuda.max_memory_allocated``)
+next to ``plan_estimate_gib`` (:mod:`alignexp.plan`'s estimate for the same run),
 ``packing_max_abs_diff``: the largest difference between a response's log-prob computed packed
-with its siblings and computed alone (the block mask at work under the chosen attention kernel).
+with its siblings and computed alone (the block mask at work under the chosen attention kernel), and
+``checks`` (:mod:`alignexp.gpu_pipeline`): the packed log-prob forward against a plain Hugging Face
+forward, and a 2-layer Mistral-architecture model through ZeRO-3 (fit, gather, save, reload, logits,
+generation, and the default experiment end to end). It exits 1 when a check fails.
 
 It imports no Hydra, OmegaConf or datasets (GPU machines may lack them) and DeepSpeed only when it is
 importable. ``--device cpu --size tiny`` runs the same code in seconds (a test does).
@@ -89,6 +93,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     parser.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak bf16 TFLOP/s")
+    parser.add_argument("--parity-window", type=int, default=32,
+                        help="sliding window of the packed-parity model (shorter than its 72-token sequences)")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON record here")
     args = parser.parse_args(argv)
     for name in ("layers", "batch", "prompt_len", "response_len", "steps"):
@@ -138,6 +144,17 @@ def _batches(args: argparse.Namespace, vocab: int, pad_id: int, count: int, seed
         batch.ref_logps = -args.response_len * math.log(vocab) + torch.randn(batch.lengths.shape, generator=generator)
         out.append(batch)
     return out
+
+
+def attention_flops(args: argparse.Namespace, arch: dict[str, Any]) -> float:
+    """Training FLOPs of attention's score and value products in one step: 12 x layers x (heads x head dim)
+    per (query, visible key) pair (QK^T and AV, 2 FLOPs per multiply-add each, x3 for forward and backward;
+    Chowdhery et al. 2022, appendix B), with the pairs the block mask leaves: the prompt causally, and each
+    response over the prompt and itself causally (P(P+1)/2 + n (R P + R(R+1)/2) per row)."""
+    p, r, n = args.prompt_len, args.response_len, args.responses
+    width = arch["num_attention_heads"] * arch.get("head_dim", arch["hidden_size"] // arch["num_attention_heads"])
+    pairs = p * (p + 1) / 2 + n * (r * p + r * (r + 1) / 2)
+    return 12.0 * arch["num_hidden_layers"] * width * pairs * args.batch
 
 
 @torch.no_grad()
@@ -192,6 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from alignexp.models.lora import LoraArgs, apply_lora
     from alignexp.models.tokenizer import build_byte_tokenizer
     from alignexp.modules.preference import OptimArgs, PreferenceModule
+    from alignexp.gpu_pipeline import correctness_checks
     from alignexp.plan import PlanInputs, plan_memory
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -235,7 +253,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     step_s = sum(timed) / len(timed)
     tokens = args.batch * (args.prompt_len + args.responses * args.response_len)
     response_tokens = args.batch * args.responses * args.response_len
-    flops = 6 * (layer_params * tokens + head_params * response_tokens)
+    flops = 6 * (layer_params * tokens + head_params * response_tokens) + attention_flops(args, model_args.arch)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     peak = args.peak_tflops * 1e12 if args.peak_tflops else (peak_flops(device_name) if args.device == "cuda" else None)
     if args.device == "cuda":
@@ -264,6 +282,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "packing_max_abs_diff": round(packing_diff, 5), "final_loss": float(trainer.callback_metrics.get(
             "train/loss_step", trainer.callback_metrics.get("train/loss", float("nan")))),
         "build_s": round(build_s, 1), "fit_s": round(fit_s, 1), "torch": torch.__version__,
+        "attention_flops_share": round(attention_flops(args, model_args.arch) / flops, 4),
+        "checks": correctness_checks(model_args.arch, args.device, hw.strategy == "deepspeed", args.parity_window),
     }
 
 
@@ -277,11 +297,16 @@ def main(argv: list[str] | None = None) -> None:
     logger.setLevel(logging.INFO)
     args = parse_args(argv)
     record = run(args)
+    record["ok"] = all(check["ok"] for check in record["checks"].values())
     line = json.dumps(record)
     print(line, flush=True)
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(line + "\n")
+    if not record["ok"]:
+        failed = [name for name, check in record["checks"].items() if not check["ok"]]
+        print(f"[gpu_check] FAILED: {', '.join(failed)}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
-# `make gpu-check`: a few bf16 preference-training steps of a 7B-architecture model on one GPU;
-# prints one JSON line (tokens/s, MFU, peak memory). Arguments go to `python -m alignexp.gpu_check`
-# (e.g. --layers 4 --lora-r 16; --help lists them). See docs/scale.md.
+# `make gpu-check`: one short run on one GPU. A few bf16 preference-training steps of a 7B-architecture
+# model (tokens/s, MFU with attention, peak memory); the packed log-prob forward against a plain Hugging
+# Face forward (sliding window shorter than the sequences, fp32 tolerance); a 2-layer Mistral-architecture
+# model through hardware=deepspeed_zero3 (fit, gather, save, reload, logits parity, generation) and the
+# default experiment end to end under ZeRO-3. Prints one JSON line; exits 1 when a check fails.
+# Arguments go to `python -m alignexp.gpu_check` (e.g. --layers 4 --lora-r 16; --help lists them).
+# See docs/scale.md.
 #
 # Runs from the repository without installing alignexp. Packages the machine lacks (DeepSpeed, and
 # what it needs) can travel as wheels in .whl/ (or $GPU_CHECK_WHEELS): they are installed into

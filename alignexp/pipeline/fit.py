@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import threading
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -202,7 +203,10 @@ def fit(module: L.LightningModule, loader, *, hw: HardwareArgs, logger: Mapping[
                         enable_checkpointing=bool(checkpoint_every), enable_model_summary=False,
                         default_root_dir=str(folder), num_sanity_val_steps=0, use_distributed_sampler=False,
                         **settings)
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=str(resume) if resume else None)
+    with warnings.catch_warnings():
+        # Logged metrics are each rank's own batches (rank 0's reach the loggers): no sync_dist all-reduce per log.
+        warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=str(resume) if resume else None)
     if preemption.saved:
         preemption.hand_over()
     if gather is not None:

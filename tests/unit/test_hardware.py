@@ -342,7 +342,10 @@ def test_gpu_check_runs_on_cpu_without_hydra_omegaconf_datasets_or_deepspeed(tmp
     env = {**os.environ, "PYTHONPATH": str(blocker), "PYTHON": sys.executable, "GPU_CHECK_WHEELS": str(tmp_path)}
     result = subprocess.run(
         ["bash", "scripts/gpu_check.sh", "--device", "cpu", "--size", "tiny", "--layers", "1", "--steps", "2",
-         "--warmup", "1", "--batch", "2", "--prompt-len", "12", "--response-len", "6", "--out", str(out)],
+         "--warmup", "1", "--batch", "2", "--prompt-len", "12", "--response-len", "6", "--out", str(out),
+         # a window longer than the parity check's sequences (a shorter one checks the packed forward's
+         # windowed block mask, which the log-prob code needs for Mistral beyond its window)
+         "--parity-window", "4096"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads(result.stdout.strip().splitlines()[-1])
@@ -350,7 +353,10 @@ def test_gpu_check_runs_on_cpu_without_hydra_omegaconf_datasets_or_deepspeed(tmp
     assert record["strategy"] == "cpu" and record["attention"] == "sdpa" and record["steps_timed"] == 2
     assert record["tokens_per_step"] == 2 * (12 + 4 * 6) and record["tokens_per_s"] > 0
     assert record["packing_max_abs_diff"] < 1e-4  # a response scores the same packed with its siblings or alone
-    assert record["mfu"] is None and record["peak_memory_gib"] > 0
+    assert record["mfu"] is None and record["peak_memory_gib"] > 0 and record["ok"]
+    parity = record["checks"]["packed_parity"]
+    assert parity["ok"] and parity["max_abs_diff_float32"] <= parity["tolerance"]  # packed = plain HF forward
+    assert record["checks"]["zero3"]["skipped"] and 0 < record["attention_flops_share"] < 1
 
 
 def test_peak_flops_table():

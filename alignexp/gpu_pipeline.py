@@ -1,0 +1,168 @@
+"""The GPU check's correctness parts (``python -m alignexp.gpu_check``, :mod:`alignexp.gpu_check`):
+
+* :func:`packed_parity`: the packed log-prob forward (:func:`alignexp.models.logprobs.sequence_logps`,
+  shared-prefix packing, block mask) against a plain Hugging Face forward of each prompt + response
+  alone, on a 2-layer Mistral-architecture model whose sliding window is shorter than the sequences, in
+  fp32 (pass/fail against a tolerance) and in bf16 (reported).
+* :func:`zero3_pipeline`: a 2-layer Mistral-architecture model (sliding window) trained a few steps
+  through ``alignexp.pipeline.fit`` under ``conf/hardware/deepspeed_zero3.yaml`` on one GPU, then what a
+  run does after the fit: the policy back whole (equal to DeepSpeed's own gather), saved, reloaded
+  with ``from_pretrained`` (logits parity), and generation; and, where Hydra imports, the default
+  experiment end to end with ``python -m alignexp.train hardware=deepspeed_zero3``.
+
+Each returns a record with ``ok``; the GPU check exits 1 when one is not ok.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PARITY_TOLERANCE = 2e-3
+"""Largest |packed - plain| summed log-prob (nats per response) accepted in fp32."""
+LOGITS_TOLERANCE = 1e-2
+"""Largest |saved and reloaded - trained| logit accepted in bf16 (the same bf16 weights, other kernels)."""
+
+
+def mistral_arch(base: dict[str, Any], layers: int = 2, window: int = 32, **dims: int) -> dict[str, Any]:
+    """Mistral-7B's architecture (``conf/model/mistral7b.yaml``) with ``layers`` layers and a short window."""
+    return {**base, "num_hidden_layers": layers, "sliding_window": window, **dims}
+
+
+@torch.no_grad()
+def packed_parity(arch: dict[str, Any], device: str, prompt_len: int = 48, response_len: int = 24,
+                  responses: int = 3, rows: int = 2) -> dict[str, Any]:
+    """Max |packed - plain| over every response's summed log-prob, fp32 (checked) and bf16 (reported)."""
+    from alignexp.models.backbone import ModelArgs, build_model
+    from alignexp.models.logprobs import EncodedExample, pack, sequence_logps
+    from alignexp.models.tokenizer import build_byte_tokenizer
+
+    tokenizer = build_byte_tokenizer()
+    generator = torch.Generator().manual_seed(0)
+    examples = [EncodedExample(torch.randint(3, 250, (prompt_len + 5 * i,), generator=generator).tolist(),
+                               [torch.randint(3, 250, (response_len - 3 * j,), generator=generator).tolist()
+                                for j in range(responses)]) for i in range(rows)]
+    out: dict[str, Any] = {"window": arch.get("sliding_window"), "sequence_len": prompt_len + response_len,
+                           "tolerance": PARITY_TOLERANCE}
+    for dtype in ("float32", "bfloat16"):
+        model = build_model(ModelArgs(arch=arch, dtype=dtype), tokenizer, device.split(":")[0]).to(device).eval()
+        packed = sequence_logps(model, pack(examples, pad_id=tokenizer.pad_token_id).to(device))[0].float().cpu()
+        worst = 0.0
+        for i, example in enumerate(examples):
+            for j, response in enumerate(example.response_ids):
+                ids = torch.tensor([example.prompt_ids + response], device=device)
+                logps = model(input_ids=ids).logits.float().log_softmax(-1)[0, :-1]
+                targets = ids[0, 1:]
+                plain = logps.gather(-1, targets[:, None])[-len(response):].sum().cpu()
+                worst = max(worst, abs(float(plain - packed[i, j])))
+        out[f"max_abs_diff_{dtype}"] = worst
+        del model
+    out["ok"] = out["max_abs_diff_float32"] <= PARITY_TOLERANCE
+    return out
+
+
+def zero3_pipeline(arch: dict[str, Any], device: str, folder: Path, steps: int = 3) -> dict[str, Any]:
+    """Fit, gather, save, reload and generate under ZeRO-3 on one GPU (see the module docstring)."""
+    import lightning as L
+    import yaml
+    from transformers import AutoModelForCausalLM
+
+    from alignexp.args import HardwareArgs, OptimArgs
+    from alignexp.models.backbone import ModelArgs, build_model
+    from alignexp.models.logprobs import EncodedExample, pack
+    from alignexp.models.tokenizer import build_byte_tokenizer
+    from alignexp.modules.datamodule import RankingDataset, make_loader
+    from alignexp.modules.preference import PreferenceModule
+    from alignexp.pipeline.fit import fit, save_policy
+    from alignexp.sampling.engine import SamplingParams, generate
+
+    conf = Path(__file__).resolve().parent.parent / "conf" / "hardware"
+    settings = {**yaml.safe_load((conf / "gpu.yaml").read_text()), **yaml.safe_load(
+        (conf / "deepspeed_zero3.yaml").read_text())}
+    settings.pop("defaults", None)
+    hw = HardwareArgs(**{**settings, "devices": 1, "num_nodes": 1})
+    tokenizer = build_byte_tokenizer()
+    policy = build_model(ModelArgs(arch=arch, dtype="bfloat16"), tokenizer, "cuda").to(device)
+    generator = torch.Generator().manual_seed(0)
+    encoded = [EncodedExample(torch.randint(3, 250, (40,), generator=generator).tolist(),
+                              [torch.randint(3, 250, (16,), generator=generator).tolist() for _ in range(2)])
+               for _ in range(8 * steps)]
+    loader = make_loader(RankingDataset(encoded, [torch.tensor([-90.0, -91.0])] * len(encoded)), 8,
+                         tokenizer.pad_token_id, shuffle=True)
+    module = PreferenceModule(policy, "dpo", {"beta": 0.1}, OptimArgs(lr=1e-4))
+
+    class Gather(L.Callback):  # DeepSpeed's own gather of every parameter at once, for comparison
+        state: dict[str, torch.Tensor] = {}
+
+        def on_train_end(self, trainer, pl_module) -> None:
+            import deepspeed
+
+            params = dict(pl_module.policy.named_parameters())
+            with deepspeed.zero.GatheredParameters(list(params.values())):
+                Gather.state = {k: p.data.detach().clone() for k, p in params.items()}
+
+    fit(module, loader, hw=hw, logger={}, out=folder, stage="train", max_steps=steps, max_epochs=1,
+        enable_progress_bar=False, callbacks=[Gather()])
+    plain = module.policy
+    whole = all(torch.equal(p.detach(), Gather.state[k].to(p.device, p.dtype)) for k, p in plain.named_parameters())
+    save_policy(plain, tokenizer, folder / "policy")
+    reloaded = AutoModelForCausalLM.from_pretrained(folder / "policy", dtype=torch.bfloat16).to(device).eval()
+    batch = pack(encoded[:4], pad_id=tokenizer.pad_token_id).to(device)
+    with torch.no_grad():
+        diff = float((reloaded(input_ids=batch.input_ids).logits.float()
+                      - plain.eval()(input_ids=batch.input_ids).logits.float()).abs().max())
+    generations = generate(plain, [[5] * (3 + i) for i in range(4)], SamplingParams(max_new_tokens=8),
+                           eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id)
+    record = {"params": sum(p.numel() for p in plain.parameters()), "steps": steps,
+              "plain_equals_deepspeed_gather": whole, "saved_bytes": sum(
+                  f.stat().st_size for f in (folder / "policy").glob("*.safetensors")),
+              "logits_max_abs_diff": diff, "logits_tolerance": LOGITS_TOLERANCE,
+              "generated_tokens": sum(len(g.token_ids) for g in generations),
+              "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device != "cpu" else None}
+    record["ok"] = bool(whole and record["saved_bytes"] > 0 and diff <= LOGITS_TOLERANCE
+                        and record["generated_tokens"] > 0)
+    return record
+
+
+def zero3_cli(folder: Path, timeout: int = 480) -> dict[str, Any]:
+    """``python -m alignexp.train`` on the default experiment (debug=fast) with a 2-layer Mistral-architecture
+    model under ``hardware=deepspeed_zero3`` on one GPU; ``ok`` when it wrote its policy and eval.json."""
+    try:
+        import hydra  # noqa: F401
+    except ImportError:
+        return {"ok": True, "skipped": "hydra is not importable here"}
+    command = [sys.executable, "-m", "alignexp.train", "debug=fast", "eval.progress=false", "model=mistral7b",
+               "model.path=null", "model.arch.num_hidden_layers=2", "model.arch.sliding_window=16",
+               "model.max_prompt_len=64", "model.max_response_len=24", "hardware=deepspeed_zero3",
+               "hardware.devices=1", f"paths.cache_dir={folder / 'cache'}", f"hydra.run.dir={folder / 'run'}"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                            cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    run = folder / "run"
+    record = {"returncode": result.returncode, "policy_saved": (run / "policy" / "config.json").exists(),
+              "eval_json": (run / "eval.json").exists()}
+    if record["eval_json"]:
+        saved = json.loads((run / "eval.json").read_text())
+        record.update(gold_reward=saved["policy"].get("gold_reward"), global_batch_size=saved.get("global_batch_size"))
+    if result.returncode:
+        record["stderr_tail"] = result.stderr[-2000:]
+    record["ok"] = result.returncode == 0 and record["policy_saved"] and record["eval_json"]
+    return record
+
+
+def correctness_checks(base_arch: dict[str, Any], device: str, deepspeed: bool, window: int = 32) -> dict[str, Any]:
+    """The packed parity always; the ZeRO-3 pipeline and CLI on a GPU with DeepSpeed (skipped otherwise)."""
+    checks: dict[str, Any] = {"packed_parity": packed_parity(mistral_arch(base_arch, window=window), device)}
+    if device == "cpu" or not deepspeed:
+        checks["zero3"] = {"ok": True, "skipped": "needs a GPU and DeepSpeed"}
+        return checks
+    with tempfile.TemporaryDirectory() as tmp:
+        checks["zero3"] = zero3_pipeline(mistral_arch(base_arch), device, Path(tmp))
+        checks["zero3_cli"] = zero3_cli(Path(tmp))
+    return checks

@@ -204,12 +204,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
+    from alignexp.gpu_pipeline import correctness_checks
     from alignexp.hardware import trainer_kwargs
     from alignexp.models.backbone import build_model
     from alignexp.models.lora import LoraArgs, apply_lora
     from alignexp.models.tokenizer import build_byte_tokenizer
     from alignexp.modules.preference import OptimArgs, PreferenceModule
-    from alignexp.gpu_pipeline import correctness_checks
     from alignexp.plan import PlanInputs, plan_memory
 
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -106,14 +106,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _hardware(args: argparse.Namespace):
-    from alignexp.hardware import HardwareArgs
+    from alignexp.gpu_pipeline import hardware_option
 
     name = args.strategy
     if name == "auto":
         name = "cpu" if args.device == "cpu" else ("deepspeed_zero3" if _importable("deepspeed") else "gpu")
     if (args.device == "cpu") != (name == "cpu"):
         raise SystemExit(f"--strategy {name} does not run on --device {args.device}")
-    return HardwareArgs(**{**_read_yaml(CONF / "hardware" / f"{name}.yaml"), "devices": 1, "num_nodes": 1})
+    return hardware_option(name)
 
 
 def _model_args(args: argparse.Namespace):

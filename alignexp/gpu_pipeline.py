@@ -31,6 +31,22 @@ LOGITS_TOLERANCE = 1e-2
 """Largest |saved and reloaded - trained| logit accepted in bf16 (the same bf16 weights, other kernels)."""
 
 
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def hardware_option(name: str):
+    """``conf/hardware/<name>.yaml`` on one device, with the options it inherits (its ``defaults``), read
+    without Hydra."""
+    import yaml
+
+    from alignexp.args import HardwareArgs
+
+    settings = yaml.safe_load((CONF / "hardware" / f"{name}.yaml").read_text())
+    for base in [b for b in settings.pop("defaults", []) if b != "_self_"]:
+        settings = {**hardware_option(base).__dict__, **settings}
+    return HardwareArgs(**{**settings, "devices": 1, "num_nodes": 1})
+
+
 def mistral_arch(base: dict[str, Any], layers: int = 2, window: int = 32, **dims: int) -> dict[str, Any]:
     """Mistral-7B's architecture (``conf/model/mistral7b.yaml``) with ``layers`` layers and a short window."""
     return {**base, "num_hidden_layers": layers, "sliding_window": window, **dims}
@@ -71,10 +87,9 @@ def packed_parity(arch: dict[str, Any], device: str, prompt_len: int = 48, respo
 def zero3_pipeline(arch: dict[str, Any], device: str, folder: Path, steps: int = 3) -> dict[str, Any]:
     """Fit, gather, save, reload and generate under ZeRO-3 on one GPU (see the module docstring)."""
     import lightning as L
-    import yaml
     from transformers import AutoModelForCausalLM
 
-    from alignexp.args import HardwareArgs, OptimArgs
+    from alignexp.args import OptimArgs
     from alignexp.models.backbone import ModelArgs, build_model
     from alignexp.models.logprobs import EncodedExample, pack
     from alignexp.models.tokenizer import build_byte_tokenizer
@@ -83,11 +98,7 @@ def zero3_pipeline(arch: dict[str, Any], device: str, folder: Path, steps: int =
     from alignexp.pipeline.fit import fit, save_policy
     from alignexp.sampling.engine import SamplingParams, generate
 
-    conf = Path(__file__).resolve().parent.parent / "conf" / "hardware"
-    settings = {**yaml.safe_load((conf / "gpu.yaml").read_text()), **yaml.safe_load(
-        (conf / "deepspeed_zero3.yaml").read_text())}
-    settings.pop("defaults", None)
-    hw = HardwareArgs(**{**settings, "devices": 1, "num_nodes": 1})
+    hw = hardware_option("deepspeed_zero3")
     tokenizer = build_byte_tokenizer()
     policy = build_model(ModelArgs(arch=arch, dtype="bfloat16"), tokenizer, "cuda").to(device)
     generator = torch.Generator().manual_seed(0)

@@ -186,9 +186,10 @@ def run(cfg: DictConfig) -> Path:
     """Sample as configured; returns the output file."""
     from omegaconf import OmegaConf
 
+    from alignexp.hardware import resolve_auto
     from alignexp.models.backbone import build_model, build_tokenizer
 
-    args = validate(cfg)
+    args = resolve_auto(validate(cfg), single_process=True)  # one process: the CPU or one GPU
     setup_runtime(args.seed, args.hardware.threads)
     if cfg.split not in ("train", "eval"):
         raise SampleError(f"split must be train or eval, got {cfg.split!r}")

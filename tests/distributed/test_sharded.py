@@ -47,7 +47,7 @@ def test_fsdp2_runs_the_default_experiment_on_two_cpu_ranks(tmp_path):
 
 
 @pytest.mark.parametrize("kind, lora", [
-    ("zero3", False),
+    pytest.param("zero3", False, marks=pytest.mark.slow),
     pytest.param("zero3", True, marks=pytest.mark.slow),
     pytest.param("fsdp", False, marks=pytest.mark.slow),
     pytest.param("fsdp", True, marks=pytest.mark.slow),

@@ -293,7 +293,7 @@ def headline(by_temperature: dict[str, dict], n_prompts: int, extra: dict[str, d
     top = by_temperature[key]
     extra = extra or {}
     return {"n_prompts": n_prompts, "temperature": float(key),
-            **{section: {**top[section], **extra.get(section, {})} for section in ("policy", "reference",
+            **{section: {**top.get(section, {}), **extra.get(section, {})} for section in ("policy", "reference",
                                                                                   "comparisons")},
             "by_temperature": by_temperature, "per_prompt": per_prompt}
 

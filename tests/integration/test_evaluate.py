@@ -385,4 +385,4 @@ def test_evaluate_commands_in_the_docs_compose(command, tmp_path):
     assert "<" not in runnable, "a placeholder with a space cannot be run as written"
     overrides = [a for a in shlex.split(runnable)[3:] if a != "-m" and not a.startswith("hydra")]
     args = parse(compose_evaluate(tmp_path, *[re.sub(r"=([^,{]+),.*$", r"=\1", a) for a in overrides]))
-    assert args.mode in ("policy", "agreement", "export") and args.judge["name"]
+    assert args.mode in ("policy", "prompting", "benchmarks", "agreement", "export") and args.judge["name"]

@@ -1,8 +1,10 @@
 """A policy against its reference on the task's held-out prompts (:func:`evaluate_policy`).
 
 Per sampling temperature: gold reward or judge score, the sequence-level KL estimate, text metrics
-against the task's references, lengths and win rates judged in both orders; once: implicit-reward
-accuracy on held-out rankings, and best-of-N from the reference. docs/evaluation.md defines each metric.
+against the task's references, lengths and win rates judged in both orders (each with its
+length-controlled twin), and every prompt's values (``per_prompt``, the file beside eval.json); once:
+implicit-reward accuracy on held-out rankings, and best-of-N from the reference. :func:`measure` is
+shared with the prompting baselines. docs/evaluation.md defines each metric.
 """
 
 from __future__ import annotations

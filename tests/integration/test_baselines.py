@@ -9,11 +9,18 @@ import json
 import re
 import shlex
 
+import pytest
+
+from alignexp.args import ModelArgs
 from alignexp.config import CONF_DIR, validate
+from alignexp.errors import ConfigError
 from alignexp.evaluate import run as evaluate
+from alignexp.evaluation.prompting import PromptingArgs, evaluate_prompting
+from alignexp.models.backbone import build_model, build_tokenizer
 from alignexp.report import write_report
 from alignexp.train import run as train
 from tests.conftest import REPO
+from tests.integration.test_evaluate import ARCH, LengthJudge, args, small_task, tldr_task
 
 
 def readme_block(title: str) -> list[str]:
@@ -80,3 +87,23 @@ def test_prompting_baselines_appear_in_a_report_beside_a_trained_policy(tmp_path
     assert "| 2-shot prompting |" in markdown and "| 0-shot prompting |" in markdown and "| ranked_dpo |" in markdown
     assert written["parameters"] == []  # the baselines' evaluation config is no swept parameter
     assert (root / "report" / "frontier.png").exists() and (root / "report" / "win_rate_vs_temperature.png").exists()
+
+
+def test_a_baseline_without_a_reference_is_judged_against_the_dataset():
+    """TL;DR from local fixtures, 1-shot, no reference model: the win rate is against the human summaries
+    (the dataset baseline), the reference section is empty; on the synthetic task, whose baseline is the
+    reference's samples, a missing reference is a ConfigError naming the key."""
+
+    tokenizer = build_tokenizer(ModelArgs(arch=ARCH))
+    model = build_model(ModelArgs(arch=ARCH, init_seed=1), tokenizer).eval()
+    result = evaluate_prompting(model, None, tokenizer, tldr_task(), args(temperatures=[1.0], max_prompt_len=2048),
+                                PromptingArgs(shots=1), judge=LengthJudge())
+    assert result["reference"] == {} and result["prompting"]["mean_shots"] == 1
+    assert result["comparisons"]["baseline"] == "dataset"
+    assert result["comparisons"]["win_rate_vs_reference"] == result["policy"]["win_rate_vs_dataset"]
+    assert result["comparisons"]["win_rate_vs_reference_lc"] == result["policy"]["win_rate_vs_dataset_lc"]
+    assert "bleu" in result["policy"] and "kl" not in result["policy"]
+    rows = result["per_prompt"]
+    assert len(rows) == 4 and all(r["dataset_chars"] > 0 and "policy_win_rate_vs_dataset" in r for r in rows)
+    with pytest.raises(ConfigError, match="reference: the win rate on task synthetic is against the reference"):
+        evaluate_prompting(model, None, tokenizer, small_task(), args(), PromptingArgs(shots=0))

@@ -20,7 +20,12 @@ from alignexp.errors import run_cli
 def run(cfg: DictConfig) -> dict:
     """The whole experiment for a composed config: checked, then the stages; returns the eval.json record."""
     from alignexp.pipeline import run as run_pipeline
+    from alignexp.sweeps import previous_result
 
+    done = previous_result()
+    if done is not None:  # a rerun of a sweep: this job completed before
+        print(f"[alignexp] this sweep job completed before ({cfg.paths.output_dir}): skipped", flush=True)
+        return done
     args = validate(cfg)
     setup_runtime(args.seed, args.hardware.threads)
     args.output_dir.mkdir(parents=True, exist_ok=True)

@@ -107,7 +107,7 @@ def heldout_rankings(task: Task, reference, tokenizer, args: EvalArgs) -> list[R
         def sample_fn(prompts: list[Text], n: int) -> list[list[str]]:
             return sample_texts(reference, tokenizer, prompts, n, args, "held-out rankings")
 
-        examples = task.preference_examples(args.preference_split or "eval", sample_fn=sample_fn)
+        examples = task.preference_examples(args.preference_split or task.eval_split, sample_fn=sample_fn)
     else:
         examples = task.preference_examples(args.preference_split or task.eval_split)
     examples = [ex for ex in examples if ex.n >= 2]

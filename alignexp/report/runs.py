@@ -18,7 +18,7 @@ IGNORED_PREFIXES = ("paths.", "hydra.", "logger.", "hardware.", "eval.", "export
 # loss and sampler choices are the "method" column; the seed makes replicates, never a hyper-parameter.
 SEED_KEY = "seed"
 IGNORED_KEYS = {"policy", "reference", "mode", "init_from", "model.path", "loss", "loss.name", "sampler",
-                "sampler.name", SEED_KEY}
+                "sampler.name", "run_name", "experiment", SEED_KEY}
 
 # The headline metrics a table shows, in order, where at least one run has them: (column, section, key).
 METRICS = HEADLINE_METRICS
@@ -38,13 +38,17 @@ class Run:
     @property
     def method(self) -> str:
         """The loss, with the sampler where it is not ``offline``; ``best_of_n`` for that baseline; a
-        baseline that names itself in eval.json (``2-shot prompting``) by that name."""
+        baseline that names itself in eval.json (``2-shot prompting``) by that name; a run named by an
+        experiment (``run_name``: ``rso``, a study's arm) by that name."""
         if isinstance(self.record.get("method"), str):
             return self.record["method"]
         sampler = self.config.get("sampler.name")
         if sampler == "best_of_n":
             return "best_of_n"
         loss = self.record.get("loss") or self.config.get("loss.name") or "?"
+        run_name = self.config.get("run_name")
+        if run_name and run_name not in (loss, self.config.get("loss.name")):
+            return str(run_name)
         return f"{loss} ({sampler})" if sampler not in (None, "offline") else str(loss)
 
     @property

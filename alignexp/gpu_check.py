@@ -35,8 +35,9 @@ from typing import Any
 
 import torch
 
-# The config tree; alignexp.config.CONF_DIR names the same folder but imports OmegaConf.
-CONF = Path(__file__).resolve().parent.parent / "conf"
+import alignexp
+
+CONF = Path(alignexp.conf_dir())  # the config tree (alignexp.conf_dir imports no Hydra or OmegaConf)
 
 # Peak dense bf16 tensor-core FLOP/s by device name (vendor datasheets, without sparsity).
 PEAK_BF16_FLOPS = (

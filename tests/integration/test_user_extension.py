@@ -66,8 +66,8 @@ def test_an_unknown_import_names_the_key(tmp_path):
 
 
 def test_a_users_experiment_and_loss_option_are_found_through_hydra_searchpath(compose, tmp_path):
-    """The other way to add config folders: `hydra.searchpath=[file://...]` (after alignexp's own, so it adds
-    options; `--config-dir` goes first and may also replace one)."""
+    """The other way to add a config folder: `hydra.searchpath=[file://...]`, after alignexp's own config tree
+    (as `--config-dir` is), so its files add options under new names."""
     (tmp_path / "conf" / "loss").mkdir(parents=True)
     (tmp_path / "conf" / "experiment").mkdir()
     (tmp_path / "conf" / "loss" / "dpo_strong.yaml").write_text("name: dpo\nbeta: 0.5\n")

@@ -35,6 +35,7 @@ from alignexp.judges import build_judge
 from alignexp.metrics.preference import pairs_from_rankings
 from alignexp.metrics.winrate import Judge
 from alignexp.models.backbone import build_model, build_tokenizer
+from alignexp.preflight import preflight_evaluate
 from alignexp.tasks.base import Task
 
 MODES = ("policy", "agreement", "export")
@@ -186,6 +187,7 @@ def run(cfg: DictConfig) -> dict:
     task = build_task(args.task)
     # MT-Bench grading needs a judge chosen by name; auto (gold or none) grades nothing.
     wants_judge = args.mode != "export" or args.judge.get("name") != "auto"
+    preflight_evaluate(args, task, wants_judge)  # every input, checked before a model is built
     judge = build_judge(args.judge, task, "judge", device=args.hardware.torch_device) if wants_judge else None
     if args.mode == "export" and args.export.mt_bench and judge is not None:
         exports.chat_completion(judge)  # a judge that cannot grade fails here, before any answer is generated

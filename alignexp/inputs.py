@@ -121,7 +121,11 @@ def check_reward_model(path: str | None, key: str) -> None:
     if not path:
         raise ConfigError(f"{key}.path: the reward_model judge needs the folder of a trained reward model "
                           f"(<run>/reward_model, written by `python -m alignexp.train experiment=reward_model`)")
-    check_model_source(str(path), f"{key}.path", "reward model")
+    try:
+        check_model_source(str(path), f"{key}.path", "reward model")
+    except ModelUnavailable as error:
+        reason = str(error).split(": ", 1)[1]
+        raise ModelUnavailable(f"{key}.path={path}: the reward model cannot be loaded: {reason}") from None
     if not looks_local(path):
         return
     config = json.loads((Path(path).expanduser() / "config.json").read_text())
@@ -173,28 +177,37 @@ def check_endpoint(base_url: str, key: str, api_key_env: str | None = None, mode
 def check_judge(config: Mapping[str, Any], task: Any, key: str = "judge", *, required: bool = False) -> None:
     """What the judge option ``config`` will need (see :func:`alignexp.judges.build_judge`), without building
     it: a gold reward on the task, a reward model's folder, an LLM endpoint that answers. ``required``: the
-    stage needs a judge, so ``none`` (or ``auto`` on a task without a gold reward) is an error."""
+    stage needs a judge, so ``none`` (or ``auto`` on a task without a gold reward) is an error. A problem is
+    a :class:`ConfigError` (exit status 2), as :func:`~alignexp.judges.build_judge` raises it."""
     config = {k: v for k, v in dict(config).items() if v is not None}
     name, target = config.get("name", "auto"), config.get("_target_", "")
+    choose = "judge=" if key == "judge" else f"judge@{key}="
     if name in ("none", "auto") and not (name == "auto" and task.has_gold_reward):
         if required:
             raise ConfigError(f"{key}: task '{task.name}' has no gold reward, and this stage needs a judge; choose "
-                              f"one, e.g. judge@{key}=reward_model {key}.path=<run>/reward_model")
+                              f"one, e.g. {choose}reward_model {key}.path=<run>/reward_model")
         return
     if name == "gold" or (name == "auto" and task.has_gold_reward):
         if not task.has_gold_reward:
-            raise ConfigError(f"{key}=gold: task '{task.name}' has no gold reward; choose judge@{key}=reward_model "
-                              f"or llm")
+            raise ConfigError(f"{key}.name=gold: task '{task.name}' has no gold reward; use {choose}reward_model "
+                              f"(with {key}.path) or {choose}llm")
     elif target == REWARD_MODEL_TARGET:
-        check_reward_model(config.get("path"), key)
+        try:
+            check_reward_model(config.get("path"), key)
+        except ModelUnavailable as error:
+            raise ConfigError(str(error)) from None
     elif target == LLM_TARGET:
-        for setting in ("base_url", "model"):
-            if not config.get(setting):
-                raise ConfigError(f"{key}.{setting}: the llm judge needs it ({key}.base_url=http://host:8000/v1 "
-                                  f"{key}.model=<name>)")
+        if not config.get("base_url"):
+            raise ConfigError(f"{key}.base_url: the llm judge needs an OpenAI-compatible endpoint, "
+                              f"e.g. http://localhost:8000/v1")
+        if not config.get("model"):
+            raise ConfigError(f"{key}.model: the llm judge needs the endpoint's model name, e.g. gpt-4-0314")
         if config.get("check_endpoint", True):
-            check_endpoint(config["base_url"], key, config.get("api_key_env"), config.get("model"),
-                           min(float(config.get("timeout_s", 10)), 10.0))
+            try:
+                check_endpoint(config["base_url"], key, config.get("api_key_env"), config.get("model"),
+                               min(float(config.get("timeout_s", 10)), 10.0))
+            except ModelUnavailable as error:
+                raise ConfigError(str(error)) from None
 
 
 def check_accelerator(hw: Any) -> None:

@@ -101,9 +101,9 @@ def train_table(policy: Path, tmp_path: Path) -> list[tuple[list[str], int, list
         (["task=hh", f"task.path={FIXTURES}/tldr/comparisons.jsonl"], 1,
          ["comparisons.jsonl, record 0, field 'chosen': missing field", "'info', 'split', 'summaries'",
           "data of another task's schema? (task=hh reads it)"], []),
-        (["judge=reward_model", f"judge.path={policy}"], 1,
+        (["judge=reward_model", f"judge.path={policy}"], 2,
          [f"judge.path={policy}: this folder holds a LlamaForCausalLM (a policy), not a reward model"], []),
-        (["judge=llm", f"judge.base_url={endpoint}", "judge.model=gpt-4"], 1,
+        (["judge=llm", f"judge.base_url={endpoint}", "judge.model=gpt-4"], 2,
          [f"judge.base_url={endpoint}: the endpoint does not answer GET {endpoint}/models", "refused",
           "judge.check_endpoint=false"], []),
         ([f"paths.output_dir={file_in_the_way}/run"], 2,
@@ -168,3 +168,27 @@ def test_writable_folders(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match=r"paths.cache_dir=.*/file/x: .*/file is a file"):
         check_writable(tmp_path / "file" / "x", "paths.cache_dir")
+
+
+def test_endpoint_check_against_a_local_server():
+    """GET <base_url>/models: a server that lists models passes; a key it rejects, a URL without /v1 and a
+    closed port are each named; check_endpoint=false skips the request."""
+    from alignexp.inputs import check_judge
+    from alignexp.tasks.synthetic import SyntheticTask
+    from tests.fixtures.llm_server import LLMServer
+
+    task = SyntheticTask()
+    judge = {"_target_": "alignexp.judges.llm.LLMJudge", "name": "llm", "model": "test-model"}
+    with LLMServer("good") as server:
+        check_judge({**judge, "base_url": server.base_url}, task)
+        with pytest.raises(ValueError, match=r"judge.base_url=.*: GET .*/models has no /models there \(HTTP 404\): "
+                                             r"is the /v1 missing"):
+            check_judge({**judge, "base_url": server.base_url.removesuffix("/v1")}, task)
+        server.mode = "401"
+        with pytest.raises(ValueError, match=r"rejects the API key \(HTTP 401; the key is read from \$KEY\)"):
+            check_judge({**judge, "base_url": server.base_url, "api_key_env": "KEY"}, task)
+        assert server.requests == []  # nothing was asked of the chat endpoint
+    closed = f"http://127.0.0.1:{closed_port()}/v1"
+    with pytest.raises(ValueError, match=r"sampler.judge.base_url=.*does not answer .*sampler.judge.check_endpoint=false"):
+        check_judge({**judge, "base_url": closed}, task, "sampler.judge")
+    check_judge({**judge, "base_url": closed, "check_endpoint": False}, task)

@@ -192,3 +192,51 @@ def test_endpoint_check_against_a_local_server():
     with pytest.raises(ValueError, match=r"sampler.judge.base_url=.*does not answer .*sampler.judge.check_endpoint=false"):
         check_judge({**judge, "base_url": closed}, task, "sampler.judge")
     check_judge({**judge, "base_url": closed, "check_endpoint": False}, task)
+
+
+def test_model_folders_are_checked_without_loading(policy, tmp_path):
+    from alignexp.inputs import ModelUnavailable, check_model_source, check_reward_model
+
+    check_model_source(str(policy), "init_from")
+    with pytest.raises(ModelUnavailable, match=r"init_from=.*/run0: this folder holds no model \(no config.json\) "
+                                               r"\(but .*/run0/policy holds one\)"):
+        check_model_source(str(policy.parent), "init_from")
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((policy / "config.json").read_text())
+    with pytest.raises(ModelUnavailable, match=r"policy=.*/bare: config.json but no weights"):
+        check_model_source(str(bare), "policy")
+    with pytest.raises(ModelUnavailable, match=r"model.path=.*config.json: a file, not a folder"):
+        check_model_source(str(policy / "config.json"), "model.path")
+    with pytest.raises(ModelUnavailable, match=r"model.path=not-a-cached/model: not in the local Hugging Face cache, "
+                                               r"and the hub cannot be reached from here \(offline mode\)"):
+        check_model_source("not-a-cached/model", "model.path")  # the tests run offline (conftest)
+    classifier = tmp_path / "classifier"
+    classifier.mkdir()
+    for name in ("model.safetensors", "tokenizer.json"):
+        (classifier / name).write_text("")
+    (classifier / "config.json").write_text('{"architectures": ["LlamaForSequenceClassification"], '
+                                            '"id2label": {"0": "bad", "1": "good"}}')
+    with pytest.raises(ModelUnavailable, match=r"judge.path=.*classifier: a classifier with 2 outputs; a reward "
+                                               r"model has one"):
+        check_reward_model(str(classifier), "judge")
+
+
+def test_the_accelerator_not_the_strategy_needs_cuda(monkeypatch):
+    import torch
+
+    from alignexp.args import HardwareArgs
+    from alignexp.inputs import check_accelerator
+
+    zero3 = dict(name="deepspeed_zero3", strategy="deepspeed", zero_stage=3, devices="auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"hardware.accelerator=gpu \(hardware=deepspeed_zero3\): no CUDA device"):
+        check_accelerator(HardwareArgs(accelerator="gpu", **zero3))
+    check_accelerator(HardwareArgs(accelerator="cpu", **zero3))  # DeepSpeed on CPU processes
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    check_accelerator(HardwareArgs(name="ddp", accelerator="gpu", devices=2, strategy="ddp"))
+    with pytest.raises(ValueError, match=r"hardware.devices=8 \(hardware=ddp\): 2 CUDA devices visible"):
+        check_accelerator(HardwareArgs(name="ddp", accelerator="gpu", devices=8, strategy="ddp"))
+    with pytest.raises(ValueError, match=r"hardware.devices=\[0, 3\]"):
+        check_accelerator(HardwareArgs(name="gpu", accelerator="gpu", devices=[0, 3]))

@@ -22,7 +22,12 @@ def run(cfg: DictConfig) -> dict:
     before any model is built: :mod:`alignexp.preflight`), then the stages; returns the eval.json record."""
     from alignexp.pipeline import run as run_pipeline
     from alignexp.preflight import preflight_train
+    from alignexp.sweeps import previous_result
 
+    done = previous_result()
+    if done is not None:  # a rerun of a sweep: this job completed before
+        print(f"[alignexp] this sweep job completed before ({cfg.paths.output_dir}): skipped", flush=True)
+        return done
     args = validate(cfg)
     task = build_task(args.task)
     preflight_train(args, task)

@@ -1,10 +1,10 @@
 """Bad inputs fail in the first seconds, before any model is built, with a message naming the key and the fix.
 
-Each row of the tables is an override a user could type and what the command must answer. The rows of
-one command run through its CLI (``python -m alignexp.<command>``: Hydra, the error mapping, the exit
-status) one after another in one subprocess (tests/fixtures/cli_rows.py), so the imports are paid once;
-the first row's time counts them. That process records every ``torch.nn.Module`` constructed while a
-row runs: a row passes only if none was (a control row that does build a model shows the record works).
+Each row of the table is an override a user could type and what the command must answer. Every row
+runs through its CLI (``python -m alignexp.<command>``: Hydra, the error mapping, the exit status), one
+after another in one subprocess (tests/fixtures/cli_rows.py), so the imports are paid once; the first
+row's time counts them. That process records every ``torch.nn.Module`` constructed while a row runs: a
+row passes only if none was (a last, valid row that does build a model shows that the record works).
 """
 
 from __future__ import annotations
@@ -47,22 +47,115 @@ def closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_rows(module: str, rows: list[list[str]], tmp_path: Path) -> list[dict]:
-    """Run ``rows`` through ``python -m <module>`` in one subprocess (see the module docstring)."""
-    spec = tmp_path / f"{module}.rows.json"
-    spec.write_text(json.dumps([[*row, f"hydra.run.dir={tmp_path / module / str(i)}"] for i, row in enumerate(rows)]))
+@pytest.fixture(scope="module")
+def folders(policy, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("table")
+    (root / "a-file").write_text("not a folder")
+    locked = root / "locked"
+    locked.mkdir(mode=0o555)
+    return {"root": root, "policy": policy, "file": root / "a-file", "locked": locked,
+            "endpoint": f"http://127.0.0.1:{closed_port()}/v1"}
+
+
+Row = tuple[str, list[str], int, list[str], list[str]]
+
+
+def table(folders: dict) -> dict[str, Row]:
+    """name -> (command, overrides, exit status, texts the message holds, texts it must not hold)."""
+    policy, file_in_the_way, locked, endpoint = (folders[k] for k in ("policy", "file", "locked", "endpoint"))
+    no_model = FIXTURES / "mt"  # a folder of data files, no config.json
+    train, de_en = "alignexp.train", f"{FIXTURES}/mt/alma_de_en.jsonl"
+    rows = {
+        # the issue's cases
+        "mt_language_pairs": (train, ["task=mt", f"task.path={de_en}", f"task.eval_path={FIXTURES}/mt/wmt22.jsonl"], 1,
+                              [f"task.path={de_en}", "2 records read; 2 left out: language_pair de-en not in "
+                               "task.language_pairs=[cs-en] (2)"], []),
+        "tldr_eval_data": (train, ["task=tldr", f"task.path={FIXTURES}/tldr/comparisons.jsonl"], 1,
+                           ["evaluation data (eval.enabled=false skips evaluation)",
+                            "hub dataset trl-lib/tldr, split 'test'", "Point task.sft_path at a local copy"], []),
+        "gpu_without_cuda": (train, ["hardware=deepspeed_zero3"], 2,
+                             ["hardware.accelerator=gpu (hardware=deepspeed_zero3): no CUDA device is visible",
+                              "hardware=cpu", "hardware.accelerator=cpu"], []),
+        "init_from_missing": (train, ["init_from=/nonexistent/policy"], 1,
+                              ["init_from=/nonexistent/policy: no such folder", "nothing is downloaded"],
+                              ["model.path", "huggingface-cli", "download /nonexistent"]),
+        "folder_without_model": (train, [f"model.path={no_model}"], 1,
+                                 [f"model.path={no_model}: this folder holds no model (no config.json)"],
+                                 ["sentencepiece", "tiktoken"]),
+        # more bad inputs
+        "empty_data_file": (train, ["task=hh", f"task.path={FIXTURES}/empty/empty.jsonl"], 1,
+                            ["hh preferences (task.path=", "no records in", "empty.jsonl"], []),
+        "another_tasks_schema": (train, ["task=hh", f"task.path={FIXTURES}/tldr/comparisons.jsonl"], 1,
+                                 ["comparisons.jsonl, record 0, field 'chosen': missing field",
+                                  "'info', 'split', 'summaries'", "data of another task's schema? (task=hh reads it)"],
+                                 []),
+        "reward_judge_on_a_policy": (train, ["judge=reward_model", f"judge.path={policy}"], 2,
+                                     [f"judge.path={policy}: this folder holds a LlamaForCausalLM (a policy), "
+                                      "not a reward model"], []),
+        "llm_endpoint_refused": (train, ["judge=llm", f"judge.base_url={endpoint}", "judge.model=gpt-4"], 2,
+                                 [f"judge.base_url={endpoint}: the endpoint does not answer GET {endpoint}/models",
+                                  "refused", "judge.check_endpoint=false"], []),
+        "output_under_a_file": (train, [f"paths.output_dir={file_in_the_way}/run"], 2,
+                                [f"paths.output_dir={file_in_the_way}/run: {file_in_the_way} is a file"], []),
+        # a stage's own check (the ppo stage's), before the SFT policy is trained
+        "ppo_rollout_batch": (train, ["loss=ppo", "task.n_train_prompts=4", "ppo.rollout_batch_size=8",
+                                      "ppo.n_minibatches=2"], 2,
+                              ["ppo.rollout_batch_size=8 is more than the task's 4 training prompts"], []),
+        # several problems: each named, in one message
+        "two_problems": (train, ["init_from=/nonexistent/policy", "judge=llm", f"judge.base_url={endpoint}",
+                                 "judge.model=gpt-4"], 1,
+                         ["train: 2 problems, found before any model was built",
+                          "1. init_from=/nonexistent/policy: no such folder",
+                          f"2. judge.base_url={endpoint}: the endpoint does not answer"], []),
+        # the other commands
+        "sample_policy_missing": ("alignexp.sample", ["policy=/nonexistent/policy", f"output={folders['root']}/s.jsonl"],
+                                  1, ["policy=/nonexistent/policy: no such folder"], ["huggingface-cli"]),
+        "evaluate_folder_without_model": ("alignexp.evaluate", [f"policy={no_model}", f"reference={policy}"], 1,
+                                          [f"policy={no_model}: this folder holds no model (no config.json)"], []),
+        "data_nothing_left": ("alignexp.data", ["task=mt", f"task.path={de_en}"], 1,
+                              ["2 records read; 2 left out: language_pair de-en not in task.language_pairs=[cs-en]"],
+                              []),
+    }
+    if not AS_ROOT:  # root writes through permissions: the run would go on (output_under_a_file covers root)
+        rows["output_in_a_locked_folder"] = (train, [f"paths.output_dir={locked}/run"], 2,
+                                             [f"paths.output_dir={locked}/run: cannot create it"], [])
+    return rows
+
+
+AS_ROOT = os.geteuid() == 0
+NAMES = ["mt_language_pairs", "tldr_eval_data", "gpu_without_cuda", "init_from_missing", "folder_without_model",
+         "empty_data_file", "another_tasks_schema", "reward_judge_on_a_policy", "llm_endpoint_refused",
+         "output_under_a_file", "ppo_rollout_batch", "two_problems", "sample_policy_missing",
+         "evaluate_folder_without_model", "data_nothing_left", *(["output_in_a_locked_folder"] * (not AS_ROOT))]
+CONTROL = ["alignexp.sample", ["n=1", "max_prompts=1", "sampling.max_new_tokens=2", "hardware.threads=1"]]
+"""The last row: sampling from a real policy builds a model, and the record shows it."""
+
+
+@pytest.fixture(scope="module")
+def results(folders) -> dict[str, dict]:
+    """Every row of the table, and the control row, through the CLIs in one subprocess (module docstring)."""
+    rows = table(folders)
+    assert sorted(rows) == sorted(NAMES)
+    root = folders["root"]
+    control = [CONTROL[0], [f"policy={folders['policy']}", f"output={root}/control.jsonl", *CONTROL[1]]]
+    spec = [[module, [*args, f"hydra.run.dir={root / 'runs' / name}"]]
+            for name, (module, args, *_) in [*rows.items(), ("control", control)]]
+    (root / "rows.json").write_text(json.dumps(spec))
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "ALIGNEXP_CACHE_DIR": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, str(FIXTURES / "cli_rows.py"), module, str(spec)], cwd=tmp_path,
+           "TRANSFORMERS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "ALIGNEXP_CACHE_DIR": str(root / "cache")}
+    done = subprocess.run([sys.executable, str(FIXTURES / "cli_rows.py"), str(root / "rows.json")], cwd=root,
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(results) == len(rows), done.stdout[-3000:]
-    return results
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == len(spec), done.stdout[-3000:]
+    return dict(zip([*rows, "control"], lines))
 
 
-def check_row(result: dict, status: int, expected: list[str], absent: list[str] = (), row: list[str] = ()) -> None:
-    message, where = result["stderr"], " ".join(row)
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_input_fails_fast_naming_the_key(name, folders, results):
+    module, args, status, expected, absent = table(folders)[name]
+    result, where = results[name], f"python -m {module} {' '.join(args)}"
+    message = result["stderr"]
     assert result["status"] == status, f"{where}:\n{message[-2000:]}"
     for text in expected:
         assert text in message, f"{where}: {text!r} not in:\n{message}"
@@ -71,85 +164,17 @@ def check_row(result: dict, status: int, expected: list[str], absent: list[str] 
     assert "Traceback" not in message, where
     assert result["models_built"] == [], f"{where}: models were built: {result['models_built'][:5]}"
     assert result["seconds"] < SECONDS, f"{where}: {result['seconds']:.1f}s"
+    if module == "alignexp.data":
+        assert result["stdout"] == ""  # no summary for no data
 
 
-def train_table(policy: Path, tmp_path: Path) -> list[tuple[list[str], int, list[str], list[str]]]:
-    """(overrides, exit status, texts the message holds, texts it must not hold) for python -m alignexp.train."""
-    file_in_the_way = tmp_path / "a-file"
-    file_in_the_way.write_text("not a folder")
-    endpoint = f"http://127.0.0.1:{closed_port()}/v1"
-    no_model = FIXTURES / "mt"  # a folder of data files, no config.json
-    rows = [
-        # the issue's cases
-        (["task=mt", f"task.path={FIXTURES}/mt/alma_de_en.jsonl", f"task.eval_path={FIXTURES}/mt/wmt22.jsonl"], 1,
-         [f"task.path={FIXTURES}/mt/alma_de_en.jsonl", "2 records read; 2 left out: language_pair de-en not in "
-          "task.language_pairs=[cs-en] (2)"], []),
-        (["task=tldr", f"task.path={FIXTURES}/tldr/comparisons.jsonl"], 1,
-         ["evaluation data (eval.enabled=false skips evaluation)", "hub dataset trl-lib/tldr, split 'test'",
-          "Point task.sft_path at a local copy"], []),
-        (["hardware=deepspeed_zero3"], 2,
-         ["hardware.accelerator=gpu (hardware=deepspeed_zero3): no CUDA device is visible", "hardware=cpu",
-          "hardware.accelerator=cpu"], []),
-        (["init_from=/nonexistent/policy"], 1,
-         ["init_from=/nonexistent/policy: no such folder", "nothing is downloaded"],
-         ["model.path", "huggingface-cli", "download /nonexistent"]),
-        ([f"model.path={no_model}"], 1,
-         [f"model.path={no_model}: this folder holds no model (no config.json)"], ["sentencepiece", "tiktoken"]),
-        # and more bad inputs
-        (["task=hh", f"task.path={FIXTURES}/empty/empty.jsonl"], 1,
-         ["hh preferences (task.path=", "no records in", "empty.jsonl"], []),
-        (["task=hh", f"task.path={FIXTURES}/tldr/comparisons.jsonl"], 1,
-         ["comparisons.jsonl, record 0, field 'chosen': missing field", "'info', 'split', 'summaries'",
-          "data of another task's schema? (task=hh reads it)"], []),
-        (["judge=reward_model", f"judge.path={policy}"], 2,
-         [f"judge.path={policy}: this folder holds a LlamaForCausalLM (a policy), not a reward model"], []),
-        (["judge=llm", f"judge.base_url={endpoint}", "judge.model=gpt-4"], 2,
-         [f"judge.base_url={endpoint}: the endpoint does not answer GET {endpoint}/models", "refused",
-          "judge.check_endpoint=false"], []),
-        ([f"paths.output_dir={file_in_the_way}/run"], 2,
-         [f"paths.output_dir={file_in_the_way}/run: {file_in_the_way} is a file"], []),
-        # a stage's own check (the ppo stage's), before the SFT policy is trained
-        (["loss=ppo", "task.n_train_prompts=4", "ppo.rollout_batch_size=8", "ppo.n_minibatches=2"], 2,
-         ["ppo.rollout_batch_size=8 is more than the task's 4 training prompts"], []),
-        # several problems: each named, in one message
-        (["init_from=/nonexistent/policy", "judge=llm", f"judge.base_url={endpoint}", "judge.model=gpt-4"], 1,
-         ["train: 2 problems, found before any model was built", "1. init_from=/nonexistent/policy: no such folder",
-          f"2. judge.base_url={endpoint}: the endpoint does not answer"], []),
-    ]
-    if os.geteuid() != 0:  # root writes through permissions, so this row means something only for other users
-        locked = tmp_path / "locked"
-        locked.mkdir(mode=0o555)
-        rows.append(([f"paths.output_dir={locked}/run"], 2, [f"paths.output_dir={locked}/run: cannot create it"], []))
-    return rows
-
-
-def test_bad_inputs_of_a_training_run(policy, tmp_path):
-    table = train_table(policy, tmp_path)
-    results = run_rows("alignexp.train", [row for row, *_ in table], tmp_path)
-    for (row, status, expected, absent), result in zip(table, results):
-        check_row(result, status, expected, absent, row)
-
-
-def test_bad_inputs_of_sample_evaluate_and_data(policy, tmp_path):
-    """The other commands: a policy that does not exist, a folder without a model, a filter that leaves
-    nothing (data exits non-zero). The control row samples from a real policy: it builds a model, and
-    the record shows it."""
-    sample = run_rows("alignexp.sample", [
-        ["policy=/nonexistent/policy", f"output={tmp_path}/s.jsonl"],
-        [f"policy={policy}", f"output={tmp_path}/s.jsonl", "n=1", "max_prompts=1", "sampling.max_new_tokens=2",
-         "hardware.threads=1"],
-    ], tmp_path)
-    check_row(sample[0], 1, ["policy=/nonexistent/policy: no such folder"], ["huggingface-cli"])
-    assert sample[1]["status"] == 0, sample[1]["stderr"][-2000:]
-    assert any("LlamaForCausalLM" in name for name in sample[1]["models_built"])  # the record records
-    assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 1
-
-    evaluate = run_rows("alignexp.evaluate", [[f"policy={FIXTURES / 'mt'}", f"reference={policy}"]], tmp_path)
-    check_row(evaluate[0], 1, [f"policy={FIXTURES / 'mt'}: this folder holds no model (no config.json)"])
-
-    data = run_rows("alignexp.data", [["task=mt", f"task.path={FIXTURES}/mt/alma_de_en.jsonl"]], tmp_path)
-    check_row(data[0], 1, ["2 records read; 2 left out: language_pair de-en not in task.language_pairs=[cs-en]"])
-    assert data[0]["stdout"] == ""  # no summary for no data
+def test_the_record_sees_a_model_built(folders, results):
+    """The control row samples one prompt from a real policy: it passes the preflight, builds the model, and
+    the record lists it (so an empty record above means no model was built)."""
+    control = results["control"]
+    assert control["status"] == 0, control["stderr"][-2000:]
+    assert any("LlamaForCausalLM" in name for name in control["models_built"])
+    assert len((folders["root"] / "control.jsonl").read_text().splitlines()) == 1
 
 
 def test_what_looks_like_a_local_folder(tmp_path, monkeypatch):

@@ -230,6 +230,7 @@ def run(cfg: DictConfig) -> dict:
     args.check_inputs()
     setup_runtime(args.seed, args.hardware.threads)
     if args.mode == "benchmarks":  # the tasks are checked (and the harness found) before any model loads
+        preflight_evaluate(args, None, wants_judge=False)  # the folders, the hardware, the output folder
         manager = task_manager(args.benchmarks)
         check_tasks(manager, args.benchmarks)
         atomic_write_text(args.output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))

@@ -123,7 +123,9 @@ def preflight_sample(args: Any, task: Any, policy: str | None, split: str, outpu
 
 def preflight_evaluate(args: Any, task: Any, wants_judge: bool) -> None:
     """``python -m alignexp.evaluate``: the policy and reference folders, the mode's data (the evaluation
-    data for ``mode=policy``; the question files for ``mode=export``), the judge, the output folder."""
+    data for ``mode=policy`` and ``prompting``, with the demonstrations of its shots; the labelled rankings
+    for ``agreement``; the question files for ``export``), the judge, the output folder. ``task`` is None
+    for ``mode=benchmarks``, whose tasks the harness checks."""
     flight = Preflight("evaluate")
     _common(flight, args.hardware, {"paths.output_dir": args.output_dir})
     sources = [(args.policy, "policy"), (args.reference, "reference")]
@@ -132,8 +134,10 @@ def preflight_evaluate(args: Any, task: Any, wants_judge: bool) -> None:
             flight.check(check_model_source, str(path), key, "model", key == "policy" or args.policy is None)
     if args.policy is None and args.reference is None and args.model.path:
         flight.check(check_model_source, args.model.path, "model.path")
-    if args.mode == "policy":
+    if args.mode in ("policy", "prompting"):
         flight.check(check_eval_data, task, args.eval)
+    if args.mode == "prompting" and args.prompting.shots:
+        flight.check(check_demonstrations, task, args.prompting.split)
     if args.mode == "agreement":
         flight.check(check_agreement_data, task, args)
     for key in ("alpaca_eval", "mt_bench") if args.mode == "export" else ():
@@ -153,3 +157,11 @@ def check_agreement_data(task: Any, args: Any) -> None:
                               f"reference=<HF folder> (or policy=<run>/policy, whose eval.json names it)")
         return
     task.preference_examples(args.agreement.split or task.eval_split)  # NoExamples names the filters
+
+
+def check_demonstrations(task: Any, split: str) -> None:
+    """``mode=prompting`` with shots: the pool its demonstrations are drawn from is not empty."""
+    from alignexp.evaluation.prompting import demonstrations
+
+    if not demonstrations(task, split):
+        raise ConfigError(f"prompting.split={split}: task {task.name} has no demonstrations there for the shots")

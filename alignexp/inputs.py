@@ -230,21 +230,23 @@ def check_accelerator(hw: Any) -> None:
                           f"{'s' * (visible != 1)} visible on this machine")
 
 
-def check_writable(path: str | os.PathLike, key: str) -> None:
-    """``path`` is a folder this process can write in, or one it can create."""
+def check_writable(path: str | os.PathLike, key: str, setting: str | None = None) -> None:
+    """``path`` is a folder this process can write in, or one it can create (nothing is created).
+    ``setting``: how the message shows it, where ``path`` is derived from the key's value (a file's folder)."""
     folder = Path(path).expanduser()
+    where = setting or f"{key}={path}"
     existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
     fix = f"choose another {key}"
     if existing is not None and not existing.is_dir():
-        raise ConfigError(f"{key}={path}: {existing} is a file, so no folder can be made there; {fix}")
+        raise ConfigError(f"{where}: {existing} is a file, so no folder can be made there; {fix}")
     if existing == folder:
         try:
             with tempfile.TemporaryFile(dir=folder):
                 pass
         except OSError as error:
-            raise ConfigError(f"{key}={path}: cannot write in this folder ({error.strerror}); {fix}") from None
+            raise ConfigError(f"{where}: cannot write in {folder} ({error.strerror}); {fix}") from None
     elif existing is None or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}={path}: cannot create it (no write permission in {existing}); {fix}")
+        raise ConfigError(f"{where}: cannot create {folder} (no write permission in {existing}); {fix}")
 
 
 def check_eval_data(task: Any, eval_args: Any) -> None:

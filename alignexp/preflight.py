@@ -109,7 +109,8 @@ def preflight_sample(args: Any, task: Any, policy: str | None, split: str, outpu
     from alignexp.pipeline.weights import check_weights_source
 
     flight = Preflight("sample")
-    _common(flight, args.hardware, {"output": output.parent})
+    _common(flight, args.hardware, {})
+    flight.check(check_writable, output.parent, "output", f"output={output}")
     resolved = flight.check(check_weights_source, args, task, policy, "policy", True)
     if not flight.problems and resolved is None:
         flight.add(ConfigError(f"policy: task '{task.name}' has no SFT policy of its own; set "

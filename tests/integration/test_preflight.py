@@ -118,7 +118,8 @@ def table(folders: dict) -> dict[str, Row]:
     }
     if not AS_ROOT:  # root writes through permissions: the run would go on (output_under_a_file covers root)
         rows["output_in_a_locked_folder"] = (train, [f"paths.output_dir={locked}/run"], 2,
-                                             [f"paths.output_dir={locked}/run: cannot create it"], [])
+                                             [f"paths.output_dir={locked}/run: cannot create {locked}/run "
+                                              f"(no write permission in {locked})"], [])
     return rows
 
 

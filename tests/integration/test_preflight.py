@@ -187,13 +187,24 @@ def test_what_looks_like_a_local_folder(tmp_path, monkeypatch):
         assert not looks_local(hub), hub
 
 
-def test_writable_folders(tmp_path):
+def test_writable_folders(tmp_path, monkeypatch):
     check_writable(tmp_path / "new" / "deeper", "paths.output_dir")  # can be created
     check_writable(tmp_path, "paths.output_dir")
     assert not (tmp_path / "new").exists()  # nothing is created by the check
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match=r"paths.cache_dir=.*/file/x: .*/file is a file"):
         check_writable(tmp_path / "file" / "x", "paths.cache_dir")
+    # what a user without write permission meets (the tests may run as root, who writes anyway)
+    monkeypatch.setattr("os.access", lambda path, mode: False)
+    with pytest.raises(ValueError, match=r"paths.output_dir=.*/new: cannot create .*/new \(no write permission in "):
+        check_writable(tmp_path / "new", "paths.output_dir")
+
+    def refused(**kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("tempfile.TemporaryFile", refused)
+    with pytest.raises(ValueError, match=r"paths.output_dir=.*: cannot write in .* \(Permission denied\); choose"):
+        check_writable(tmp_path, "paths.output_dir")
 
 
 def test_endpoint_check_against_a_local_server():

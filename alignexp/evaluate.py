@@ -45,6 +45,7 @@ from alignexp.judges import build_judge
 from alignexp.metrics.preference import pairs_from_rankings
 from alignexp.metrics.winrate import Judge
 from alignexp.models.backbone import build_model, build_tokenizer
+from alignexp.preflight import preflight_evaluate
 from alignexp.tasks.base import Task
 
 MODES = ("policy", "prompting", "benchmarks", "agreement", "export")
@@ -229,6 +230,7 @@ def run(cfg: DictConfig) -> dict:
     args.check_inputs()
     setup_runtime(args.seed, args.hardware.threads)
     if args.mode == "benchmarks":  # the tasks are checked (and the harness found) before any model loads
+        preflight_evaluate(args, None, wants_judge=False)  # the folders, the hardware, the output folder
         manager = task_manager(args.benchmarks)
         check_tasks(manager, args.benchmarks)
         atomic_write_text(args.output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -236,6 +238,7 @@ def run(cfg: DictConfig) -> dict:
     task = build_task(args.task)
     # MT-Bench grading needs a judge chosen by name; auto (gold or none) grades nothing.
     wants_judge = args.mode != "export" or args.judge.get("name") != "auto"
+    preflight_evaluate(args, task, wants_judge)  # every input, checked before a model is built
     judge = build_judge(args.judge, task, "judge", device=args.hardware.torch_device) if wants_judge else None
     if args.mode == "export" and args.export.mt_bench and judge is not None:
         exports.chat_completion(judge)  # a judge that cannot grade fails here, before any answer is generated

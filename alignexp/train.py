@@ -18,8 +18,10 @@ from alignexp.errors import run_cli
 
 
 def run(cfg: DictConfig) -> dict:
-    """The whole experiment for a composed config: checked, then the stages; returns the eval.json record."""
+    """The whole experiment for a composed config: checked (its settings, then every input it will need,
+    before any model is built: :mod:`alignexp.preflight`), then the stages; returns the eval.json record."""
     from alignexp.pipeline import run as run_pipeline
+    from alignexp.preflight import preflight_train
     from alignexp.sweeps import previous_result
 
     done = previous_result()
@@ -27,10 +29,11 @@ def run(cfg: DictConfig) -> dict:
         print(f"[alignexp] this sweep job completed before ({cfg.paths.output_dir}): skipped", flush=True)
         return done
     args = validate(cfg)
+    task = build_task(args.task)
+    preflight_train(args, task)
     setup_runtime(args.seed, args.hardware.threads)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, Path(args.output_dir) / "config.yaml", resolve=True)
-    task = build_task(args.task)
     return run_pipeline(args, task)
 
 

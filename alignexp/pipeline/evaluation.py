@@ -7,6 +7,7 @@ import dataclasses
 
 from alignexp.evaluation.policy import evaluate_policy
 from alignexp.evaluation.results import format_table, write_eval_json
+from alignexp.inputs import check_eval_data, check_judge
 from alignexp.judges import build_judge
 from alignexp.pipeline.context import RunContext, register_stage
 from alignexp.pipeline.fit import save_policy
@@ -27,7 +28,18 @@ def _finish(ctx: RunContext, result: dict, loss: str, **extra) -> None:
     print(f"[alignexp] eval.json: {ctx.out / 'eval.json'}", flush=True)
 
 
-@register_stage("evaluate", trains_policy=False,
+def check_evaluation(ctx: RunContext) -> None:
+    """The evaluation data (and the held-out rankings named by eval.preference_split) and the run's judge."""
+    if ctx.args.eval.enabled:
+        check_eval_data(ctx.task, ctx.args.eval)
+
+
+def check_run_judge(ctx: RunContext) -> None:
+    if ctx.args.eval.enabled:
+        check_judge(ctx.args.judge, ctx.task, "judge")
+
+
+@register_stage("evaluate", trains_policy=False, check=(check_evaluation, check_run_judge),
                 ranks="prompts sharded over ranks and gathered before the metrics; rank 0 writes eval.json")
 def evaluate(ctx: RunContext) -> None:
     """The policy against its reference on the task's held-out prompts (the ``eval`` section, the run's judge)."""
@@ -42,6 +54,8 @@ def evaluate(ctx: RunContext) -> None:
 
 
 @register_stage("best_of_n", trains_policy=False,
+                check=(lambda ctx: check_eval_data(ctx.task, ctx.args.eval),
+                       lambda ctx: check_judge(ctx.sampler.judge_config, ctx.task, "sampler.judge", required=True)),
                 ranks="prompts sharded over ranks and gathered before the metrics; rank 0 writes eval.json")
 def best_of_n(ctx: RunContext) -> None:
     """Best-of-n sampling of the reference under the sampler's judge, at its analytic KL log n - (n - 1) / n

@@ -368,8 +368,8 @@ def token_logps(model, batch: PackedBatch, states: Tensor | None = None) -> Tens
     return chunked_token_logps(model.get_output_embeddings(), states, batch.target_ids)
 
 
-LOGIT_CHUNK = 2**24
-"""Most logits (tokens x vocabulary) the head computes at once: 64 MiB in fp32, 512 tokens at a 32k vocabulary."""
+LOGIT_CHUNK = 2**22
+"""Most logits (tokens x vocabulary) the head computes at once: 16 MiB in fp32, 131 tokens at a 32k vocabulary."""
 
 
 def _head_logps(head, states: Tensor, targets: Tensor) -> Tensor:
@@ -378,8 +378,9 @@ def _head_logps(head, states: Tensor, targets: Tensor) -> Tensor:
     return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
 
-def chunked_token_logps(head, states: Tensor, targets: Tensor, chunk: int = LOGIT_CHUNK) -> Tensor:
-    """``log softmax(head(states))`` at ``targets`` ``(N,)``, ``chunk // vocabulary`` tokens at a time.
+def chunked_token_logps(head, states: Tensor, targets: Tensor, chunk: int | None = None) -> Tensor:
+    """``log softmax(head(states))`` at ``targets`` ``(N,)``, ``chunk // vocabulary`` tokens at a time
+    (``chunk``: :data:`LOGIT_CHUNK` when None).
 
     With gradients, each chunk is checkpointed: its logits are freed after the forward and recomputed
     in the backward, one chunk at a time, so neither pass holds the (N, V) logits, their log-softmax or
@@ -387,7 +388,7 @@ def chunked_token_logps(head, states: Tensor, targets: Tensor, chunk: int = LOGI
     a 7B step). Works with any head module (LoRA on it included).
     """
     vocab = getattr(head, "out_features", None) or getattr(head.weight, "ds_shape", head.weight.shape)[0]
-    rows = max(1, chunk // vocab)
+    rows = max(1, (LOGIT_CHUNK if chunk is None else chunk) // vocab)
     if states.shape[0] <= rows:
         return _head_logps(head, states, targets)
     track = torch.is_grad_enabled() and (states.requires_grad or any(p.requires_grad for p in head.parameters()))

@@ -104,10 +104,13 @@ def stream_keys(seeds: Sequence[int], device: torch.device | str = "cpu") -> Ten
     return _mix32(_mix32(lo ^ 0x9E3779B9) ^ hi).to(device)
 
 
-def stream_uniforms(keys: Tensor, step: int) -> Tensor:
-    """(B,) float32 in (0, 1): draw ``step`` of each key's stream, ``((h >> 8) + 1/2) / 2^24`` with
-    ``h = mix(key ^ mix(step))``. Counter-based: a function of (key, step) only, computed on the keys' device."""
-    h = _mix32(keys ^ int(_mix32(torch.tensor(step + 0x632BE5AB, dtype=torch.long))))
+def stream_uniforms(keys: Tensor, steps: int | Sequence[int]) -> Tensor:
+    """Draws ``steps`` of each key's stream, float32 in (0, 1): (B,) for one step, (B, S) for S steps.
+
+    Draw t of key k is ``((h >> 8) + 1/2) / 2^24`` with ``h = mix(k ^ mix(t))``: counter-based, a function
+    of (key, step) alone, computed on the keys' device."""
+    counters = torch.as_tensor(steps, dtype=torch.long, device=keys.device)
+    h = _mix32(keys.view(-1, *[1] * counters.dim()) ^ _mix32(counters + 0x632BE5AB))
     return ((h >> 8).float() + 0.5) * 2.0**-24
 
 
@@ -137,7 +140,10 @@ def _invert_blocks(weights: Tensor, uniforms: Tensor) -> Tensor:
     chosen block's weights, with what is left of the draw.
     """
     rows, vocab = weights.shape
-    size = min(INVERSION_BLOCK, vocab)
+    if vocab <= 2 * INVERSION_BLOCK:  # a small vocabulary: one level
+        cdf = weights.cumsum(-1)
+        return _invert(cdf, uniforms[:, None] * cdf[:, -1:])
+    size = INVERSION_BLOCK
     blocks = -(-vocab // size)
     if blocks * size != vocab:
         weights = torch.nn.functional.pad(weights, (0, blocks * size - vocab))
@@ -250,12 +256,11 @@ def _generate_batch(model, prompts, params: SamplingParams, eos_id: int, pad_id:
         input_ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
         attention[i, :width - len(p)] = 0
     input_ids, attention = input_ids.to(device), attention.to(device)
-    keys = stream_keys(seeds, device)
+    uniforms = stream_uniforms(stream_keys(seeds, device), range(new)) if params.temperature > 0 else None
     positions = (attention[:, :width].cumsum(-1) - 1).clamp(min=0)
     next_position = positions[:, -1:] + 1
     tokens = torch.full((batch, new), pad_id, dtype=torch.long, device=device)
     logprobs = torch.zeros((batch, new), device=device)
-    lengths = torch.full((batch,), new, dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     accepted = _forward_parameters(model)
     cache_key = "cache" if "cache" in accepted else "past_key_values"
@@ -267,20 +272,19 @@ def _generate_batch(model, prompts, params: SamplingParams, eos_id: int, pad_id:
         output = model(input_ids=step_ids, attention_mask=attention[:, :width + step], position_ids=positions,
                        use_cache=True, **{cache_key: past}, **extra)
         past = getattr(output, cache_key)
-        uniforms = stream_uniforms(keys, step) if params.temperature > 0 else None
         logits = output.logits[:, -1, :].float()
         if workspace is None:
             workspace = (torch.empty_like(logits), torch.empty_like(logits))
-        next_ids, next_logps = sample_next(logits, params, uniforms, workspace)
-        next_ids = next_ids.masked_fill(finished, pad_id)
+        next_ids, next_logps = sample_next(logits, params, None if uniforms is None else uniforms[:, step], workspace)
+        next_ids = next_ids.masked_fill(finished, pad_id)  # a finished row pads (its tokens end at its EOS)
         tokens[:, step] = next_ids
         logprobs[:, step] = next_logps
-        just_done = ~finished & (next_ids == eos_id)
-        lengths = torch.where(just_done, step + 1, lengths)
-        finished |= just_done
+        finished |= next_ids == eos_id
         if (step + 1) % check_every == 0 and bool(finished.all()):
             break
         step_ids, positions = next_ids[:, None], next_position + step
-    tokens, logprobs, lengths, finished = tokens.cpu(), logprobs.cpu(), lengths.tolist(), finished.tolist()
+    eos = tokens == eos_id
+    lengths = torch.where(finished, eos.int().argmax(-1) + 1, new).tolist()  # up to the first EOS
+    tokens, logprobs, finished = tokens.cpu(), logprobs.cpu(), finished.tolist()
     return [Generation(tokens[i, :lengths[i]].tolist(), logprobs[i, :lengths[i]].tolist(), finished[i])
             for i in range(batch)]

@@ -195,6 +195,7 @@ def test_streams_are_counter_based_and_uniform():
     seeds = [sample_seed(7, i, k) for i in range(5000) for k in range(2)]
     keys = stream_keys(seeds)
     torch.testing.assert_close(stream_uniforms(keys[:3], 4), stream_uniforms(stream_keys(seeds[:3]), 4))
+    torch.testing.assert_close(stream_uniforms(keys[:3], range(5))[:, 4], stream_uniforms(keys[:3], 4))  # all at once
     draws = torch.stack([stream_uniforms(keys, step) for step in range(2)])  # (2, 10000)
     flat = draws.flatten().sort().values.double()
     n = flat.numel()

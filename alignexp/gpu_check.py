@@ -87,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    parser.add_argument("--layout", choices=("padding-free", "padded"), default="padding-free",
+                        help="the log-prob forward: one padding-free row (default) or the padded rows")
     parser.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak bf16 TFLOP/s")
     parser.add_argument("--out", type=Path, default=None, help="also write the JSON record here")
@@ -135,6 +137,8 @@ def _batches(args: argparse.Namespace, vocab: int, pad_id: int, count: int, seed
                                    [torch.randint(0, vocab, (args.response_len,), generator=generator).tolist()
                                     for _ in range(args.responses)]) for _ in range(args.batch)]
         batch = pack(examples, pad_id=pad_id)
+        if args.layout == "padded":
+            batch.flat = None  # response_states then runs the padded rows under a dense block mask
         batch.ref_logps = -args.response_len * math.log(vocab) + torch.randn(batch.lengths.shape, generator=generator)
         out.append(batch)
     return out
@@ -189,6 +193,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from alignexp.hardware import trainer_kwargs
     from alignexp.models.backbone import build_model
+    from alignexp.models.logprobs import padding_free_supported
     from alignexp.models.lora import LoraArgs, apply_lora
     from alignexp.models.tokenizer import build_byte_tokenizer
     from alignexp.modules.preference import OptimArgs, PreferenceModule
@@ -255,6 +260,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "layers": args.layers, "size": args.size, "params": n_params,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "lora_r": args.lora_r, "gradient_checkpointing": args.checkpointing, "loss": loss_name,
+        "layout": args.layout if padding_free_supported(model.get_decoder()) else "padded (model not supported)",
         "batch_rows": args.batch, "tokens_per_step": tokens, "response_tokens_per_step": response_tokens,
         "steps_timed": len(timed), "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
         "model_tflops_per_s": round(flops / step_s / 1e12, 2),

@@ -267,3 +267,15 @@ def test_vllm_backend_needs_a_folder(fake_vllm, tiny):
     model, tokenizer = tiny
     with pytest.raises(ValueError, match="needs model_path"):
         build_backend("vllm", model, tokenizer.pad_token_id)
+
+
+def test_the_gpu_sampling_benchmark_runs_on_cpu(fake_vllm):
+    """``python -m alignexp.bench.gpu_sampling --device cpu --size tiny`` (the GPU script's code, in seconds):
+    both backends sample every prompt to the token cap, and vLLM is synced from the model in memory."""
+    from alignexp.bench import gpu_sampling
+
+    record = gpu_sampling.run(gpu_sampling.parse_args(["--device", "cpu", "--size", "tiny", "--layers", "1",
+                                                       "--prompts", "3", "--prompt-len", "5", "--new-tokens", "2",
+                                                       "--batch", "2"]))
+    assert 3 <= record["hf"]["tokens"] <= 6 and 3 <= record["vllm"]["tokens"] <= 6 and record["vllm"]["version"] == "0.0-fake"
+    assert record["vllm_over_hf_tokens_per_s"] > 0 and record["vllm"]["sync_weights_s"] >= 0

@@ -273,6 +273,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def print_record(record: dict[str, Any], out: Path | None) -> None:
+    """The record as one JSON line on stdout, and in ``out`` when given."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(line + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     import logging
 
@@ -282,12 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     args = parse_args(argv)
-    record = run(args)
-    line = json.dumps(record)
-    print(line, flush=True)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(line + "\n")
+    print_record(run(args), args.out)
 
 
 if __name__ == "__main__":

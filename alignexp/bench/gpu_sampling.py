@@ -10,7 +10,6 @@ Prints one JSON line; where vLLM does not import, its fields say so. ``scripts/g
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -110,12 +109,10 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from alignexp.gpu_check import print_record
+
     args = parse_args(argv)
-    line = json.dumps(run(args))
-    print(line, flush=True)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(line + "\n")
+    print_record(run(args), args.out)
 
 
 if __name__ == "__main__":

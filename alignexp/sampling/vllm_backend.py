@@ -101,19 +101,18 @@ def policy_weights(model) -> Iterator[tuple[str, Tensor]]:
 class VLLMBackend:
     """vLLM on the model in ``model_path`` (an HF-format folder), then on the weights given to ``sync_weights``.
 
-    ``colocate``: vLLM shares the training GPU, runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``,
-    so its model can receive weights in memory), takes ``gpu_memory_utilization`` of the GPU, and sleeps
-    between calls (weights and KV cache released; ``sync_weights`` wakes the weights, ``generate`` the KV
-    cache). Without it, vLLM keeps its memory (a GPU of its own: ``CUDA_VISIBLE_DEVICES`` or ``llm_kwargs``).
-    ``llm_kwargs`` go to ``vllm.LLM`` as they are.
+    vLLM runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless set), so that its model can
+    receive the policy's weights in memory. ``colocate``: it shares the training GPU, takes
+    ``gpu_memory_utilization`` of it, and sleeps between calls (weights kept in host memory, KV cache
+    released); without it, it keeps its memory. ``llm_kwargs`` go to ``vllm.LLM`` as they are (e.g.
+    ``max_model_len``, ``enforce_eager``). vLLM on GPUs of its own, in a separate process, is not built.
     """
 
     name = "vllm"
 
     def __init__(self, model_path: str | Path, *, dtype: str = "auto", gpu_memory_utilization: float = 0.3,
                  colocate: bool = True, seed: int = 0, **llm_kwargs):
-        if colocate:
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         import vllm
 
         self.version = vllm.__version__
@@ -137,17 +136,21 @@ class VLLMBackend:
             self.llm.wake_up()
             self.asleep = False
 
-    def _model(self):
-        """vLLM's model in this process (the path TRL's colocated mode uses)."""
+    def _load_weights(self, weights: list[tuple[str, Tensor]]) -> None:
+        """``load_weights`` of vLLM's model: through ``LLM.apply_model`` where vLLM has it, else on the
+        model of the engine's driver worker (the path TRL's colocated mode takes)."""
+        if hasattr(self.llm, "apply_model"):
+            self.llm.apply_model(lambda vllm_model: vllm_model.load_weights(weights))
+            return
         worker = self.llm.llm_engine.model_executor.driver_worker
-        return getattr(worker, "worker", worker).model_runner.model
+        getattr(worker, "worker", worker).model_runner.model.load_weights(weights)
 
     def sync_weights(self, model) -> None:
         """Load the policy's current weights (:func:`policy_weights`) into vLLM and drop its prefix cache,
         whose keys and values were computed with the old weights."""
         self._wake()
         try:
-            self._model().load_weights(policy_weights(model))
+            self._load_weights(list(policy_weights(model)))
             self.llm.reset_prefix_cache()
         finally:
             self._sleep()

@@ -114,18 +114,27 @@ class FakeLLM:
         return outputs
 
 
-@pytest.fixture
-def fake_vllm(monkeypatch):
+class FakeLLMWithApplyModel(FakeLLM):
+    """Newer vLLM: ``LLM.apply_model(fn)`` runs ``fn`` on the model in each worker."""
+
+    def apply_model(self, fn):
+        return [fn(self.model)]
+
+
+@pytest.fixture(params=["driver_worker", "apply_model"])
+def fake_vllm(monkeypatch, request):
     module = types.ModuleType("vllm")
     module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
     module.__version__ = "0.0-fake"
-    module.LLM, module.SamplingParams = FakeLLM, FakeSamplingParams
+    module.LLM = FakeLLM if request.param == "driver_worker" else FakeLLMWithApplyModel
+    module.SamplingParams = FakeSamplingParams
     inputs = types.ModuleType("vllm.inputs")
     inputs.TokensPrompt = dict
     module.inputs = inputs
     monkeypatch.setitem(sys.modules, "vllm", module)
     monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # what the backend sets: restored afterwards
     return module
 
 

@@ -19,6 +19,7 @@ from alignexp.sampling.engine import (
     _filter_logits,
     _invert_blocks,
     generate,
+    long_nucleus,
     sample_next,
     stream_keys,
     stream_uniforms,
@@ -228,22 +229,20 @@ def test_draws_follow_the_truncated_distribution(params):
     assert ((counts / n - expected).abs() <= 5 * stderr + 1e-12).all()
 
 
-def test_top_p_prefix_and_full_sort_agree(monkeypatch):
-    """Rows whose nucleus fits the prefix and rows that need the whole vocabulary sorted, in one batch:
-    the same tokens as sorting every row."""
-    from alignexp.sampling import engine
-
+def test_long_nucleus_is_the_top_p_set():
+    """The nucleus found by bisection, without sorting, is exactly the set _filter_logits keeps: flat rows
+    (a long nucleus), peaked rows, and a row of ties (sorted instead)."""
     g = torch.Generator().manual_seed(1)
-    logits = torch.randn(6, 50, generator=g)
-    logits[:3, :2] += 8.0  # peaked rows: the nucleus is in the 4-token prefix
-    uniforms = stream_uniforms(stream_keys(range(6)), 0)
-    params = SamplingParams(top_p=0.9)
-    monkeypatch.setattr(engine, "TOP_P_PREFIX", 4)
-    with_prefix = sample_next(logits, params, uniforms)
-    monkeypatch.setattr(engine, "TOP_P_PREFIX", 10**6)
-    sorted_all = sample_next(logits, params, uniforms)
-    assert torch.equal(with_prefix[0], sorted_all[0])
-    torch.testing.assert_close(with_prefix[1], sorted_all[1])
+    logits = torch.randn(7, 3000, generator=g)
+    logits[:3, :2] += 8.0  # peaked
+    logits[3] *= 0.05  # nearly flat
+    logits[4] = 0.0  # all tied: more ties than the bisection leaves to sort
+    for top_p in (0.5, 0.9, 0.99):
+        kept = long_nucleus(torch.softmax(logits, -1), top_p)
+        expected = torch.isfinite(_filter_logits(logits, 0, top_p))
+        assert torch.equal(kept[:4] > 0, expected[:4]) and torch.equal(kept[5:] > 0, expected[5:])
+        assert (kept[4] > 0).sum() == expected[4].sum()  # which of equal tokens is first is arbitrary
+        torch.testing.assert_close(kept[kept > 0], torch.softmax(logits, -1)[kept > 0])
 
 
 def test_prefill_runs_the_head_on_the_last_position_only(tiny):

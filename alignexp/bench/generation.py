@@ -31,7 +31,8 @@ SETTINGS = (
     Setting("llama-32k"),
     Setting("tiny"),
     Setting("llama-32k", top_p=0.9, note="random weights spread the mass over most of the vocabulary, so the "
-                                         "nucleus is longer than the engine's 256-token prefix: both sides sort"),
+                                         "nucleus is longer than the engine's 256-token prefix: the engine finds "
+                                         "the cut by bisection, generate sorts the vocabulary"),
 )
 
 

@@ -180,7 +180,13 @@ class VLLMBackend:
         return generations
 
 
-VLLMEngine = VLLMBackend  # the name alignexp.sample imports
+class VLLMEngine(VLLMBackend):
+    """vLLM alone on its GPU (what ``alignexp.sample`` builds): 0.85 of its memory, no sleeping between calls."""
+
+    def __init__(self, model_path: str | Path, dtype: str = "auto", gpu_memory_utilization: float = 0.85,
+                 **llm_kwargs):
+        super().__init__(model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization, colocate=False,
+                         **llm_kwargs)
 
 
 def build_backend(setting: str, model, pad_id: int, *, model_path: str | Path | None = None,

@@ -288,3 +288,10 @@ def test_the_gpu_sampling_benchmark_runs_on_cpu(fake_vllm):
                                                        "--batch", "2"]))
     assert 3 <= record["hf"]["tokens"] <= 6 and 3 <= record["vllm"]["tokens"] <= 6 and record["vllm"]["version"] == "0.0-fake"
     assert record["vllm_over_hf_tokens_per_s"] > 0 and record["vllm"]["sync_weights_s"] >= 0
+
+
+def test_the_standalone_engine_keeps_its_gpu(fake_vllm, saved):
+    """alignexp.sample's VLLMEngine: vLLM alone on the GPU, as before (0.85 of it, never asleep)."""
+    engine = vllm_backend.VLLMEngine(saved)
+    assert engine.llm.kwargs["gpu_memory_utilization"] == 0.85 and not engine.llm.kwargs["enable_sleep_mode"]
+    assert not engine.asleep

@@ -42,14 +42,11 @@ from alignexp.files import atomic_write_text, digest
 from alignexp.inputs import check_judge
 from alignexp.judges import build_judge
 from alignexp.judges.base import Judge, ranked_example
-from alignexp.sampling.engine import SamplingParams
+from alignexp.sampling.engine import ENGINE_VERSION, SamplingParams
 from alignexp.sampling.rejection import rejection_sample
 from alignexp.sampling.text import decode, sample_responses
 from alignexp.tasks.base import RankedExample, SampledText, Task, Text
 from alignexp.tasks.loading import NoExamples
-
-ENGINE_VERSION = 1
-"""The generation engine's random streams, in the sampling cache keys (a new engine draws other samples)."""
 
 log = logging.getLogger(__name__)
 

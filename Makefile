@@ -12,7 +12,7 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-slow lint format bench gpu-check clean
+.PHONY: help setup run test test-slow test-wheel lint format bench gpu-check clean
 
 help: ## List the targets with their purpose
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -35,6 +35,9 @@ test: setup ## Run the test suite (unit, integration, smoke) offline
 
 test-slow: setup ## Run the slow tests too
 	$(PY) -m pytest -q -m "not gpu"
+
+test-wheel: ## Build the wheel, install it in a fresh venv outside the checkout and use it from other folders
+	TORCH_PIN="$(TORCH_CPU_PIN)" PYTHON="$(PYTHON)" bash .ci/wheel_test.sh
 
 lint: setup ## Check style with ruff
 	$(VENV)/bin/ruff check alignexp tests

@@ -2,7 +2,7 @@
 
 :func:`validate` turns a composed ``DictConfig`` into :class:`~alignexp.args.RunArgs` (the entry
 points are the only code that sees a ``DictConfig``); every bad key or value raises
-:class:`~alignexp.errors.ConfigError` naming it. :func:`conf_dir` finds the config tree,
+:class:`~alignexp.errors.ConfigError` naming it. :func:`~alignexp.conf_dir` finds the config tree,
 :func:`import_user_modules` imports a user's own losses, stages, tasks, samplers and judges
 (``imports: [my_pkg.losses]``) before any registry is read.
 """
@@ -13,11 +13,11 @@ import importlib
 import os
 import random
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from alignexp import conf_dir
 from alignexp.args import (
     EvalArgs,
     HardwareArgs,
@@ -36,11 +36,6 @@ from alignexp.losses import get_loss
 from alignexp.losses.registry import check_hparams, loss_kwargs
 
 __all__ = ["CONF_DIR", "ConfigError", "conf_dir", "import_user_modules", "setup_runtime", "validate"]
-
-
-def conf_dir() -> str:
-    """The config tree: ``conf/`` at the top of the checkout, given to Hydra as an absolute path."""
-    return str(Path(__file__).resolve().parent.parent / "conf")
 
 
 CONF_DIR = conf_dir()

@@ -5,8 +5,10 @@ examples produced, responses per prompt, ties, length percentiles in characters,
 and a few rendered examples. ``stage=auto`` (the default) shows the task's preference data where it
 has its own, its SFT data otherwise (the synthetic task samples preferences from a policy, so it
 shows its SFT demonstrations). The exit status is 1 when an invalid record stops loading (set
-``task.skip_invalid=true`` to count and skip such records instead) or the data cannot be read, and 2
-for a bad setting; the message is printed without a traceback.
+``task.skip_invalid=true`` to count and skip such records instead), the data cannot be read, or no
+example is left after the task's filters (the message names each filter and its count), and 2 for a
+bad setting; the message is printed without a traceback. A filter that drops more than half of the
+records is a warning, in the summary's ``warnings`` and on stderr.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from alignexp.config import CONF_DIR, build_task
 from alignexp.errors import ConfigError, run_cli
 from alignexp.tasks.base import DataError, LoadReport, RankedExample, Task, Text, has_ties
-from alignexp.tasks.loading import text_length
+from alignexp.tasks.loading import NoExamples, text_length
 
 STAGES = ("auto", "preference", "sft", "eval")
 log = logging.getLogger("alignexp.data")
@@ -66,8 +68,23 @@ def summarize(examples: Sequence[RankedExample], report: LoadReport | None, task
         "skipped_total": sum(report.skipped.values()) if report else 0,
         "left_out": dict(sorted(report.filtered.items())) if report else {},
         "over_length": dict(sorted(report.truncated.items())) if report else {},
+        "warnings": filter_warnings(report),
     }
     return summary
+
+
+def filter_warnings(report: LoadReport | None) -> list[str]:
+    """A warning for each filter (a setting that leaves records out, or invalid records skipped) that
+    drops more than half of the records read (or one for all of them, where together they do)."""
+    if report is None or not report.records:
+        return []
+    counts = {**report.filtered, **{f"skipped as invalid: {k}": v for k, v in report.skipped.items()}}
+    warnings = [f"{reason}: {count} of {report.records} records left out" for reason, count in sorted(counts.items())
+                if count > report.records / 2]
+    total = sum(counts.values())
+    if not warnings and total > report.records / 2:
+        warnings.append(f"{total} of {report.records} records left out in all ({report.left_out()})")
+    return warnings
 
 
 def _clip(text: str, limit: int) -> str:
@@ -115,9 +132,15 @@ def run(cfg: DictConfig) -> int:
     try:
         stage, split, examples = load_stage(task, cfg.stage, settings)
     except DataError as error:
+        if "another task's schema" in error.reason:
+            raise
         raise DataError(error.source, error.index, error.field_name,
                         f"{error.reason}\n(set task.skip_invalid=true to skip and count invalid records)") from None
+    if not examples:  # record tasks raise NoExamples themselves, naming their filters
+        raise NoExamples(f"task {task.name}: no {stage} examples (split {split}); check the task's settings")
     summary = summarize(examples, task.last_report, task.name, stage, split)
+    for warning in summary["warnings"]:
+        log.warning("more than half of the records are left out: %s", warning)
     print(json.dumps(summary, indent=2, ensure_ascii=False))
     for number, example in enumerate(examples[: cfg.n_show], start=1):
         print(render_example(example, number, cfg.max_show_chars))

@@ -1,5 +1,7 @@
 """``python -m alignexp.evaluate`` (conf/evaluate.yaml): a saved policy against its reference
-(``mode=policy``, writes eval.json), metric-human agreement on labelled pairs (``mode=agreement``), or
+(``mode=policy``, writes eval.json), a prompting baseline (``mode=prompting``: a model with k
+demonstrations in its prompt, measured the same way), lm-evaluation-harness benchmarks of a policy and
+its reference (``mode=benchmarks``), metric-human agreement on labelled pairs (``mode=agreement``), or
 AlpacaEval / MT-Bench answer files (``mode=export``). The judge is the ``judge`` group's
 (``judge=reward_model judge.path=<run>/reward_model``, ``judge=llm judge.base_url=... judge.model=...``).
 The work is done in :mod:`alignexp.evaluation`; docs/evaluation.md defines every metric.
@@ -27,17 +29,26 @@ from alignexp.evaluation.agreement import (
     implicit_reward_scorer,
     reference_texts,
 )
+from alignexp.evaluation.benchmarks import (
+    BenchmarkArgs,
+    check_tasks,
+    format_benchmarks,
+    run_benchmarks,
+    task_manager,
+)
 from alignexp.evaluation.exports import ExportArgs
 from alignexp.evaluation.policy import evaluate_policy
+from alignexp.evaluation.prompting import PromptingArgs, evaluate_prompting
 from alignexp.evaluation.results import format_agreement, format_table, write_eval_json
 from alignexp.files import atomic_write_json, atomic_write_text
 from alignexp.judges import build_judge
 from alignexp.metrics.preference import pairs_from_rankings
 from alignexp.metrics.winrate import Judge
 from alignexp.models.backbone import build_model, build_tokenizer
+from alignexp.preflight import preflight_evaluate
 from alignexp.tasks.base import Task
 
-MODES = ("policy", "agreement", "export")
+MODES = ("policy", "prompting", "benchmarks", "agreement", "export")
 
 
 @dataclass
@@ -52,6 +63,8 @@ class EvaluateArgs:
     eval: EvalArgs
     agreement: AgreementArgs
     export: ExportArgs
+    prompting: PromptingArgs
+    benchmarks: BenchmarkArgs
     task: dict
     judge: dict
     policy: Path | None
@@ -59,12 +72,16 @@ class EvaluateArgs:
     loss: str
     seed: int
     output_dir: Path
+    hparams: dict
 
     def check_inputs(self) -> None:
         """What the mode needs, checked before anything is built."""
-        if self.mode == "policy" and (self.policy is None or self.reference is None):
-            raise ConfigError("policy: mode=policy needs policy=<HF folder> and reference=<HF folder> (the "
+        if self.mode in ("policy", "benchmarks") and (self.policy is None or self.reference is None):
+            raise ConfigError(f"policy: mode={self.mode} needs policy=<HF folder> and reference=<HF folder> (the "
                               "reference can be left out for a training run's <run>/policy, whose eval.json names it)")
+        if self.mode == "prompting" and self.policy is not None:
+            raise ConfigError("policy: mode=prompting prompts the model of model.path=<HF folder> (a base model; "
+                              "null: the model config's seeded weights), not policy=")
         if self.mode == "export":
             if self.policy is None:
                 raise ConfigError("policy: mode=export needs policy=<HF folder>")
@@ -107,6 +124,33 @@ def _policy_mode(task: Task, judge: Judge | None, args: EvaluateArgs, loaded: tu
                              policy_path=str(args.policy), init_from=str(args.reference),
                              hparams={"beta": args.eval.beta})
     print(format_table(result), flush=True)
+    print(f"[alignexp] eval.json: {path}", flush=True)
+    return record
+
+
+def _prompting_mode(task: Task, judge: Judge | None, args: EvaluateArgs) -> dict:
+    tokenizer = build_tokenizer(args.model)
+    model = _load_model(args.model, args.model.path, tokenizer, args.hardware)  # path null: the seeded weights
+    reference = _load_model(args.model, args.reference, tokenizer, args.hardware) if args.reference else None
+    result = evaluate_prompting(model, reference, tokenizer, task, args.eval, args.prompting, judge=judge)
+    path = args.output_dir / "eval.json"
+    record = write_eval_json(path, task=task.name, loss="prompting", model=args.model.name, result=result,
+                             method=args.prompting.method, model_path=args.model.path,
+                             init_from=str(args.reference) if args.reference else None)
+    print(format_table(result), flush=True)
+    print(f"[alignexp] eval.json: {path}", flush=True)
+    return record
+
+
+def _benchmarks_mode(args: EvaluateArgs, manager: Any) -> dict:
+    section = run_benchmarks(str(args.policy), str(args.reference), args.benchmarks, manager,
+                             args.hardware.torch_device, args.model.dtype, args.seed)
+    path = args.output_dir / "eval.json"
+    record = write_eval_json(path, task="benchmarks", loss=args.loss, model=args.model.name,
+                             result={"n_prompts": 0, "policy": {}, "reference": {}, "comparisons": {}},
+                             benchmarks=section, policy_path=str(args.policy), init_from=str(args.reference),
+                             hparams=args.hparams)
+    print(format_benchmarks(section), flush=True)
     print(f"[alignexp] eval.json: {path}", flush=True)
     return record
 
@@ -172,10 +216,12 @@ def parse(cfg: DictConfig) -> EvaluateArgs:
         eval=from_mapping(EvalArgs, container["eval"], "eval", max_prompt_len=model.max_prompt_len, beta=float(beta)),
         agreement=from_mapping(AgreementArgs, container["agreement"], "agreement"),
         export=from_mapping(ExportArgs, container["export"], "export"),
+        prompting=from_mapping(PromptingArgs, container["prompting"], "prompting"),
+        benchmarks=from_mapping(BenchmarkArgs, container["benchmarks"], "benchmarks"),
         task=dict(container["task"]), judge=dict(container["judge"]), policy=policy,
         reference=container["reference"] or run_record.get("init_from"),
         loss=loss.get("name", run_record.get("loss", "unknown")), seed=container["seed"],
-        output_dir=Path(container["paths"]["output_dir"]))
+        output_dir=Path(container["paths"]["output_dir"]), hparams=dict(run_record.get("hparams") or {}))
 
 
 def run(cfg: DictConfig) -> dict:
@@ -183,14 +229,23 @@ def run(cfg: DictConfig) -> dict:
     args = parse(cfg)
     args.check_inputs()
     setup_runtime(args.seed, args.hardware.threads)
+    if args.mode == "benchmarks":  # the tasks are checked (and the harness found) before any model loads
+        preflight_evaluate(args, None, wants_judge=False)  # the folders, the hardware, the output folder
+        manager = task_manager(args.benchmarks)
+        check_tasks(manager, args.benchmarks)
+        atomic_write_text(args.output_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        return _benchmarks_mode(args, manager)
     task = build_task(args.task)
     # MT-Bench grading needs a judge chosen by name; auto (gold or none) grades nothing.
     wants_judge = args.mode != "export" or args.judge.get("name") != "auto"
+    preflight_evaluate(args, task, wants_judge)  # every input, checked before a model is built
     judge = build_judge(args.judge, task, "judge", device=args.hardware.torch_device) if wants_judge else None
     if args.mode == "export" and args.export.mt_bench and judge is not None:
         exports.chat_completion(judge)  # a judge that cannot grade fails here, before any answer is generated
     out = args.output_dir
     atomic_write_text(out / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if args.mode == "prompting":
+        return _prompting_mode(task, judge, args)
     loaded = _load_models(args.model, args.policy, args.reference, args.hardware)
     if args.mode == "policy":
         return _policy_mode(task, judge, args, loaded)

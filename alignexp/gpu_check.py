@@ -39,8 +39,9 @@ from typing import Any
 
 import torch
 
-# The config tree; alignexp.config.CONF_DIR names the same folder but imports OmegaConf.
-CONF = Path(__file__).resolve().parent.parent / "conf"
+import alignexp
+
+CONF = Path(alignexp.conf_dir())  # the config tree (alignexp.conf_dir imports no Hydra or OmegaConf)
 
 # Peak dense bf16 tensor-core FLOP/s by device name (vendor datasheets, without sparsity).
 PEAK_BF16_FLOPS = (
@@ -91,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
+    parser.add_argument("--layout", choices=("padding-free", "padded"), default="padding-free",
+                        help="the log-prob forward: one padding-free row (default) or the padded rows")
     parser.add_argument("--lora-r", type=int, default=0, help="LoRA rank (0: full fine-tuning)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak bf16 TFLOP/s")
     parser.add_argument("--parity-window", type=int, default=32,
@@ -141,6 +144,8 @@ def _batches(args: argparse.Namespace, vocab: int, pad_id: int, count: int, seed
                                    [torch.randint(0, vocab, (args.response_len,), generator=generator).tolist()
                                     for _ in range(args.responses)]) for _ in range(args.batch)]
         batch = pack(examples, pad_id=pad_id)
+        if args.layout == "padded":
+            batch.flat = None  # response_states then runs the padded rows under a dense block mask
         batch.ref_logps = -args.response_len * math.log(vocab) + torch.randn(batch.lengths.shape, generator=generator)
         out.append(batch)
     return out
@@ -207,6 +212,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from alignexp.gpu_pipeline import correctness_checks
     from alignexp.hardware import trainer_kwargs
     from alignexp.models.backbone import build_model
+    from alignexp.models.logprobs import padding_free_supported
     from alignexp.models.lora import LoraArgs, apply_lora
     from alignexp.models.tokenizer import build_byte_tokenizer
     from alignexp.modules.preference import OptimArgs, PreferenceModule
@@ -273,6 +279,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "layers": args.layers, "size": args.size, "params": n_params,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "lora_r": args.lora_r, "gradient_checkpointing": args.checkpointing, "loss": loss_name,
+        "layout": args.layout if padding_free_supported(model.get_decoder()) else "padded (model not supported)",
         "batch_rows": args.batch, "tokens_per_step": tokens, "response_tokens_per_step": response_tokens,
         "steps_timed": len(timed), "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
         "model_tflops_per_s": round(flops / step_s / 1e12, 2),
@@ -287,6 +294,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def print_record(record: dict[str, Any], out: Path | None) -> None:
+    """The record as one JSON line on stdout, and in ``out`` when given."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(line + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     import logging
 
@@ -298,11 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     record = run(args)
     record["ok"] = all(check["ok"] for check in record["checks"].values())
-    line = json.dumps(record)
-    print(line, flush=True)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(line + "\n")
+    print_record(record, args.out)
     if not record["ok"]:
         failed = [name for name, check in record["checks"].items() if not check["ok"]]
         print(f"[gpu_check] FAILED: {', '.join(failed)}", file=sys.stderr, flush=True)

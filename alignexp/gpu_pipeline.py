@@ -25,13 +25,15 @@ from typing import Any
 
 import torch
 
+import alignexp
+
 PARITY_TOLERANCE = 2e-3
 """Largest |packed - plain| summed log-prob (nats per response) accepted in fp32."""
 LOGITS_TOLERANCE = 1e-2
 """Largest |saved and reloaded - trained| logit accepted in bf16 (the same bf16 weights, other kernels)."""
 
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path(alignexp.conf_dir())  # the config tree (alignexp.conf_dir imports no Hydra or OmegaConf)
 
 
 def hardware_option(name: str):
@@ -153,8 +155,8 @@ def zero3_cli(folder: Path, timeout: int = 480) -> dict[str, Any]:
                "model.path=null", "model.arch.num_hidden_layers=2", "model.arch.sliding_window=16",
                "model.max_prompt_len=64", "model.max_response_len=24", "hardware=deepspeed_zero3",
                "hardware.devices=1", f"paths.cache_dir={folder / 'cache'}", f"hydra.run.dir={folder / 'run'}"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
-                            cwd=Path(__file__).resolve().parent.parent, env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=folder,
+                            env={**os.environ, "HYDRA_FULL_ERROR": "1"})
     run = folder / "run"
     record = {"returncode": result.returncode, "policy_saved": (run / "policy" / "config.json").exists(),
               "eval_json": (run / "eval.json").exists()}

@@ -60,15 +60,18 @@ def build_strategy(hw: HardwareArgs):
     from alignexp.strategies import DeepSpeedAnyDevice
 
     offload = hw.offload_optimizer or hw.offload_parameters
-    strategy = DeepSpeedAnyDevice(stage=hw.zero_stage, offload_optimizer=hw.offload_optimizer,
-                                  offload_parameters=hw.offload_parameters, pin_memory=offload,
-                                  process_group_backend=hw.process_group_backend, exclude_frozen_parameters=True,
-                                  logging_level=logging.WARNING)
+    strategy_class = DeepSpeedAnyDevice
+    if hw.offload_optimizer:  # DeepSpeed's compiled CPU Adam steps the offloaded optimizer (alignexp/offload.py)
+        from alignexp.strategies import OffloadedDeepSpeed as strategy_class
+    strategy = strategy_class(stage=hw.zero_stage, offload_optimizer=hw.offload_optimizer,
+                              offload_parameters=hw.offload_parameters, pin_memory=offload,
+                              process_group_backend=hw.process_group_backend, exclude_frozen_parameters=True,
+                              logging_level=logging.WARNING)
     if hw.zero_persistence_threshold is not None:
         strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = hw.zero_persistence_threshold
     if hw.offload_optimizer:
-        # The modules' own torch AdamW runs the offloaded step on the CPU (DeepSpeed would otherwise
-        # refuse any optimizer but its compiled DeepSpeedCPUAdam); see docs/scale.md.
+        # Where the CPU Adam cannot be built, the modules' own optimizer steps on the CPU instead
+        # (DeepSpeed would otherwise refuse any optimizer but its DeepSpeedCPUAdam); see docs/scale.md.
         strategy.config["zero_force_ds_cpu_optimizer"] = False
     return strategy
 

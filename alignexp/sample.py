@@ -188,6 +188,7 @@ def run(cfg: DictConfig) -> Path:
 
     from alignexp.hardware import resolve_auto
     from alignexp.models.backbone import build_model, build_tokenizer
+    from alignexp.preflight import preflight_sample
 
     args = resolve_auto(validate(cfg), single_process=True)  # one process: the CPU or one GPU
     setup_runtime(args.seed, args.hardware.threads)
@@ -199,6 +200,7 @@ def run(cfg: DictConfig) -> Path:
                              max_prompt_len=args.model.max_prompt_len,
                              **OmegaConf.to_container(cfg.sampling, resolve=True))
     task = build_task(args.task)
+    preflight_sample(args, task, cfg.get("policy"), cfg.split, Path(cfg.output))
     policy_path = resolve_policy(cfg.get("policy"), args, task)
     policy_args: ModelArgs = args.model.with_path(policy_path)
     tokenizer = build_tokenizer(policy_args)

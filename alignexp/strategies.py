@@ -27,6 +27,8 @@ from lightning.pytorch.plugins.precision import DeepSpeedPrecision, HalfPrecisio
 from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 from torch import nn
 
+from alignexp.offload import CPUAdamDeepSpeedStrategy
+
 log = logging.getLogger(__name__)
 
 FULL_PRECISION_FIELDS = ("ref_logps", "rewards")
@@ -100,6 +102,10 @@ class DeepSpeedAnyDevice(DeepSpeedStrategy):
             with deepspeed.zero.GatheredParameters([param]):
                 state[name] = param.data.detach().to(dtypes[name], copy=True)
         return state
+
+
+class OffloadedDeepSpeed(CPUAdamDeepSpeedStrategy, DeepSpeedAnyDevice):
+    """ZeRO with the optimizer offloaded: DeepSpeed's CPU Adam (:mod:`alignexp.offload`), on any device."""
 
 
 class DecoderLayers:

@@ -34,15 +34,25 @@ def resumed_config(cfg: DictConfig) -> DictConfig:
 
 
 def run(cfg: DictConfig) -> dict:
-    """The whole experiment for a composed config: checked, then the stages; returns the eval.json record."""
+    """The whole experiment for a composed config: checked (its settings, ``hardware=auto`` resolved, then
+    every input it will need, before any model is built: :mod:`alignexp.preflight`), launched once on its
+    processes (:mod:`alignexp.launch`), then the stages; returns the eval.json record."""
     from alignexp.distributed import barrier, is_main
     from alignexp.hardware import resolve_auto
     from alignexp.launch import launched
     from alignexp.pipeline import run as run_pipeline
+    from alignexp.preflight import preflight_train
+    from alignexp.sweeps import previous_result
 
+    done = previous_result()
+    if done is not None:  # a rerun of a sweep: this job completed before
+        print(f"[alignexp] this sweep job completed before ({cfg.paths.output_dir}): skipped", flush=True)
+        return done
     if cfg.get("resume"):
         cfg = resumed_config(cfg)
     args = resolve_auto(validate(cfg))
+    task = build_task(args.task)
+    preflight_train(args, task)
     setup_runtime(args.seed, args.hardware.threads)
     with launched(args.hardware):
         if is_main():
@@ -50,7 +60,6 @@ def run(cfg: DictConfig) -> dict:
             if not args.resume:
                 OmegaConf.save(cfg, Path(args.output_dir) / "config.yaml", resolve=True)
         barrier()
-        task = build_task(args.task)
         return run_pipeline(args, task)
 
 

@@ -265,22 +265,21 @@ def judge_prompt(question: MtBenchQuestion, answers: Sequence[str], turn: int) -
     return name, messages
 
 
+FASTCHAT_JUDGE_MAX_TOKENS = 2048
+"""FastChat's ``chat_completion_openai(model, conv, temperature=0, max_tokens=2048)`` for GPT-4 grading."""
+
+
 def chat_completion(judge: Any) -> Callable[[list[Message]], str]:
-    """``complete(messages) -> reply`` over an LLM judge: its ``chat(messages)`` where it has one, else its
-    ``ask(content, parse)`` (alignexp/judges/llm.py: one user message, with retries and a reply cache),
-    to which the system prompt and the user prompt go as one message, separated by a blank line."""
+    """``complete(messages) -> reply`` over an LLM judge's ``chat``: the messages go as they are (FastChat's
+    system message, then its user prompt), at the judge's temperature (0 by default, as FastChat's) with
+    FastChat's 2,048 reply tokens."""
     chat = getattr(judge, "chat", None)
-    if callable(chat):
-        return chat
-    ask = getattr(judge, "ask", None)
-    if not callable(ask):
+    if not callable(chat):
         raise ConfigError(f"judge={getattr(judge, 'name', judge)}: this judge cannot answer free-form prompts; "
                           "MT-Bench grading needs judge=llm judge.base_url=... judge.model=...")
 
     def complete(messages: list[Message]) -> str:
-        content = "\n\n".join(m["content"].strip() for m in messages if m["content"].strip())
-        reply = ask(content, lambda text: text)
-        return reply if reply is not None else ""
+        return chat(messages, max_tokens=FASTCHAT_JUDGE_MAX_TOKENS)
 
     return complete
 

@@ -1,8 +1,10 @@
 """A policy against its reference on the task's held-out prompts (:func:`evaluate_policy`).
 
 Per sampling temperature: gold reward or judge score, the sequence-level KL estimate, text metrics
-against the task's references, lengths and win rates judged in both orders; once: implicit-reward
-accuracy on held-out rankings, and best-of-N from the reference. docs/evaluation.md defines each metric.
+against the task's references, lengths and win rates judged in both orders (each with its
+length-controlled twin), and every prompt's values (``per_prompt``, the file beside eval.json); once:
+implicit-reward accuracy on held-out rankings, and best-of-N from the reference. :func:`measure` is
+shared with the prompting baselines. docs/evaluation.md defines each metric.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ from alignexp.metrics.overlap import reference_metrics
 from alignexp.metrics.preference import labelled_pairs, ranking_accuracy
 from alignexp.metrics.reward import best_of_n_indices, best_of_n_kl, length_stats
 from alignexp.metrics.stats import clustered_summary, summary
-from alignexp.metrics.winrate import Judge, batched, both_orders_verdicts, win_rate, win_rate_from_verdicts
+from alignexp.metrics.winrate import (
+    Judge,
+    batched,
+    both_orders_verdicts,
+    both_orders_wins,
+    char_lengths,
+    win_rate_from_verdicts,
+)
 from alignexp.models.logprobs import EncodedExample, encode_example, encode_text
 from alignexp.models.reference import response_logps
 from alignexp.sampling.engine import Generation, SamplingParams
@@ -95,7 +104,7 @@ def heldout_rankings(task: Task, reference, tokenizer, args: EvalArgs) -> list[R
         def sample_fn(prompts: list[Text], n: int) -> list[list[str]]:
             return sample_texts(reference, tokenizer, prompts, n, args, "held-out rankings")
 
-        examples = task.preference_examples(args.preference_split or "eval", sample_fn=sample_fn)
+        examples = task.preference_examples(args.preference_split or task.eval_split, sample_fn=sample_fn)
     else:
         examples = task.preference_examples(args.preference_split or task.eval_split)
     examples = [ex for ex in examples if ex.n >= 2]
@@ -137,23 +146,85 @@ def preference_metrics(policy, reference, tokenizer, task: Task, judge: Judge | 
 
 
 # -- the evaluation ------------------------------------------------------------------------------------
+Columns = dict[str, list]
+"""Per-prompt values by name (one list entry per prompt), kept in the per-prompt file beside eval.json."""
+
+
+def judged(judge: Judge, prompts: Sequence[Text], first: Sequence[Text], second: Sequence[Text], prefix: str,
+           args: EvalArgs) -> tuple[dict[str, Any], Columns]:
+    """The both-orders win rate of ``first`` over ``second`` with its length-controlled twin, and the
+    per-prompt verdicts: ``prefix`` (w_i), ``prefix_forward``, ``prefix_swapped``."""
+    forward, swapped = both_orders_verdicts(judge, prompts, first, second, args.batch_size, args.progress)
+    metrics = win_rate_from_verdicts(forward, swapped, prefix, char_lengths(first), char_lengths(second))
+    return metrics, {prefix: both_orders_wins(forward, swapped), f"{prefix}_forward": forward,
+                     f"{prefix}_swapped": swapped}
+
+
 def _text_metrics(judge: Judge | None, task: Task, prompts: Sequence[Text], texts: Sequence[str],
                   generations: Sequence[Generation], references: Sequence[Text] | None,
-                  baseline_texts: Sequence[Text] | None, args: EvalArgs, use_references: bool) -> dict[str, Any]:
-    """Per-model metrics of one set of samples (no log-probs)."""
+                  baseline_texts: Sequence[Text] | None, args: EvalArgs,
+                  use_references: bool) -> tuple[dict[str, Any], Columns]:
+    """Per-model metrics of one set of samples (no log-probs), and their per-prompt values."""
     out: dict[str, Any] = {}
+    columns: Columns = {"text": list(texts), "chars": char_lengths(texts),
+                        "tokens": [len(g.token_ids) for g in generations]}
     if task.has_gold_reward:
-        out.update(summary("gold_reward", [task.gold_reward(p, t) for p, t in zip(prompts, texts)]))
+        columns["gold_reward"] = [task.gold_reward(p, t) for p, t in zip(prompts, texts)]
+        out.update(summary("gold_reward", columns["gold_reward"]))
     if judge is not None and judge.name != "gold" and scores_cheaply(judge):
-        out.update(summary("judge_score", batched(judge.score, prompts, texts, batch_size=args.batch_size,
-                                                  desc=f"scoring ({judge.name})", progress=args.progress)))
-    out.update(length_stats(texts, [len(g.token_ids) for g in generations], [g.finished for g in generations]))
+        columns["judge_score"] = batched(judge.score, prompts, texts, batch_size=args.batch_size,
+                                         desc=f"scoring ({judge.name})", progress=args.progress)
+        out.update(summary("judge_score", columns["judge_score"]))
+    out.update(length_stats(texts, columns["tokens"], [g.finished for g in generations]))
     if use_references and references is not None:
         out.update(reference_metrics(texts, references, bootstrap=args.bootstrap, seed=args.seed))
     if baseline_texts is not None and judge is not None:
-        out.update(win_rate(judge, prompts, texts, baseline_texts, prefix="win_rate_vs_dataset",
-                            batch_size=args.batch_size, progress=args.progress))
-    return out
+        metrics, verdict_columns = judged(judge, prompts, texts, baseline_texts, "win_rate_vs_dataset", args)
+        out.update(metrics)
+        columns.update(verdict_columns)
+    return out, columns
+
+
+Samples = dict[str, tuple[list[str], list[Generation]]]
+"""Each model's samples by role (``policy``, ``reference``): decoded texts and generations, one per prompt."""
+
+
+def measure(judge: Judge | None, task: Task, prompts: Sequence[Text], samples: Samples,
+            references: Sequence[Text] | None, baseline: str, args: EvalArgs, use_references: bool) -> dict:
+    """One temperature's samples measured: each model's metrics, the policy against the baseline (the
+    reference's samples, or with ``baseline="dataset"`` the task's references) under ``comparisons``, a
+    few ``examples``, and ``per_prompt`` rows (lengths, verdicts, rewards of every prompt)."""
+    dataset_baseline = references if baseline == "dataset" else None
+    result: dict[str, Any] = {}
+    columns: Columns = {}
+    for who, (texts, generations) in samples.items():
+        result[who], own = _text_metrics(judge, task, prompts, texts, generations, references, dataset_baseline,
+                                         args, use_references)
+        columns.update({f"{who}_{name}": values for name, values in own.items()})
+    comparisons: dict[str, Any] = {}
+    if baseline == "dataset":
+        comparisons = {k.replace("win_rate_vs_dataset", "win_rate_vs_reference"): v
+                       for k, v in result["policy"].items() if k.startswith("win_rate_vs_dataset")}
+        columns["dataset_chars"] = char_lengths(references)
+    elif judge is not None and "reference" in samples:
+        comparisons, verdict_columns = judged(judge, prompts, samples["policy"][0], samples["reference"][0],
+                                              "win_rate_vs_reference", args)
+        columns.update(verdict_columns)
+    comparisons.update({"judge": judge.name if judge is not None else None,
+                        "baseline": "dataset" if baseline == "dataset" else "reference_samples"})
+    result["comparisons"] = comparisons
+    result["examples"] = [{"prompt": p, **{who: texts[i] for who, (texts, _) in samples.items()}}
+                          for i, p in enumerate(prompts[:args.n_examples])]
+    result["per_prompt"] = [{"index": i, **{name: values[i] for name, values in columns.items()}}
+                            for i in range(len(prompts))]
+    return result
+
+
+def sample_decoded(model, tokenizer, prompts: Sequence[Text], params: SamplingParams, args: EvalArgs,
+                   desc: str) -> tuple[list[str], list[Generation]]:
+    """One generation per prompt and its text."""
+    generations = [row[0] for row in sample(model, tokenizer, prompts, 1, params, args, desc)]
+    return [decode(tokenizer, g) for g in generations], generations
 
 
 def best_of_n(reference, tokenizer, prompts: Sequence[Text], judge: Judge, task: Task,
@@ -179,48 +250,24 @@ def best_of_n(reference, tokenizer, prompts: Sequence[Text], judge: Judge, task:
 def _at_temperature(policy, reference, tokenizer, task: Task, judge: Judge | None, args: EvalArgs,
                     temperature: float, prompts: Sequence[Text], references: Sequence[Text] | None,
                     baseline: str, use_references: bool) -> dict[str, Any]:
-    """One temperature's samples of policy and reference, their metrics and comparisons."""
+    """One temperature's samples of policy and reference, their metrics, comparisons and KL."""
     params = SamplingParams(temperature=float(temperature), max_new_tokens=args.max_new_tokens)
-    generations = {who: [row[0] for row in sample(model, tokenizer, prompts, 1, params, args,
-                                                  f"sampling {who} (T={temperature:g})")]
-                   for who, model in (("policy", policy), ("reference", reference))}
-    texts = {who: [decode(tokenizer, g) for g in gens] for who, gens in generations.items()}
-    encoded = encode_generations(tokenizer, prompts, [[g] for g in generations["policy"]], args.max_prompt_len)
+    samples = {who: sample_decoded(model, tokenizer, prompts, params, args, f"sampling {who} (T={temperature:g})")
+               for who, model in (("policy", policy), ("reference", reference))}
+    encoded = encode_generations(tokenizer, prompts, [[g] for g in samples["policy"][1]], args.max_prompt_len)
     log_ratio = [row[0] for row in implicit_rewards(policy, reference, encoded, tokenizer.pad_token_id, 1.0,
                                                     args.batch_size)]
-    dataset_baseline = references if baseline == "dataset" else None
-    result: dict[str, Any] = {}
-    for who in ("policy", "reference"):
-        metrics = _text_metrics(judge, task, prompts, texts[who], generations[who], references,
-                                dataset_baseline, args, use_references)
-        kl = log_ratio if who == "policy" else [0.0] * len(prompts)
-        result[who] = {**metrics, **summary("kl", kl)}
-    if baseline == "dataset":
-        comparisons = {k.replace("win_rate_vs_dataset", "win_rate_vs_reference"): v
-                       for k, v in result["policy"].items() if k.startswith("win_rate_vs_dataset")}
-    elif judge is not None:
-        forward, swapped = both_orders_verdicts(judge, prompts, texts["policy"], texts["reference"],
-                                                args.batch_size, args.progress)
-        comparisons = win_rate_from_verdicts(forward, swapped, prefix="win_rate_vs_reference")
-    else:
-        comparisons = {}
-    comparisons.update({"judge": judge.name if judge is not None else None,
-                        "baseline": "dataset" if baseline == "dataset" else "reference_samples"})
-    result["comparisons"] = comparisons
-    result["examples"] = [{"prompt": p, "policy": a, "reference": b}
-                          for p, a, b in list(zip(prompts, texts["policy"], texts["reference"]))[:args.n_examples]]
+    result = measure(judge, task, prompts, samples, references, baseline, args, use_references)
+    result["policy"].update(summary("kl", log_ratio))
+    result["reference"].update(summary("kl", [0.0] * len(prompts)))
+    for row, value in zip(result["per_prompt"], log_ratio):
+        row["policy_log_ratio"] = value
     return result
 
 
-def evaluate_policy(policy, reference, tokenizer, task: Task, args: EvalArgs, judge: Judge | None = None,
-                    max_response_len: int | None = None) -> dict:
-    """Sample policy and reference on the held-out prompts and measure them (docs/evaluation.md).
-
-    ``judge``: the run's judge (:func:`alignexp.judges.build_judge`), or None for no judge (no win
-    rates; the gold reward and the text metrics still run). The headline ``policy``/``reference``/
-    ``comparisons`` are those at temperature 1.0 (or the first listed); each is under ``by_temperature``.
-    """
-    start_time = time.time()
+def eval_setup(task: Task, args: EvalArgs) -> tuple[list[Text], list[Text] | None, str, bool]:
+    """(held-out prompts, their reference responses or None, the win rate's baseline, whether the text
+    metrics run against the references), checked."""
     examples = task.eval_examples()
     if not examples:
         raise AlignexpError(f"task {task.name}: no evaluation examples")
@@ -232,6 +279,34 @@ def evaluate_policy(policy, reference, tokenizer, task: Task, args: EvalArgs, ju
     if baseline == "dataset" and references is None:
         raise ConfigError(f"eval.baseline=dataset: task {task.name} has no reference responses")
     use_references = (not task.has_gold_reward) if args.reference_metrics == "auto" else bool(args.reference_metrics)
+    return prompts, references, baseline, use_references
+
+
+def headline(by_temperature: dict[str, dict], n_prompts: int, extra: dict[str, dict] | None = None) -> dict:
+    """The result: the headline ``policy``/``reference``/``comparisons`` (temperature 1.0, else the first)
+    merged with ``extra``'s sections, every temperature under ``by_temperature``, and ``per_prompt``
+    (each temperature's rows, which write_eval_json moves to the per-prompt file)."""
+    per_prompt = [{"temperature": float(t), **row} for t, entry in by_temperature.items()
+                  for row in entry.pop("per_prompt", [])]
+    key = "1" if "1" in by_temperature else next(iter(by_temperature))
+    top = by_temperature[key]
+    extra = extra or {}
+    return {"n_prompts": n_prompts, "temperature": float(key),
+            **{section: {**top.get(section, {}), **extra.get(section, {})} for section in ("policy", "reference",
+                                                                                  "comparisons")},
+            "by_temperature": by_temperature, "per_prompt": per_prompt}
+
+
+def evaluate_policy(policy, reference, tokenizer, task: Task, args: EvalArgs, judge: Judge | None = None,
+                    max_response_len: int | None = None) -> dict:
+    """Sample policy and reference on the held-out prompts and measure them (docs/evaluation.md).
+
+    ``judge``: the run's judge (:func:`alignexp.judges.build_judge`), or None for no judge (no win
+    rates; the gold reward and the text metrics still run). The headline ``policy``/``reference``/
+    ``comparisons`` are those at temperature 1.0 (or the first listed); each is under ``by_temperature``.
+    """
+    start_time = time.time()
+    prompts, references, baseline, use_references = eval_setup(task, args)
     max_response_len = max_response_len or args.max_new_tokens
 
     timings: dict[str, float] = {}
@@ -258,13 +333,8 @@ def evaluate_policy(policy, reference, tokenizer, task: Task, args: EvalArgs, ju
         best = best_of_n(reference, tokenizer, prompts, judge, task, args)
         timings["best_of_n"] = time.time() - t0
 
-    key = "1" if "1" in by_temperature else next(iter(by_temperature))
-    headline = by_temperature[key]
-    result = {"n_prompts": len(prompts), "temperature": float(key),
-              "policy": {**headline["policy"], **pref_policy},
-              "reference": {**headline["reference"], **pref_reference},
-              "comparisons": {**headline["comparisons"], **pref_comparisons},
-              "by_temperature": by_temperature}
+    result = headline(by_temperature, len(prompts), {"policy": pref_policy, "reference": pref_reference,
+                                                     "comparisons": pref_comparisons})
     if best:
         result["best_of_n"] = best
     timings["total"] = time.time() - start_time

@@ -1,17 +1,23 @@
-"""What evaluation writes and prints: ``eval.json``, the printed tables, and the headline metrics that
-``alignexp.report`` tabulates and plots across runs."""
+"""What evaluation writes and prints: ``eval.json`` with its per-prompt file, the printed tables, and the
+headline metrics that ``alignexp.report`` tabulates and plots across runs."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from alignexp.files import atomic_write_json
+from alignexp.files import atomic_write_json, atomic_write_text
+
+PER_PROMPT_FILE = "eval_prompts.jsonl"
+"""Beside eval.json: one JSON line per (temperature, held-out prompt) with each model's response, its
+length in characters and tokens, its reward, and the judge's verdicts (docs/evaluation.md)."""
 
 HEADLINE_METRICS: tuple[tuple[str, str, str], ...] = (
     ("gold_reward", "policy", "gold_reward"),
     ("judge_score", "policy", "judge_score"),
     ("kl", "policy", "kl"),
     ("win_rate", "comparisons", "win_rate_vs_reference"),
+    ("lc_win_rate", "comparisons", "win_rate_vs_reference_lc"),
     ("preference_accuracy", "policy", "preference_accuracy"),
     ("bleu", "policy", "bleu"),
     ("chrf", "policy", "chrf"),
@@ -22,7 +28,7 @@ HEADLINE_METRICS: tuple[tuple[str, str, str], ...] = (
 """(column, section of eval.json, key): the headline metrics, in the order tables show them."""
 
 LABELS = {"gold_reward": "gold reward", "judge_score": "judge score", "kl": "KL to reference",
-          "win_rate": "win rate vs reference", "preference_accuracy": "preference accuracy", "bleu": "BLEU",
+          "win_rate": "win rate vs reference", "lc_win_rate": "length-controlled win rate", "preference_accuracy": "preference accuracy", "bleu": "BLEU",
           "chrf": "chrF", "ter": "TER", "rouge_l": "ROUGE-L", "response_tokens": "response tokens",
           "win_rate_vs_dataset": "win rate vs dataset"}
 """Printed names of the headline columns (and of the per-model win rate against the dataset)."""
@@ -30,8 +36,16 @@ LABELS = {"gold_reward": "gold reward", "judge_score": "judge score", "kl": "KL 
 
 def write_eval_json(path: str | Path, *, task: str, loss: str, model: str, result: dict, **extra) -> dict:
     """Write ``eval.json`` in the contract's schema (task, loss, model, n_prompts, policy, reference,
-    comparisons; other fields added freely) in one atomic write. Returns the record."""
+    comparisons; other fields added freely) in one atomic write, and the result's ``per_prompt`` rows to
+    :data:`PER_PROMPT_FILE` beside it (eval.json's ``per_prompt_file`` names it). Returns the record."""
+    result = dict(result)
+    rows = result.pop("per_prompt", None)
     record = {"task": task, "loss": loss, "model": model, **result, **extra}
+    if rows:
+        path = Path(path)
+        atomic_write_text(path.parent / PER_PROMPT_FILE,
+                          "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        record["per_prompt_file"] = PER_PROMPT_FILE
     atomic_write_json(path, record)
     return record
 
@@ -55,11 +69,16 @@ def format_table(result: dict) -> str:
     lines.append(f"{LABELS['win_rate']:<26}{'':>20}{_cell(comparisons, 'win_rate_vs_reference'):>20}"
                  f"  (judge: {comparisons.get('judge', '')}, baseline: {comparisons.get('baseline', '-')}, "
                  f"T={result.get('temperature')})")
+    if "win_rate_vs_reference_lc" in comparisons:
+        lines.append(f"{LABELS['lc_win_rate']:<26}{'':>20}{_cell(comparisons, 'win_rate_vs_reference_lc'):>20}"
+                     f"  (95% CI {comparisons['win_rate_vs_reference_lc_ci_low']:.3f} to "
+                     f"{comparisons['win_rate_vs_reference_lc_ci_high']:.3f})")
     by_temperature = result.get("by_temperature", {})
     if len(by_temperature) > 1:
         for t, entry in by_temperature.items():
             row = f"  T={t:<5}"
             for label, key, source in (("win", "win_rate_vs_reference", entry["comparisons"]),
+                                       ("lc", "win_rate_vs_reference_lc", entry["comparisons"]),
                                        ("gold", "gold_reward", entry["policy"]), ("kl", "kl", entry["policy"])):
                 if key in source:
                     row += f"  {label} {_cell(source, key)}"

@@ -12,8 +12,11 @@
   **abstains**. A comparison without a single valid vote returns 0.5 and is counted in
   ``stats["abstentions"]``. Configuration errors (HTTP 401, 403, 404: wrong key, URL or model) raise
   :class:`JudgeConfigError` at once, since every request would fail the same way.
+* **Chat**: a request is a list of messages: the system message ``system_prompt`` (none by default) and
+  the user message; :meth:`LLMJudge.chat` sends any list (MT-Bench grading sends FastChat's system and
+  user prompts, alignexp/evaluation/exports.py) and returns the reply's text.
 * **Cache**: replies that parsed are kept in memory and, with ``cache_dir``, on disk, one JSON file per
-  request named by the SHA-256 of the request (URL, model, messages, temperature, max_tokens), so
+  request named by the SHA-256 of the request (URL, model, every message, temperature, max_tokens), so
   repeated comparisons, reruns and resumed evaluations ask nothing twice. (An evaluation that swaps
   the pair itself, as ``alignexp.metrics.winrate`` does, finds the swapped requests cached; set
   ``both_orders: false`` there to measure the judge's position bias.)
@@ -46,7 +49,7 @@ from typing import Any
 from alignexp.errors import AlignexpError
 from alignexp.files import atomic_write_text
 from alignexp.judges.base import rank_by_comparisons
-from alignexp.tasks.base import RankedExample, Text
+from alignexp.tasks.base import Message, RankedExample, Text
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +128,7 @@ class LLMJudge:
                  api_key_env: str | None = "OPENAI_API_KEY", timeout_s: float = 60.0, max_retries: int = 4,
                  backoff_s: float = 1.0, max_backoff_s: float = 30.0, cache_dir: str | Path | None = None,
                  max_tokens: int = 256, temperature: float = 0.0, max_workers: int = 4,
-                 both_orders: bool = True, **_: Any):
+                 both_orders: bool = True, system_prompt: str | None = None, **_: Any):
         if kind not in PROMPTS:
             raise ValueError(f"judge.kind must be one of {', '.join(PROMPTS)}, got {kind!r}")
         if not base_url:
@@ -142,6 +145,7 @@ class LLMJudge:
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.max_tokens, self.temperature = int(max_tokens), float(temperature)
         self.max_workers, self.both_orders = max(1, int(max_workers)), both_orders
+        self.system_prompt = system_prompt or None
         self.stats: Counter = Counter()
         self._lock = threading.Lock()
         self._memory: dict[str, str] = {}  # replies that parsed, by request hash (also without cache_dir)
@@ -158,9 +162,15 @@ class LLMJudge:
         with self._lock:
             self.stats[key] += amount
 
-    def _request_key(self, content: str) -> tuple[dict, str]:
-        body = {"model": self.model, "messages": [{"role": "user", "content": content}],
-                "temperature": self.temperature, "max_tokens": self.max_tokens}
+    def messages(self, content: str) -> list[Message]:
+        """The request for one prompt: the judge's system message (where it has one), then the user message."""
+        system = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        return [*system, {"role": "user", "content": content}]
+
+    def _request_key(self, messages: Sequence[Message], max_tokens: int | None = None) -> tuple[dict, str]:
+        """The request body and its cache key, the SHA-256 of the URL and the body (every message)."""
+        body = {"model": self.model, "messages": [{"role": m["role"], "content": m["content"]} for m in messages],
+                "temperature": self.temperature, "max_tokens": int(max_tokens or self.max_tokens)}
         digest = hashlib.sha256(json.dumps({"url": self.url, **body}, sort_keys=True).encode()).hexdigest()
         return body, digest
 
@@ -192,9 +202,15 @@ class LLMJudge:
         except (ConnectionError, OSError):
             return None, "connection_error", None
 
-    def ask(self, content: str, parse) -> Any:
-        """The parsed reply to one user message (``parse(text) -> value | None``), or None (abstention)."""
-        body, digest = self._request_key(content)
+    def ask(self, request: str | Sequence[Message], parse, max_tokens: int | None = None) -> Any:
+        """The parsed reply (``parse(text) -> value | None``) to ``request``, a list of messages or a user
+        message's text (sent after the judge's system message), or None (abstention)."""
+        messages = self.messages(request) if isinstance(request, str) else list(request)
+        if not messages or any(not isinstance(m, dict) or not isinstance(m.get("content"), str)
+                               or m.get("role") not in ("system", "user", "assistant") for m in messages):
+            raise ValueError("an LLM judge request is a non-empty list of {role: system|user|assistant, "
+                             "content: str} messages")
+        body, digest = self._request_key(messages, max_tokens)
         path = self._cache_path(digest)
         cached = self._memory.get(digest)
         if cached is None and path is not None and path.exists():
@@ -240,6 +256,11 @@ class LLMJudge:
                 time.sleep(delay * (1 + 0.1 * random.random()))
         self._count("abstained_requests")
         return None
+
+    def chat(self, messages: Sequence[Message], max_tokens: int | None = None) -> str:
+        """The reply's text to a list of messages (the empty string where the judge abstained)."""
+        reply = self.ask(list(messages), lambda text: text if text.strip() else None, max_tokens)
+        return reply if reply is not None else ""
 
     def _map(self, fn, items: list) -> list:
         if self.max_workers == 1 or len(items) <= 1:

@@ -10,7 +10,8 @@ two verdicts averaged (their sec. 3.4 "swap positions"):
 ties counting as half a win. The standard error is that of the mean of the w_i. Two diagnostics
 come with it: ``first_position_rate`` = mean_i (c(x_i, a_i, b_i) + c(x_i, b_i, a_i)) / 2, how
 often the response shown first wins (0.5 for a judge without position bias), and ``consistency``,
-the fraction of pairs whose verdict survives the swap (c(a, b) = 1 - c(b, a)).
+the fraction of pairs whose verdict survives the swap (c(a, b) = 1 - c(b, a)). Given the responses'
+lengths, the length-controlled win rate comes beside it (:mod:`alignexp.metrics.length_control`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from collections.abc import Sequence
 
 from alignexp.distributed import on_main
 from alignexp.judges.base import Judge
+from alignexp.metrics.length_control import length_controlled_win_rate
+from alignexp.metrics.overlap import plain_text
 from alignexp.metrics.stats import summary
 from alignexp.tasks.base import Text
 
@@ -59,21 +62,36 @@ def both_orders_verdicts(judge: Judge, prompts: Sequence[Text], first: Sequence[
     return forward, swapped
 
 
-def win_rate_from_verdicts(forward: Sequence[float], swapped: Sequence[float],
-                           prefix: str = "win_rate") -> dict[str, float]:
-    """The both-orders win rate of ``first`` and its diagnostics (see the module docstring)."""
-    wins = [(f + 1.0 - s) / 2.0 for f, s in zip(forward, swapped)]
+def char_lengths(texts: Sequence[Text]) -> list[int]:
+    """Each response's length in characters (a message list: its assistant turns), as AlpacaEval counts."""
+    return [len(plain_text(t)) for t in texts]
+
+
+def both_orders_wins(forward: Sequence[float], swapped: Sequence[float]) -> list[float]:
+    """w_i = (c(x_i, a_i, b_i) + 1 - c(x_i, b_i, a_i)) / 2 per prompt."""
+    return [(f + 1.0 - s) / 2.0 for f, s in zip(forward, swapped)]
+
+
+def win_rate_from_verdicts(forward: Sequence[float], swapped: Sequence[float], prefix: str = "win_rate",
+                           first_lengths: Sequence[float] | None = None,
+                           second_lengths: Sequence[float] | None = None) -> dict[str, float]:
+    """The both-orders win rate of ``first`` and its diagnostics (see the module docstring); with the
+    responses' lengths, the length-controlled win rate ``{prefix}_lc`` and its interval."""
+    wins = both_orders_wins(forward, swapped)
     first_position = [(f + s) / 2.0 for f, s in zip(forward, swapped)]
     consistent = [float(abs(f - (1.0 - s)) < 1e-9) for f, s in zip(forward, swapped)]
     out = summary(prefix, wins)
     out[f"{prefix}_first_position_rate"] = summary("x", first_position)["x"]
     out[f"{prefix}_consistency"] = summary("x", consistent)["x"]
     out[f"{prefix}_n"] = len(wins)
+    if first_lengths is not None and second_lengths is not None:
+        out.update(length_controlled_win_rate(wins, first_lengths, second_lengths, prefix))
     return out
 
 
 def win_rate(judge: Judge, prompts: Sequence[Text], first: Sequence[Text], second: Sequence[Text],
              prefix: str = "win_rate", batch_size: int = 64, progress: bool = False) -> dict[str, float]:
-    """How often ``first`` beats ``second`` under ``judge``, both orders averaged, ties half, ± stderr."""
+    """How often ``first`` beats ``second`` under ``judge``, both orders averaged, ties half, ± stderr, with
+    the length-controlled win rate on the responses' lengths in characters."""
     forward, swapped = both_orders_verdicts(judge, prompts, first, second, batch_size, progress)
-    return win_rate_from_verdicts(forward, swapped, prefix)
+    return win_rate_from_verdicts(forward, swapped, prefix, char_lengths(first), char_lengths(second))

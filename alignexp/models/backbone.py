@@ -5,13 +5,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-from pathlib import Path
 
 import torch
 
 from alignexp.args import ModelArgs
-from alignexp.errors import AlignexpError
 from alignexp.hub import ensure_offline_if_unreachable
+from alignexp.inputs import ModelUnavailable, looks_local, missing_model_message
 from alignexp.models.tokenizer import build_byte_tokenizer, ensure_chat_template
 
 log = logging.getLogger(__name__)
@@ -144,24 +143,24 @@ def _check_arch(args: ModelArgs, config) -> None:
                     ", ".join(f"{k}: arch {a!r}, checkpoint {b!r}" for k, (a, b) in sorted(differ.items())))
 
 
-class ModelUnavailable(AlignexpError, RuntimeError):
-    """The model or tokenizer at ``model.path`` cannot be loaded (no local copy, no network, bad folder)."""
-
-
 def _from_pretrained(loader, path: str, what: str, **kwargs):
-    """``loader(path)`` with a clear message when the path is neither a local folder nor reachable."""
-    if not Path(path).expanduser().is_dir():
+    """``loader(path)`` with a clear message when the path is neither a local folder with a model nor a hub id
+    that is cached or reachable (a local-looking path is never sent to the hub)."""
+    local = looks_local(path)
+    if local:
+        problem = missing_model_message(path, None, what, weights=what != "tokenizer")
+        if problem:
+            raise ModelUnavailable(problem)
+    else:
         ensure_offline_if_unreachable()
     try:
         return loader(path, **kwargs)
     except (OSError, ValueError) as error:
-        local = Path(path).expanduser()
         offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
-        if local.exists():
-            raise ModelUnavailable(f"model.path={path}: the {what} in this folder could not be loaded: {error}") \
-                from None
+        if local:
+            raise ModelUnavailable(f"{path}: the {what} in this folder could not be loaded: {error}") from None
         raise ModelUnavailable(
-            f"model.path={path}: no local folder of that name, and the hub "
+            f"{path}: no local folder of that name, and the hub "
             f"{'cannot be reached from here (offline mode)' if offline else 'did not serve it'}, so the {what} "
             f"cannot be loaded. Download it where there is network (`huggingface-cli download {path} "
-            f"--local-dir /some/folder`) and run with model.path=/some/folder.") from None
+            f"--local-dir /some/folder`) and point the setting at /some/folder.") from None

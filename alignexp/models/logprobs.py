@@ -9,24 +9,22 @@ is predicted from the prompt's last hidden state. One forward per batch.
 
 **Padding-free forward** (:class:`FlatLayout`, used by :func:`response_states`). The decoder runs on
 one row of the batch's N real tokens, with no padding: embeddings, projections, MLPs and norms see
-each token once. Only attention works in rows: in each layer, each block is one row, and
-:func:`block_attention` runs the prompts causally (the kernel skips the upper triangle) and the
-response tokens against their block's keys under its mask, blocks of similar length grouped into a
-few calls (:func:`length_buckets`). Attention so costs about P^2/2 + L*W per block (prompt P, response
-tokens L, block W) rather than the W^2 of a dense mask. This runs as an attention function registered
-with transformers (``alignexp_blocks``), selected for the duration of the forward; models that
-checkpoint activations, use a sliding window or attention soft-capping take the padded path below.
+each token once. Only attention works in rows (``alignexp/models/attention.py``): each block is one
+row, the prompts run causally and the response tokens against their block's keys under its mask,
+blocks of similar length grouped into a few calls (:func:`length_buckets`), so attention costs about
+P^2/2 + L*W per block (prompt P, response tokens L, block W) rather than the W^2 of a dense mask. It
+is the path with activation checkpointing and with a sliding window too; only attention soft-capping
+(and eager attention with checkpointing) takes the padded path below.
 
 **Padded layout** (``input_ids``, ``position_ids``, ``attention_mask``: what other modules feed to
 a decoder themselves, and the fallback). The blocks are packed into R <= B rows of T tokens,
 first-fit decreasing, T being the longest block (or ``row_budget``): short examples share a row
 instead of each being padded to the longest one, and blocks in one row never see each other.
 
-**Head.** Only the hidden states that predict response tokens go through the output head (a gather,
-then the head on the response tokens only), and the log-softmax runs in fp32. Boolean masks become
-additive ones (0 / dtype min) once per forward, shared by every layer and its backward.
+**Head.** Only the hidden states that predict response tokens go through the output head, in chunks
+of at most :data:`LOGIT_CHUNK` logits (:func:`chunked_token_logps`): the fp32 log-softmax over the
+vocabulary never exists for all response tokens at once, in the forward or the backward.
 """
-
 from __future__ import annotations
 
 import array
@@ -35,7 +33,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
+from alignexp.models.attention import (  # noqa: F401  (additive_mask, padding_free_supported: part of this API)
+    AttentionBucket,
+    FlatLayout,
+    additive_mask,
+    flat_forward,
+    padding_free_supported,
+    sliding_window,
+)
 from alignexp.tasks.base import RankedExample, Text
 
 
@@ -47,52 +54,6 @@ class EncodedExample:
     response_ids: list[list[int]]
     target_ids: list[int] | None = None
     scores: list[float] | None = None
-
-
-@dataclass
-class AttentionBucket:
-    """A group of ``rows`` blocks whose attention runs as two SDPA calls (see :func:`block_attention`).
-
-    Each block is one row of ``width`` keys (its tokens, padded), the first ``prompt`` of which are
-    enough to hold its prompt; its response tokens are one row of ``responses`` queries. ``mask``
-    (rows, 1, responses, width) bool: True where a response token may attend a key of its block.
-    """
-
-    rows: int
-    width: int
-    prompt: int
-    responses: int
-    mask: Tensor
-
-    def to(self, device: torch.device | str) -> AttentionBucket:
-        return AttentionBucket(self.rows, self.width, self.prompt, self.responses, self.mask.to(device))
-
-
-@dataclass
-class FlatLayout:
-    """Where the tokens of a :class:`PackedBatch` go in the padding-free forward.
-
-    Shapes (N real tokens, block after block in example order): ``token_index`` (N,): flat index into
-    the padded (R*T) layout of each token; ``source``: like ``PackedBatch.source_index``, but indexing
-    the N tokens; ``key_index`` (sum of rows x width): the tokens of each block's key row, bucket after
-    bucket; ``query_index`` (sum of rows x responses): the response tokens of each block's query row
-    (padded slots of both read token 0: no query attends them, and their outputs are dropped);
-    ``buckets``: the attention calls
-    (:class:`AttentionBucket`); ``order`` (N,): where each token's attention output is in the
-    concatenation, bucket after bucket, of the prompt call's outputs (rows x prompt) and the response
-    call's (rows x responses).
-    """
-
-    token_index: Tensor
-    source: Tensor
-    key_index: Tensor
-    query_index: Tensor
-    buckets: list[AttentionBucket]
-    order: Tensor
-
-    def to(self, device: torch.device | str) -> FlatLayout:
-        return FlatLayout(self.token_index.to(device), self.source.to(device), self.key_index.to(device),
-                          self.query_index.to(device), [b.to(device) for b in self.buckets], self.order.to(device))
 
 
 @dataclass
@@ -286,7 +247,11 @@ def _flat_layout(blocks: Sequence[tuple[list[int], list[tuple[int, list[int]]]]]
     key_index, query_index = _long(keys), _long(queries)
     key_index[key_index == n_tokens] = 0
     query_index[query_index == n_tokens] = 0
-    return FlatLayout(_long(token_index), token_of[source_index], key_index, query_index, buckets, order)
+    document = [b for b in range(len(blocks)) for _ in range(sizes[b])]
+    segment = [k for prompt, responses in blocks
+               for k, length in enumerate([len(prompt)] + [len(r) for _, r in responses]) for _ in range(length)]
+    return FlatLayout(_long(token_index), token_of[source_index], key_index, query_index, buckets, order,
+                      _long(document), _long(segment))
 
 
 BUCKET_COST = 128 * 128
@@ -365,12 +330,6 @@ def block_mask(segment: Tensor, document: Tensor | None = None) -> Tensor:
     return allowed[:, None]
 
 
-def additive_mask(attention_mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """The bool mask (True = may attend) as an additive one: 0 where allowed, ``dtype``'s minimum elsewhere."""
-    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
-    return torch.where(attention_mask, zero, torch.finfo(dtype).min)
-
-
 def response_states(model, batch: PackedBatch) -> Tensor:
     """The decoder's last hidden states ``(N, H)`` that predict each response token (one forward).
 
@@ -384,93 +343,18 @@ def response_states(model, batch: PackedBatch) -> Tensor:
     """
     decoder = model.get_decoder()
     if batch.flat is not None and padding_free_supported(decoder):
-        return _flat_states(decoder, batch, model.dtype)
-    mask = additive_mask(batch.attention_mask, model.dtype)
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids,
+        flat = batch.flat
+        input_ids = batch.input_ids.view(-1).index_select(0, flat.token_index)[None]
+        position_ids = batch.position_ids.view(-1).index_select(0, flat.token_index)[None]
+        hidden = flat_forward(decoder, input_ids, position_ids, flat, model.dtype)
+        return hidden[0].index_select(0, flat.source)
+    allowed, window = batch.attention_mask, sliding_window(decoder.config)
+    if window is not None:  # the model's own window rule, over position ids (they restart per response)
+        allowed = allowed & (batch.position_ids[:, None, :, None] - batch.position_ids[:, None, None, :] < window)
+    hidden = decoder(input_ids=batch.input_ids, attention_mask=additive_mask(allowed, model.dtype),
+                     position_ids=batch.position_ids,
                      use_cache=False).last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.source_index)
-
-
-BLOCK_ATTENTION = "alignexp_blocks"
-"""The name the padding-free forward's attention function is registered under in transformers."""
-
-
-def padding_free_supported(decoder) -> bool:
-    """Whether :func:`response_states` may run ``decoder`` padding-free: no activation checkpointing (its
-    recomputation would run after the attention function is switched back), no sliding window and no
-    attention soft-capping (:func:`block_attention` implements neither)."""
-    config = decoder.config
-    sliding = getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True)
-    if sliding or getattr(config, "attn_logit_softcapping", None) is not None:
-        return False
-    return not any(getattr(module, "gradient_checkpointing", False) for module in decoder.modules())
-
-
-def _flat_states(decoder, batch: PackedBatch, dtype: torch.dtype) -> Tensor:
-    """:func:`response_states` through the padding-free layout (one row of the N real tokens)."""
-    from transformers import AttentionInterface
-
-    flat = batch.flat
-    AttentionInterface.register(BLOCK_ATTENTION, block_attention)  # idempotent
-    input_ids = batch.input_ids.view(-1).index_select(0, flat.token_index)[None]
-    position_ids = batch.position_ids.view(-1).index_select(0, flat.token_index)[None]
-    masks = [additive_mask(bucket.mask, dtype) for bucket in flat.buckets]
-    configs = {id(m.config): m.config for m in decoder.modules() if hasattr(getattr(m, "config", None),
-                                                                           "_attn_implementation")}
-    previous = {key: config._attn_implementation for key, config in configs.items()}
-    try:
-        for config in configs.values():
-            config._attn_implementation = BLOCK_ATTENTION
-        hidden = decoder(input_ids=input_ids, position_ids=position_ids, use_cache=False,
-                         block_layout=flat, block_masks=masks).last_hidden_state
-    finally:
-        for key, config in configs.items():
-            config._attn_implementation = previous[key]
-    return hidden[0].index_select(0, flat.source)
-
-
-def block_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
-                    dropout: float = 0.0, scaling: float | None = None, block_layout: FlatLayout | None = None,
-                    block_masks: list[Tensor] | None = None, **kwargs) -> tuple[Tensor, None]:
-    """Attention of a padding-free row, block by block (transformers' attention-function signature).
-
-    ``query`` (1, H, N, D), ``key``/``value`` (1, H_kv, N, D): the N tokens of ``block_layout``. The
-    tokens are gathered once into the blocks' key rows (and the responses' query rows); then, per
-    bucket (:class:`AttentionBucket`), two SDPA calls: the prompts, causal (``is_causal``, so the
-    kernel skips the upper triangle), and the response tokens against all the keys of their block
-    under ``block_masks`` (additive, one per bucket). Attention so costs about P^2/2 + L*W per block
-    (prompt P, responses L, block W = P + L) instead of the W^2 of a dense mask. The outputs are put
-    back in token order. Returns ((1, N, H, D), None).
-    """
-    if block_layout is None or block_masks is None:
-        raise RuntimeError(f"the '{BLOCK_ATTENTION}' attention runs only inside alignexp.models.logprobs."
-                           "response_states, which passes the block layout")
-    heads, dim = query.shape[1], query.shape[3]
-    if key.shape[1] != heads:  # grouped-query attention: one key/value head per group of query heads
-        key = key.repeat_interleave(heads // key.shape[1], dim=1)
-        value = value.repeat_interleave(heads // value.shape[1], dim=1)
-    q, k, v = query[0], key[0], value[0]  # (H, N, D)
-    buckets = block_layout.buckets
-    key_sizes = [b.rows * b.width for b in buckets]
-    # one gather per tensor for all buckets, then a split (whose backward is one concatenation)
-    q_keys, k_keys, v_keys = (t.index_select(1, block_layout.key_index).split(key_sizes, dim=1) for t in (q, k, v))
-    q_responses = q.index_select(1, block_layout.query_index).split([b.rows * b.responses for b in buckets], dim=1)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    outputs = []
-    for i, (bucket, mask) in enumerate(zip(buckets, block_masks)):
-        r, w, p, n = bucket.rows, bucket.width, bucket.prompt, bucket.responses
-
-        def rows(t: Tensor, length: int, r: int = r) -> Tensor:  # (H, r * length, D) -> (r, H, length, D)
-            return t.view(heads, r, length, dim).transpose(0, 1)
-
-        qb, kb, vb = rows(q_keys[i], w), rows(k_keys[i], w), rows(v_keys[i], w)
-        prompts = sdpa(qb[:, :, :p], kb[:, :, :p], vb[:, :, :p], dropout_p=dropout, is_causal=True, scale=scaling)
-        outputs.append(prompts.transpose(0, 1).reshape(heads, r * p, dim))
-        if n > 0:
-            responses = sdpa(rows(q_responses[i], n), kb, vb, attn_mask=mask, dropout_p=dropout, scale=scaling)
-            outputs.append(responses.transpose(0, 1).reshape(heads, r * n, dim))
-    out = torch.cat(outputs, dim=1).index_select(1, block_layout.order)  # (H, N, D) in token order
-    return out.transpose(0, 1)[None].contiguous(), None
 
 
 def token_logps(model, batch: PackedBatch, states: Tensor | None = None) -> Tensor:
@@ -481,8 +365,38 @@ def token_logps(model, batch: PackedBatch, states: Tensor | None = None) -> Tens
     """
     if states is None:
         states = response_states(model, batch)
-    logits = model.get_output_embeddings()(states).float()
-    return torch.log_softmax(logits, dim=-1).gather(1, batch.target_ids[:, None]).squeeze(1)
+    return chunked_token_logps(model.get_output_embeddings(), states, batch.target_ids)
+
+
+LOGIT_CHUNK = 2**22
+"""Most logits (tokens x vocabulary) the head computes at once: 16 MiB in fp32, 131 tokens at a 32k vocabulary."""
+
+
+def _head_logps(head, states: Tensor, targets: Tensor) -> Tensor:
+    """log softmax(head(states))[i, targets[i]] in fp32: the target's logit minus the log-sum-exp."""
+    logits = head(states).float()
+    return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
+
+
+def chunked_token_logps(head, states: Tensor, targets: Tensor, chunk: int | None = None) -> Tensor:
+    """``log softmax(head(states))`` at ``targets`` ``(N,)``, ``chunk // vocabulary`` tokens at a time
+    (``chunk``: :data:`LOGIT_CHUNK` when None).
+
+    With gradients, each chunk is checkpointed: its logits are freed after the forward and recomputed
+    in the backward, one chunk at a time, so neither pass holds the (N, V) logits, their log-softmax or
+    their gradient; the price is the head's matrix product run once more in the backward (about 2% of
+    a 7B step). Works with any head module (LoRA on it included).
+    """
+    vocab = getattr(head, "out_features", None) or getattr(head.weight, "ds_shape", head.weight.shape)[0]
+    rows = max(1, (LOGIT_CHUNK if chunk is None else chunk) // vocab)
+    if states.shape[0] <= rows:
+        return _head_logps(head, states, targets)
+    track = torch.is_grad_enabled() and (states.requires_grad or any(p.requires_grad for p in head.parameters()))
+    pieces = []
+    for start in range(0, states.shape[0], rows):
+        args = (head, states[start:start + rows], targets[start:start + rows])
+        pieces.append(checkpoint(_head_logps, *args, use_reentrant=False) if track else _head_logps(*args))
+    return torch.cat(pieces)
 
 
 def sequence_logps(model, batch: PackedBatch) -> tuple[Tensor, Tensor, Tensor]:

@@ -44,7 +44,7 @@ from alignexp.models.dropout import disable_dropout
 from alignexp.models.lora import AdaptersOff, apply_lora
 from alignexp.pipeline import evaluation, ppo, preference, reward_model  # noqa: F401  (the stages register here)
 from alignexp.pipeline.context import STAGES, RunContext, Stage, get_stage, register_stage
-from alignexp.pipeline.weights import ensure_sft_policy, load_model, resolve_weights
+from alignexp.pipeline.weights import check_weights, ensure_sft_policy, load_model, resolve_weights
 from alignexp.tasks.base import Task
 
 log = logging.getLogger("alignexp.pipeline")
@@ -53,7 +53,7 @@ __all__ = ["STAGES", "RunContext", "Stage", "describe", "plan", "register_stage"
 
 
 @register_stage("weights", ranks="cached SFT policy: every rank reads it; missing: all ranks train it, rank 0 writes "
-                                "it under the cache entry's lock")
+                                "it under the cache entry's lock", check=check_weights)
 def weights(ctx: RunContext) -> None:
     """Which weights the policy starts from (and the reference is): init_from, model.path, or the task's
     SFT policy (trained and cached when missing)."""

@@ -9,7 +9,7 @@ listed in ``imports``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,25 +56,33 @@ class RunContext:
 @dataclass(frozen=True)
 class Stage:
     """A registered stage. ``ranks`` says how it runs on N processes; ``trains_policy``: the trained policy
-    is saved and evaluated after it."""
+    is saved and evaluated after it. ``checks``: what the stage needs, checked before any model is built
+    (:mod:`alignexp.preflight` runs those of the stages a run will execute); each takes the run's context,
+    without models, and raises an :class:`~alignexp.errors.AlignexpError` naming the key to fix."""
 
     name: str
     run: Callable[[RunContext], None]
     ranks: str
     trains_policy: bool = True
     doc: str = ""
+    checks: tuple[Callable[[RunContext], None], ...] = ()
 
 
 STAGES: dict[str, Stage] = {}
 
 
-def register_stage(name: str, *, ranks: str, trains_policy: bool = True):
-    """Decorator: register ``fn(ctx: RunContext) -> None`` as the stage ``name``."""
+Check = Callable[[RunContext], None]
+
+
+def register_stage(name: str, *, ranks: str, trains_policy: bool = True, check: Check | Sequence[Check] = ()):
+    """Decorator: register ``fn(ctx: RunContext) -> None`` as the stage ``name``; ``check``: one function
+    or several (each problem its own message) that check, before the run, what the stage will need."""
+    checks = (check,) if callable(check) else tuple(check)
 
     def decorator(fn: Callable[[RunContext], None]) -> Callable[[RunContext], None]:
         if name in STAGES:
             raise KeyError(f"stage '{name}' is registered twice")
-        STAGES[name] = Stage(name, fn, ranks, trains_policy, (fn.__doc__ or "").strip().split("\n")[0])
+        STAGES[name] = Stage(name, fn, ranks, trains_policy, (fn.__doc__ or "").strip().split("\n")[0], checks)
         return fn
 
     return decorator

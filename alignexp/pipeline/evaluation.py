@@ -8,6 +8,7 @@ import dataclasses
 from alignexp.distributed import is_main, on_main
 from alignexp.evaluation.policy import evaluate_policy
 from alignexp.evaluation.results import format_table, write_eval_json
+from alignexp.inputs import check_eval_data, check_judge
 from alignexp.judges import build_judge
 from alignexp.pipeline.context import RunContext, register_stage
 from alignexp.pipeline.fit import save_policy
@@ -36,7 +37,18 @@ def _finish(ctx: RunContext, result: dict, loss: str, **extra) -> None:
     ctx.record = on_main(write)
 
 
-@register_stage("evaluate", trains_policy=False,
+def check_evaluation(ctx: RunContext) -> None:
+    """The evaluation data (and the held-out rankings named by eval.preference_split) and the run's judge."""
+    if ctx.args.eval.enabled:
+        check_eval_data(ctx.task, ctx.args.eval)
+
+
+def check_run_judge(ctx: RunContext) -> None:
+    if ctx.args.eval.enabled:
+        check_judge(ctx.args.judge, ctx.task, "judge")
+
+
+@register_stage("evaluate", trains_policy=False, check=(check_evaluation, check_run_judge),
                 ranks="sampling and log-probs: prompts sharded over ranks, gathered before the metrics; judge: "
                       "rank 0, broadcast; rank 0 writes eval.json and prints the table")
 def evaluate(ctx: RunContext) -> None:
@@ -52,6 +64,8 @@ def evaluate(ctx: RunContext) -> None:
 
 
 @register_stage("best_of_n", trains_policy=False,
+                check=(lambda ctx: check_eval_data(ctx.task, ctx.args.eval),
+                       lambda ctx: check_judge(ctx.sampler.judge_config, ctx.task, "sampler.judge", required=True)),
                 ranks="sampling: prompts sharded over ranks, gathered before the metrics; judge: rank 0, broadcast; "
                       "rank 0 writes eval.json")
 def best_of_n(ctx: RunContext) -> None:

@@ -7,6 +7,7 @@ import logging
 
 from alignexp.args import HardwareArgs
 from alignexp.errors import ConfigError
+from alignexp.inputs import check_judge
 from alignexp.judges import build_judge
 from alignexp.modules.ppo import PPOModule
 from alignexp.pipeline.context import RunContext, register_stage
@@ -23,7 +24,18 @@ def check_one_device(hw: HardwareArgs) -> None:
                           f"over ranks); use hardware=gpu or hardware=cpu (devices=1, strategy=auto)")
 
 
-@register_stage("ppo", ranks="one process on one device (the rollouts are not sharded; more devices are refused)")
+def check_prompts(ctx: RunContext) -> list:
+    """The task's training prompts, at least ``ppo.rollout_batch_size`` of them."""
+    prompts = ctx.task.prompts("train")
+    if len(prompts) < ctx.args.ppo.rollout_batch_size:
+        raise ConfigError(f"ppo.rollout_batch_size={ctx.args.ppo.rollout_batch_size} is more than the task's "
+                          f"{len(prompts)} training prompts")
+    return prompts
+
+
+@register_stage("ppo", ranks="one process on one device (the rollouts are not sharded; more devices are refused)",
+                check=(lambda ctx: check_one_device(ctx.hw), check_prompts,
+                       lambda ctx: check_judge(ctx.args.ppo.judge, ctx.task, "ppo.judge", required=True)))
 def ppo(ctx: RunContext) -> None:
     """PPO (KL-penalised rewards, GAE, clipped updates) on the task's training prompts, rewarded by ppo.judge."""
     args = ctx.args
@@ -32,10 +44,7 @@ def ppo(ctx: RunContext) -> None:
     if judge is None:
         raise ConfigError(f"ppo.judge: task '{ctx.task.name}' has no gold reward to train on; choose a reward, "
                           f"e.g. judge@ppo.judge=reward_model ppo.judge.path=<run>/reward_model")
-    prompts = ctx.task.prompts("train")
-    if len(prompts) < args.ppo.rollout_batch_size:
-        raise ConfigError(f"ppo.rollout_batch_size={args.ppo.rollout_batch_size} is more than the task's "
-                          f"{len(prompts)} training prompts")
+    prompts = check_prompts(ctx)
     module = PPOModule(ctx.policy, ctx.reference, ctx.tokenizer, prompts, judge, args.ppo,
                        loss_hparams=args.loss.hparams, optim=args.train.optim,
                        max_grad_norm=args.train.gradient_clip_val or None, seed=args.seed,

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 
 import torch
 
+from alignexp.errors import AlignexpError
+from alignexp.inputs import in_context
 from alignexp.models.lora import AdaptersOff
 from alignexp.models.reference import cached_ref_logps
 from alignexp.modules.datamodule import RankingDataset, encode_all, make_loader
@@ -20,6 +22,7 @@ from alignexp.pipeline.fit import fit, global_batch_size, schedule
 from alignexp.sampling.pairing import check_scores, pairs_for_loss
 from alignexp.sampling.samplers import SamplerContext
 from alignexp.tasks.base import RankedExample, truncate_rankings
+from alignexp.tasks.loading import NoExamples
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,7 @@ def shape_for_loss(ctx: RunContext, examples: list[RankedExample], round_index: 
     """Rankings as the loss declares it reads them: cut to ``task.ranking_length``, too-short ones counted
     and left out, then the best response alone (``data="best"``) or pairs for a pairwise loss."""
     spec = ctx.spec
+    read = len(examples)
     examples = truncate_rankings(examples, ctx.task.ranking_length)
     too_short = sum(ex.n < spec.min_responses for ex in examples)
     if too_short:
@@ -44,9 +48,31 @@ def shape_for_loss(ctx: RunContext, examples: list[RankedExample], round_index: 
                  too_short, len(examples), spec.min_responses, spec.name)
         examples = [ex for ex in examples if ex.n >= spec.min_responses]
     if spec.data == "best":
-        return [RankedExample(ex.prompt, ex.responses[:1], None, ex.target, ex.meta) for ex in examples]
-    check_scores(examples, spec)
-    return pairs_for_loss(examples, spec, ctx.args.pairs, rng=random.Random(ctx.args.seed + round_index))
+        shaped = [RankedExample(ex.prompt, ex.responses[:1], None, ex.target, ex.meta) for ex in examples]
+    else:
+        check_scores(examples, spec)
+        shaped = pairs_for_loss(examples, spec, ctx.args.pairs, rng=random.Random(ctx.args.seed + round_index))
+    if not shaped:  # zero examples is an error naming each filter, never an empty epoch
+        tied = f"; {len(examples)} give no pair under pairs={ctx.args.pairs} (their responses tie)" if examples else ""
+        raise NoExamples(f"training data for loss '{spec.name}': {read} rankings, none left: {too_short} have fewer "
+                         f"than the {spec.min_responses} responses it needs (task.ranking_length="
+                         f"{ctx.task.ranking_length}){tied}")
+    return shaped
+
+
+def check_training_data(ctx: RunContext) -> None:
+    """Before any model is built: the examples the loss will train on exist, where they exist before
+    sampling (the task's demonstrations or rankings, shaped for the loss; the sampler's prompts and judge)."""
+    if ctx.spec.data == "demonstrations":
+        if not ctx.task.sft_examples("train"):  # a record task raises NoExamples itself, naming its filters
+            raise NoExamples(f"loss={ctx.spec.name}: task '{ctx.task.name}' has no SFT demonstrations")
+        return
+    try:
+        examples = ctx.sampler.check(ctx.task) if hasattr(ctx.sampler, "check") else None
+        if examples is not None:
+            shape_for_loss(ctx, examples, 0)
+    except AlignexpError as error:
+        raise in_context(error, f"training data (stage {ctx.spec.stage})") from None
 
 
 def pairs_warning(sampler, spec, pairs: str) -> str | None:
@@ -97,7 +123,8 @@ def reference_off_device(ctx: RunContext, needed: bool) -> Iterator[None]:
 
 @register_stage("preference", ranks="sampling: prompts sharded over ranks, samples gathered; judge: rank 0, "
                                    "broadcast; reference log-probs: batches sharded, gathered, cached by rank 0; "
-                                   "training: all ranks together (global batch = batch_size x ranks x accumulation)")
+                                   "training: all ranks together (global batch = batch_size x ranks x accumulation)",
+                check=check_training_data)
 def preference(ctx: RunContext) -> None:
     """Rounds of sampling and training: the sampler's rankings (one round offline), the loss on them."""
     args, spec = ctx.args, ctx.spec

@@ -21,20 +21,17 @@ from alignexp.modules.reward import (
 )
 from alignexp.pipeline.context import RunContext, register_stage
 from alignexp.pipeline.fit import fit, global_batch_size, schedule
-from alignexp.pipeline.preference import sampler_context
-from alignexp.sampling.pairing import check_scores
-from alignexp.tasks.base import truncate_rankings
+from alignexp.pipeline.preference import check_training_data, sampler_context, shape_for_loss
 
 log = logging.getLogger(__name__)
 
 
-@register_stage("reward_model", trains_policy=False,
+@register_stage("reward_model", trains_policy=False, check=check_training_data,
                 ranks="all ranks train together; the held-out scoring, the save and eval.json on rank 0")
 def reward_model(ctx: RunContext) -> None:
     """Train, measure and save a reward model from the rankings (eval.json's ``reward_model``)."""
     args, tokenizer = ctx.args, ctx.tokenizer
-    examples = truncate_rankings(ctx.sampler.examples(sampler_context(ctx), 0), ctx.task.ranking_length)
-    check_scores(examples, ctx.spec)
+    examples = shape_for_loss(ctx, ctx.sampler.examples(sampler_context(ctx), 0), 0)
     train_examples, heldout = split_heldout(examples, args.reward_model.heldout_fraction, args.seed)
     model_args = ctx.model_args
     train_encoded, heldout_encoded = (encode_all(tokenizer, part, model_args.max_prompt_len,

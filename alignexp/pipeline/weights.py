@@ -17,8 +17,11 @@ from alignexp.args import HardwareArgs, ModelArgs, OptimArgs, RunArgs
 from alignexp.distributed import is_main, shared_cache, world_size
 from alignexp.errors import ConfigError
 from alignexp.files import atomic_folder, digest
+from alignexp.inputs import check_model_source, check_writable
 from alignexp.models.backbone import build_model, build_tokenizer
+from alignexp.pipeline.context import RunContext
 from alignexp.tasks.base import Task
+from alignexp.tasks.loading import NoExamples
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,27 @@ def resolve_weights(explicit: str | None, model: ModelArgs, task: Task, wants_sf
     if wants_sft_policy and task.trains_sft_policy:
         return str(sft_policy())
     return None
+
+
+def check_weights_source(args: RunArgs, task: Task, explicit: str | None, explicit_key: str,
+                         wants_sft_policy: bool) -> str | None:
+    """Before any model is built: the weights :func:`resolve_weights` will pick, checked without loading
+    them (a folder that holds a model, a hub id that exists), or, where the task's SFT policy is not
+    cached yet, its demonstrations and the cache folder it will be saved in. Returns what it resolved."""
+    init = resolve_weights(explicit, args.model, task, wants_sft_policy, lambda: sft_policy_folder(args, task))
+    if explicit or args.model.path:
+        check_model_source(str(init), explicit_key if explicit else "model.path")
+    elif init is not None and not (Path(init) / "config.json").exists():  # the SFT policy is trained first
+        check_writable(args.cache_dir, "paths.cache_dir")
+        if not task.sft_examples("train"):  # a record task raises NoExamples itself, naming its filters
+            raise NoExamples(f"task '{task.name}' has no SFT demonstrations to train its SFT policy on")
+    return init
+
+
+def check_weights(ctx: RunContext) -> None:
+    """The ``weights`` stage's check: what the policy will start from (``ctx.init`` is set to it)."""
+    ctx.init = check_weights_source(ctx.args, ctx.task, ctx.args.init_from, "init_from",
+                                    ctx.spec.data != "demonstrations")
 
 
 def load_model(model: ModelArgs, tokenizer, hw: HardwareArgs, *, frozen: bool = False):

@@ -13,7 +13,10 @@ folder. Runs that differ only by ``seed`` are replicates of one configuration. W
 * ``frontier.png``: reward against KL, each method's frontier with a bootstrap band (the DPO paper's
   Figure 2, left), the reference at KL 0 and best-of-N at its analytic KL;
 * ``win_rate_vs_temperature.png`` (the DPO paper's Figure 2, right) and ``metrics_vs_<param>.png``
-  for every swept numeric hyper-parameter (never ``seed``).
+  for every swept numeric hyper-parameter (never ``seed``);
+* prompting baselines (``python -m alignexp.evaluate mode=prompting``) as rows of the tables, lines of
+  the win-rate plot and dashed lines (no KL) on the frontier; benchmark scores (``mode=benchmarks``) in
+  their own table and ``benchmarks.csv``: reference, policy and their paired difference per benchmark.
 
 ``--kl``: the KL values (nats) to compare methods at (default: three inside the range every method's
 frontier covers). ``--compare A:B``: the pairs to compare, A - B (default: every method against
@@ -54,6 +57,10 @@ MATCHED_KL_NOTE = (
     "Each seed's runs of a method trace a piecewise-linear curve of {label} against KL (its runs sorted by KL). "
     "At each KL value: the mean over seeds of those curves with its 95% t-interval, where every seed's curve "
     "covers that KL; \"-\": outside that range (never extrapolated). KL values {kls} ({source}).")
+BENCHMARKS_NOTE = (
+    "lm-evaluation-harness tasks (python -m alignexp.evaluate mode=benchmarks), each benchmark's headline metric: "
+    "the reference's and the policy's scores over the same items ± their standard errors, and the mean per-item "
+    "difference policy - reference ± its paired standard error; benchmarks.csv has every metric.")
 COMPARISONS_NOTE = (
     "first - second over the seeds both ran: the mean difference with its 95% t-interval and the two-sided "
     "p-value of a paired t-test. \"matched KL\" rows compare the methods' frontiers at one KL; the others the "
@@ -63,9 +70,11 @@ COMPARISONS_NOTE = (
 def write_report(folder: str | Path, out: str | Path | None = None, kls: Sequence[float] | None = None,
                  compare: Sequence[str] | None = None, baseline: str | None = None) -> dict[str, Any]:
     """Find the runs below ``folder`` and write the tables and plots; returns what was written."""
-    runs = find_runs(folder)
-    if not runs:
+    found = find_runs(folder)
+    if not found:
         raise FileNotFoundError(f"{folder}: no eval.json at or below this folder (a run writes one at its end)")
+    runs = [r for r in found if not r.benchmarks_only]
+    benchmark_rows = tables.benchmark_rows(found)
     if kls is not None and any(not kl >= 0 for kl in kls):
         raise ValueError(f"--kl: KL values must be >= 0, got {list(kls)}")
     out = Path(out) if out is not None else Path(folder) / "report"
@@ -101,11 +110,15 @@ def write_report(folder: str | Path, out: str | Path | None = None, kls: Sequenc
     else:
         sections.append(f"## Paired comparisons\n\n{COMPARISONS_NOTE}\n\n" + tables.comparisons_markdown(comparisons))
     sections.append("## Runs\n\nEvery run, ± its standard error over prompts.\n\n" + tables.runs_markdown(rows, params, metrics))
+    if benchmark_rows:
+        sections.append(f"## Benchmarks\n\n{BENCHMARKS_NOTE}\n\n" + tables.benchmarks_markdown(benchmark_rows))
     markdown = "\n".join(sections)
 
     written = {"results.md": markdown, "results.csv": tables.points_csv(points, params, metrics),
                "runs.csv": tables.runs_csv(rows, params, metrics),
                "comparisons.csv": tables.comparisons_csv(comparisons)}
+    if benchmark_rows:
+        written["benchmarks.csv"] = tables.benchmarks_csv(benchmark_rows)
     if fronts:
         written["matched_kl.csv"] = tables.matched_kl_csv(fronts, kls, reward[0])
     for name, text in written.items():
@@ -117,7 +130,7 @@ def write_report(folder: str | Path, out: str | Path | None = None, kls: Sequenc
                                        else len(PLOTTED_PARAM_ORDER), p))
     for param in numeric_params:
         plots.append(plot_against(points, param, [m[0] for m in metrics], out / f"metrics_vs_{param.replace('.', '_')}.png"))
-    return {"runs": len(runs), "parameters": params, "markdown": markdown, "folder": out, "points": points,
+    return {"runs": len(found), "parameters": params, "markdown": markdown, "folder": out, "points": points,
             "frontiers": fronts, "kls": kls, "comparisons": comparisons,
             "files": [out / name for name in written] + [p for p in plots if p is not None]}
 

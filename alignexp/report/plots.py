@@ -1,6 +1,7 @@
 """The report's plots, each point a configuration's mean over seeds with its 95% t-interval drawn
 (one run: its stderr over prompts): the reward/KL frontier with each method's fitted curve and bootstrap
-band, win rate against sampling temperature, and the headline metrics against each swept hyper-parameter."""
+band (prompting baselines, which have no KL, as dashed lines), win rate against sampling temperature, and
+the headline metrics against each swept hyper-parameter."""
 
 from __future__ import annotations
 
@@ -82,6 +83,7 @@ def plot_frontier(runs: Sequence[Run], points: Sequence[Point], fronts: Sequence
     if params and len(placed) <= 16:
         _label_points(ax, [(p, kl.mean, v.mean) for p, kl, v in placed], params, colours)
     _reference_and_best_of_n(ax, runs, key)
+    _prompting_baselines(ax, points, key)
     for i, kl in enumerate(kls):
         ax.axvline(kl, color="grey", linestyle=":", linewidth=1, label="matched KL" if i == 0 else None)
     ax.margins(x=0.1)
@@ -130,6 +132,19 @@ def _reference_and_best_of_n(ax, runs: Sequence[Run], key: str) -> None:
         ax.errorbar(kls, values, yerr=errors, fmt="--^", color="grey", capsize=3, label="best-of-N (analytic KL)")
         for n, x, y in zip(ns, kls, values):
             ax.annotate(f"N={n}", (x, y), textcoords="offset points", xytext=(4, -12), fontsize=8, color="grey")
+
+
+def _prompting_baselines(ax, points: Sequence[Point], key: str) -> None:
+    """Each prompting baseline's reward (mean over its seeds) as a dashed horizontal line with its interval
+    shaded: it has no KL to place it on the frontier's axis."""
+    baselines = [(p, p.summary("policy", key)) for p in points if p.runs and all(r.is_baseline for r in p.runs)]
+    cmap = _pyplot().get_cmap("Dark2")
+    for i, (point, value) in enumerate((p, v) for p, v in baselines if v is not None):
+        colour = cmap(i % 8)
+        ax.axhline(value.mean, color=colour, linestyle="--", linewidth=1.2, label=f"{point.method} (no KL)")
+        low, high = _errors([value])
+        if low[0] > 0 or high[0] > 0:
+            ax.axhspan(value.mean - low[0], value.mean + high[0], color=colour, alpha=0.08, linewidth=0)
 
 
 def _label(point: Point, params: Sequence[str]) -> str:

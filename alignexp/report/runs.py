@@ -13,11 +13,12 @@ from typing import Any
 from alignexp.evaluation.results import HEADLINE_METRICS
 
 # Hyper-parameters that are not an experiment's subject: left out of "swept" even where they differ.
-IGNORED_PREFIXES = ("paths.", "hydra.", "logger.", "hardware.", "eval.", "export.", "agreement.")
+IGNORED_PREFIXES = ("paths.", "hydra.", "logger.", "hardware.", "eval.", "export.", "agreement.", "prompting.",
+                    "benchmarks.")
 # loss and sampler choices are the "method" column; the seed makes replicates, never a hyper-parameter.
 SEED_KEY = "seed"
 IGNORED_KEYS = {"policy", "reference", "mode", "init_from", "model.path", "loss", "loss.name", "sampler",
-                "sampler.name", SEED_KEY}
+                "sampler.name", "run_name", "experiment", SEED_KEY}
 
 # The headline metrics a table shows, in order, where at least one run has them: (column, section, key).
 METRICS = HEADLINE_METRICS
@@ -36,11 +37,18 @@ class Run:
 
     @property
     def method(self) -> str:
-        """The loss, with the sampler where it is not ``offline``; ``best_of_n`` for that baseline."""
+        """The loss, with the sampler where it is not ``offline``; ``best_of_n`` for that baseline; a
+        baseline that names itself in eval.json (``2-shot prompting``) by that name; a run named by an
+        experiment (``run_name``: ``rso``, a study's arm) by that name."""
+        if isinstance(self.record.get("method"), str):
+            return self.record["method"]
         sampler = self.config.get("sampler.name")
         if sampler == "best_of_n":
             return "best_of_n"
         loss = self.record.get("loss") or self.config.get("loss.name") or "?"
+        run_name = self.config.get("run_name")
+        if run_name and run_name not in (loss, self.config.get("loss.name")):
+            return str(run_name)
         return f"{loss} ({sampler})" if sampler not in (None, "offline") else str(loss)
 
     @property
@@ -68,6 +76,17 @@ class Run:
                 break
         short = "/".join(parts)
         return short if len(short) <= 48 else "..." + short[-45:]
+
+    @property
+    def is_baseline(self) -> bool:
+        """A prompting baseline (eval.json's ``prompting``): measured as a policy is, without a KL."""
+        return isinstance(self.record.get("prompting"), dict)
+
+    @property
+    def benchmarks_only(self) -> bool:
+        """An eval.json of ``mode=benchmarks``: benchmark scores and no headline metric."""
+        return bool(self.record.get("benchmarks")) and not any(self.metric(s, k)[0] is not None
+                                                               for _, s, k in METRICS)
 
     def metric(self, section: str, key: str) -> tuple[float | None, float | None]:
         """(value, stderr) of a metric; a best-of-N run's policy reward and KL are its best-of-N's."""
@@ -156,7 +175,10 @@ def parse_value(value: Any) -> Any:
 
 def swept_parameters(runs: Sequence[Run]) -> list[str]:
     """Config keys (and override keys) whose values differ between runs; for one run, its overrides.
-    ``seed`` is never one: runs that differ only by it are replicates of one point."""
+    ``seed`` is never one: runs that differ only by it are replicates of one point. Prompting baselines
+    are left out where trained runs are present (their evaluation config differs from training's in keys
+    that are no experiment's subject)."""
+    runs = [r for r in runs if not r.is_baseline] or list(runs)
     if len(runs) == 1:
         return sorted(k for k in runs[0].overrides if not _ignored(k))
     keys = sorted({k for r in runs for k in (*r.config, *r.overrides) if not _ignored(k)})

@@ -156,3 +156,33 @@ def runs_csv(rows: Sequence[dict[str, Any]], params: Sequence[str], metrics: Seq
     for column, _, _ in metrics:
         header += [column, f"{column}_stderr"]
     return _csv(header, rows)
+
+
+# -- benchmarks (lm-evaluation-harness) ------------------------------------------------------------------
+BENCHMARK_HEADER = ["run", "method", "benchmark", "metric", "reference", "reference_stderr", "policy", "policy_stderr",
+                    "difference", "difference_stderr", "n", "num_fewshot", "headline"]
+
+
+def benchmark_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """One row per (run, benchmark, metric) of every eval.json's ``benchmarks``, its headline metric first."""
+    rows = []
+    for run in runs:
+        for name, task in ((run.record.get("benchmarks") or {}).get("tasks") or {}).items():
+            headline = task.get("headline")
+            for metric in sorted(task.get("metrics") or {}, key=lambda m: (m != headline, m)):
+                rows.append({"run": run.name, "short_name": run.short_name, "method": run.method, "benchmark": name,
+                             "metric": metric, "num_fewshot": task.get("num_fewshot"), "headline": metric == headline,
+                             **task["metrics"][metric]})
+    return rows
+
+
+def benchmarks_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The headline metric of each benchmark of each run: reference, policy and their paired difference."""
+    body = [[str(r["short_name"]), str(r["method"]), str(r["benchmark"]), str(r["metric"]),
+             fmt(r.get("reference"), r.get("reference_stderr")), fmt(r.get("policy"), r.get("policy_stderr")),
+             fmt(r.get("difference"), r.get("difference_stderr")), str(r.get("n", "-"))] for r in rows if r["headline"]]
+    return _markdown(["run", "method", "benchmark", "metric", "reference", "policy", "policy - reference", "n"], body)
+
+
+def benchmarks_csv(rows: Sequence[dict[str, Any]]) -> str:
+    return _csv(BENCHMARK_HEADER, [{**r, "num_fewshot": " ".join(map(str, r.get("num_fewshot") or []))} for r in rows])

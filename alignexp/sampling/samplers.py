@@ -40,16 +40,16 @@ from pathlib import Path
 from typing import Any
 
 from alignexp.distributed import on_main, shard_map, shared_cache, world_size
+from alignexp.errors import ConfigError
 from alignexp.files import atomic_write_text, digest
+from alignexp.inputs import check_judge
 from alignexp.judges import build_judge
 from alignexp.judges.base import Judge, ranked_example
-from alignexp.sampling.engine import SamplingParams
+from alignexp.sampling.engine import ENGINE_VERSION, SamplingParams
 from alignexp.sampling.rejection import rejection_sample
 from alignexp.sampling.text import decode, sample_responses
 from alignexp.tasks.base import RankedExample, SampledText, Task, Text
-
-ENGINE_VERSION = 1
-"""The generation engine's random streams, in the sampling cache keys (a new engine draws other samples)."""
+from alignexp.tasks.loading import NoExamples
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +122,20 @@ class OfflineSampler:
     def __init__(self, name: str = "offline"):
         self.name, self.rounds = name, 1
 
+    def check(self, task: Task) -> list[RankedExample] | None:
+        """Before any model exists: the task's rankings (read, so bad or filtered-out data fails here), or
+        None where the task samples them from the SFT policy (they are checked once sampled)."""
+        if task.samples_preferences:
+            return None
+        if not task.offline_preferences:
+            raise ConfigError(f"sampler=offline: task '{task.name}' has no preference data of its own: train it "
+                              f"with loss=sft, or draw rankings with a sampler that uses a judge (e.g. sampler=rso)")
+        return task.preference_examples("train")
+
     def examples(self, ctx: SamplerContext, round_index: int) -> list[RankedExample]:
         task = ctx.task
         if not task.samples_preferences:
-            if not task.offline_preferences:
-                raise ValueError(f"task '{task.name}' has no preference data of its own: train it with loss=sft, "
-                                 f"or draw rankings with a sampler that uses a judge (e.g. sampler=best_of_n)")
-            return task.preference_examples("train")
+            return self.check(task)
         # Keyed by everything the content depends on: the reference, the task's settings, the seed of the
         # sampling streams, and the engine that drew them.
         key = digest(ctx.reference_key, ctx.task_config, ctx.seed, ENGINE_VERSION)
@@ -184,6 +191,14 @@ class JudgedSampler:
         self.max_new_tokens, self.batch_size, self.max_prompts = max_new_tokens, batch_size, max_prompts
         self.judge: Judge | None = None
         self.history: list[dict[str, float]] = []
+
+    def check(self, task: Task) -> list[RankedExample] | None:
+        """Before any model exists: the prompts to sample exist and the judge can be built (its folder, its
+        endpoint). The rankings themselves are sampled, and checked then: None."""
+        if not task.prompts("train"):
+            raise NoExamples(f"sampler={self.name}: task '{task.name}' has no training prompts to sample")
+        check_judge(self.judge_config, task, "sampler.judge", required=True)
+        return None
 
     def judge_for(self, ctx: SamplerContext) -> Judge:
         if self.judge is None:
@@ -305,6 +320,12 @@ class SelfBootstrapSampler(JudgedSampler):
             raise ValueError(f"sampler.rounds and sampler.num_new must be >= 1, got {rounds}, {num_new}")
         self.rounds, self.num_new = rounds, num_new
         self._base: list[RankedExample] | None = None
+
+    def check(self, task: Task) -> list[RankedExample] | None:
+        """The judge and prompts (as every judged sampler), and the task's own rankings it adds samples to."""
+        super().check(task)
+        OfflineSampler().check(task)
+        return None
 
     def examples(self, ctx: SamplerContext, round_index: int) -> list[RankedExample]:
         if self._base is None:

@@ -19,8 +19,8 @@ def sample_responses(model, tokenizer, prompts: Sequence[Text], n: int, params: 
                      first_index: int = 0, backend=None) -> list[list[Generation]]:
     """n generations for each prompt; prompt i uses the streams ``sample_seed(seed, first_index + i, k)``.
 
-    ``backend``: None for the HF engine on ``model``; or an object with ``generate(prompt_ids, params,
-    eos_id=..., seeds=...)`` such as :class:`alignexp.sampling.vllm_backend.VLLMEngine`.
+    ``backend``: None for the HF engine on ``model``; or a backend of :mod:`alignexp.sampling.vllm_backend`
+    (anything with ``generate(prompt_ids, params, eos_id=..., seeds=...)``), which then samples instead.
     """
     prompt_ids = [encode_text(tokenizer, p, is_prompt=True)[-max_prompt_len:] for p in prompts]
     flat_ids = [ids for ids in prompt_ids for _ in range(n)]
@@ -39,8 +39,9 @@ def decode(tokenizer, generation: Generation) -> str:
 
 
 def sample_texts(model, tokenizer, prompts: Sequence[Text], n: int, params: SamplingParams, *,
-                 seed: int = 0, max_prompt_len: int = 512, batch_size: int = 64) -> list[list[str]]:
+                 seed: int = 0, max_prompt_len: int = 512, batch_size: int = 64, first_index: int = 0,
+                 backend=None) -> list[list[str]]:
     """Like :func:`sample_responses`, decoded to text."""
-    generations = sample_responses(model, tokenizer, prompts, n, params, seed=seed,
-                                   max_prompt_len=max_prompt_len, batch_size=batch_size)
+    generations = sample_responses(model, tokenizer, prompts, n, params, seed=seed, max_prompt_len=max_prompt_len,
+                                   batch_size=batch_size, first_index=first_index, backend=backend)
     return [[decode(tokenizer, g) for g in row] for row in generations]

@@ -68,6 +68,16 @@ class LoadReport:
     truncated: Counter = field(default_factory=Counter)
     filtered: Counter = field(default_factory=Counter)
 
+    def left_out(self) -> str:
+        """Why records gave no example: ``2 left out: language_pair de-en not in ... (2); 1 skipped as
+        invalid: prompt: empty text (1)``, each reason with its count (empty when none was dropped)."""
+        parts = []
+        for what, counts in (("left out", self.filtered), ("skipped as invalid (task.skip_invalid=true)", self.skipped)):
+            if counts:
+                reasons = "; ".join(f"{k} ({v})" for k, v in sorted(counts.items(), key=lambda kv: -kv[1]))
+                parts.append(f"{sum(counts.values())} {what}: {reasons}")
+        return "; ".join(parts)
+
     def summary(self) -> str:
         text = f"{self.source}: {self.records} records read, {self.examples} examples"
         if self.filtered:
@@ -80,6 +90,14 @@ class LoadReport:
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.truncated.items()))
             text += f", truncated ({reasons})"
         return text
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """What a parser returns for a valid record that a setting leaves out; ``reason`` names the setting
+    (``language_pair de-en not in task.language_pairs=[cs-en]``). Counted in ``LoadReport.filtered``."""
+
+    reason: str
 
 
 class SampledText(str):
@@ -180,11 +198,14 @@ class Validator:
         self.min_responses = min_responses
 
     def run(self, records: Iterable[Any], parse) -> Iterator[RankedExample]:
-        """Parse each record with ``parse(record, index) -> RankedExample | list[RankedExample]``."""
+        """Parse each record with ``parse(record, index) -> RankedExample | list[RankedExample] | LeftOut``."""
         for index, record in enumerate(records):
             self.report.records += 1
             try:
                 parsed = parse(record, index)
+                if isinstance(parsed, LeftOut):
+                    self.report.filtered[parsed.reason] += 1
+                    continue
                 examples = parsed if isinstance(parsed, list) else [parsed]
                 for example in examples:
                     validate_example(example, self.report.source, index, self.min_responses)

@@ -52,6 +52,11 @@ class DataUnavailable(AlignexpError, RuntimeError):
     """The data cannot be read at all (no network and no local copy, a missing file, an unknown split)."""
 
 
+class NoExamples(DataUnavailable):
+    """Data that was read, but of which nothing is left after the filters; the message names each filter
+    (the setting that left records out) with its count."""
+
+
 @dataclass
 class InvalidRecord:
     """Stands in for a record that could not even be decoded (a bad JSON line); parsing reports it."""
@@ -65,6 +70,10 @@ class RecordSource:
 
     name: str
     records: Iterable[Any]
+    setting: str | None = None
+    """Where the records were chosen: ``task.path=...``, or the hub dataset (``key`` unset)."""
+    key: str | None = None
+    """The setting that points at local data instead (``task.path``, ``task.eval_path``, ...)."""
 
 
 # -- local files --------------------------------------------------------------------------------
@@ -209,12 +218,18 @@ def record_sources(path: str | None, split: str | None, *, hub_id: str | None, c
                    hub_kwargs: dict[str, Any] | None = None, path_key: str = "task.path") -> list[RecordSource]:
     """Local files when ``path`` is set, the hub dataset otherwise."""
     if path:
-        return local_sources(path, split, config)
-    if not hub_id:
-        raise DataUnavailable(f"no data: set {path_key} to your files")
-    if split is None:
-        raise DataUnavailable(f"no split given for the hub dataset {hub_id}")
-    return [hub_source(hub_id, split, config, hub_kwargs, path_key)]
+        sources = local_sources(path, split, config)
+        setting = f"{path_key}={path}"
+    else:
+        if not hub_id:
+            raise DataUnavailable(f"no data: set {path_key} to your files")
+        if split is None:
+            raise DataUnavailable(f"no split given for the hub dataset {hub_id}")
+        sources = [hub_source(hub_id, split, config, hub_kwargs, path_key)]
+        setting = f"the hub dataset {hub_id}, split '{split}' ({path_key} unset)"
+    for source in sources:
+        source.setting, source.key = setting, path_key
+    return sources
 
 
 # -- the loading loop -----------------------------------------------------------------------------
@@ -239,6 +254,18 @@ def merge_reports(source: str, reports: Sequence[LoadReport]) -> LoadReport:
         merged.truncated.update(report.truncated)
         merged.filtered.update(report.filtered)
     return merged
+
+
+def no_examples_message(what: str, sources: Sequence[RecordSource], report: LoadReport) -> str:
+    """``mt preferences (task.path=...): 2 records read; 2 left out: language_pair de-en not in ...``."""
+    first = sources[0] if sources else RecordSource(report.source, [])
+    setting, key = first.setting or first.name, first.key or "the task's data setting"
+    if report.records == 0:
+        files = ", ".join(s.name for s in sources[:3])
+        return f"{what} ({setting}): no records in {files} (an empty file?); point {key} at data with records"
+    why = report.left_out() or "no reason recorded"
+    return (f"{what} ({setting}): {report.records} records read; {why}. No examples are left: change the "
+            f"setting named above, or point {key} at other data")
 
 
 def _limited(records: Iterable[Any], limit: int | None) -> Iterable[Any]:
@@ -286,7 +313,15 @@ class RecordTask(Task):
             def parse_one(record: Any, index: int, name: str = source.name):
                 if isinstance(record, InvalidRecord):
                     raise DataError(name, index, "<record>", record.reason)
-                return parse(record, index, name)
+                try:
+                    return parse(record, index, name)
+                except DataError as error:
+                    if index == 0 and error.reason == "missing field" and isinstance(record, dict):
+                        keys = sorted(record)
+                        shown = ", ".join(map(repr, keys[:8])) + (f" and {len(keys) - 8} more" if len(keys) > 8 else "")
+                        raise DataError(name, index, error.field_name, f"missing field; the record has {shown}: "
+                                        f"data of another task's schema? (task={self.name} reads it)") from None
+                    raise
 
             examples.extend(validator.run(_limited(source.records, self.max_records), parse_one))
             reports.append(validator.report)
@@ -295,6 +330,8 @@ class RecordTask(Task):
         self._count_lengths(examples, report)
         self.last_report = report
         log.info(report.summary())
+        if not examples:
+            raise NoExamples(no_examples_message(f"{self.name}{f' {what}' if what else ''}", sources, report))
         return examples
 
     def _count_lengths(self, examples: Sequence[RankedExample], report: LoadReport) -> None:

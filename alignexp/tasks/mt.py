@@ -24,7 +24,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from alignexp.tasks.base import DataError, RankedExample, get_field, number_value, sort_by_scores, text_field
+from alignexp.tasks.base import (
+    DataError,
+    LeftOut,
+    RankedExample,
+    get_field,
+    number_value,
+    sort_by_scores,
+    text_field,
+)
 from alignexp.tasks.loading import RecordSource, RecordTask, record_sources
 
 LANGUAGES = {
@@ -113,31 +121,32 @@ class TranslationTask(RecordTask):
         """3-way rankings (reference, GPT-4, ALMA) per direction; ``sample_fn``/``n_responses`` are not used."""
         split = self.resolve_split(split, self.split)
         sources = self._sources(self.path, split, self.hub_id, self.language_pairs, "task.path")
-        left_out = [0]
 
-        def parse(record: Any, index: int, source: str) -> list[RankedExample]:
+        def parse(record: Any, index: int, source: str) -> list[RankedExample] | LeftOut:
             examples = parse_preference(record, index, source, self.directions, self.rank_by)
-            left_out[0] += not examples
-            return examples
+            return examples or LeftOut(self._left_out_reason(record["translation"]))
 
-        examples = self.load(sources, parse, min_responses=2, what="preferences")
-        if left_out[0]:
-            self.last_report.filtered["no selected direction (task.directions, required_directions)"] += left_out[0]
-        return self.rankings(examples)
+        return self.rankings(self.load(sources, parse, min_responses=2, what="preferences"))
+
+    def _left_out_reason(self, row: dict) -> str:
+        """Why a preference record gave no ranking: the setting that leaves its pair or direction out."""
+        pair, required = row["language_pair"], row.get("required_directions") or ""
+        if frozenset(pair.split("-")) not in {frozenset(p.split("-")) for p in self.language_pairs}:
+            return f"language_pair {pair} not in task.language_pairs=[{', '.join(self.language_pairs)}]"
+        directions = ", ".join(f"{s}-{t}" for s, t in self.directions)
+        if required:
+            return f"required_directions {required} not in task.directions=[{directions}]"
+        return f"no direction of {pair} in task.directions=[{directions}]"
 
     def _parallel(self, path, split, hub_id, configs, path_key, what) -> list[RankedExample]:
         sources = self._sources(path, split, hub_id, configs, path_key)
-        left_out = [0]
+        directions = ", ".join(f"{s}-{t}" for s, t in self.directions)
 
-        def parse(record: Any, index: int, source: str) -> list[RankedExample]:
+        def parse(record: Any, index: int, source: str) -> list[RankedExample] | LeftOut:
             examples = parse_parallel(record, index, source, self.directions)
-            left_out[0] += not examples
-            return examples
+            return examples or LeftOut(f"no direction of the record in task.directions=[{directions}]")
 
-        examples = self.load(sources, parse, what=what)
-        if left_out[0]:
-            self.last_report.filtered["no selected direction (task.directions)"] += left_out[0]
-        return examples
+        return self.load(sources, parse, what=what)
 
     def sft_examples(self, split: str | None = None) -> list[RankedExample]:
         return self._parallel(self.sft_path, self.resolve_split(split, self.sft_split), self.sft_hub_id,

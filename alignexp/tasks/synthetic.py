@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from alignexp.tasks.base import RankedExample, Task, Text, check_ranking_length
 
 SEPARATOR = ":"
+SPLITS = ("train", "eval", "validation")
 
 SampleFn = Callable[[list[Text], int], list[list[str]]]
 """``sample_fn(prompts, n)``: n sampled responses (text) for each prompt."""
@@ -47,8 +48,8 @@ class SyntheticTask(Task):
     def __init__(self, name: str = "synthetic", seed: int = 0, alphabet_size: int = 16, prompt_len: int = 8,
                  min_len: int = 8, max_len: int = 16, concentration: float = 0.3,
                  n_sft: int = 4096, n_train_prompts: int = 512, n_eval_prompts: int = 128,
-                 n_responses: int = 4, tau: float = 0.05, ranking_length: int | None = None,
-                 skip_invalid: bool = False):
+                 n_val_prompts: int = 128, n_responses: int = 4, tau: float = 0.05,
+                 ranking_length: int | None = None, skip_invalid: bool = False, eval_split: str = "eval"):
         if not 2 <= alphabet_size <= 26:
             raise ValueError(f"task.alphabet_size must be in [2, 26], got {alphabet_size}")
         if prompt_len < 1:
@@ -60,7 +61,10 @@ class SyntheticTask(Task):
         if n_responses < 1:
             raise ValueError(f"task.n_responses must be >= 1, got {n_responses}")
         check_ranking_length(ranking_length)
-        self.name, self.ranking_length, self.eval_split = name, ranking_length, "eval"
+        if eval_split not in SPLITS[1:]:
+            raise ValueError(f"task.eval_split must be eval or validation, got {eval_split!r}")
+        self.name, self.ranking_length, self.eval_split = name, ranking_length, eval_split
+        self.n_val_prompts = n_val_prompts
         self.concentration = concentration
         self.seed, self.alphabet = seed, string.ascii_lowercase[:alphabet_size]
         self.prompt_len, self.min_len, self.max_len = prompt_len, min_len, max_len
@@ -90,8 +94,11 @@ class SyntheticTask(Task):
         return self._chain(rng, rng.randint(self.min_len, self.max_len), after=prompt.rstrip(SEPARATOR)[-1])
 
     def prompts(self, split: str = "train") -> list[str]:
-        """The prompts of ``split``: ``train`` (preference prompts) or ``eval`` (held out)."""
-        count = {"train": self.n_train_prompts, "eval": self.n_eval_prompts}[split]
+        """The prompts of ``split``: ``train`` (preference prompts), ``eval`` (held out, for the results) or
+        ``validation`` (held out too, for choosing hyper-parameters); each its own random stream."""
+        if split not in SPLITS:
+            raise ValueError(f"the synthetic task's splits are {', '.join(SPLITS)}, got {split!r}")
+        count = {"train": self.n_train_prompts, "eval": self.n_eval_prompts, "validation": self.n_val_prompts}[split]
         rng = random.Random(f"{self.seed}/prompts/{split}")
         return [self._prompt(rng) for _ in range(count)]
 
@@ -141,10 +148,12 @@ class SyntheticTask(Task):
                                    "gold_rewards": [gold[i] for i in order]})
 
     def eval_examples(self) -> list[RankedExample]:
-        """Held-out prompts, each with a demonstration as its reference response."""
-        rng = random.Random(f"{self.seed}/eval-targets")
+        """Held-out prompts of ``eval_split`` (``eval``, or ``validation`` for tuning), each with a
+        demonstration as its reference response."""
+        stream = "eval-targets" if self.eval_split == "eval" else f"{self.eval_split}-targets"
+        rng = random.Random(f"{self.seed}/{stream}")
         return [RankedExample(prompt=p, responses=[self._demonstration(rng, p)], meta={"index": i})
-                for i, p in enumerate(self.prompts("eval"))]
+                for i, p in enumerate(self.prompts(self.eval_split))]
 
 
 def _dirichlet(rng: random.Random, k: int, alpha: float) -> list[float]:

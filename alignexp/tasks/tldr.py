@@ -21,7 +21,7 @@ import logging
 from collections import defaultdict
 from typing import Any
 
-from alignexp.tasks.base import DataError, RankedExample, get_field, number_value, text_field
+from alignexp.tasks.base import DataError, LeftOut, RankedExample, get_field, number_value, text_field
 from alignexp.tasks.loading import RecordTask, record_sources
 
 log = logging.getLogger(__name__)
@@ -81,19 +81,12 @@ class TldrTask(RecordTask):
         """Rankings from the human comparisons (``sample_fn`` and ``n_responses`` are not used)."""
         sources = record_sources(self.path, self.resolve_split(split, self.split), hub_id=self.hub_id,
                                  hub_kwargs=self.hub_kwargs)
-        filtered: list[int] = []
-
-        def parse(record: Any, index: int, source: str) -> list[RankedExample]:
+        def parse(record: Any, index: int, source: str) -> RankedExample | LeftOut:
             pair = parse_comparison(record, index, source)
-            if pair is None:
-                filtered.append(index)
-                return []
-            return [pair]
+            return LeftOut("CNN/DM article, not a TL;DR post") if pair is None else pair
 
         pairs = self.load(sources, parse, min_responses=2, what="comparisons")
         report = self.last_report
-        if filtered:
-            report.filtered["CNN/DM article, not a TL;DR post"] += len(filtered)
         examples = group_comparisons(pairs) if self.group_comparisons else pairs
         if len(examples) != len(pairs):
             report.examples = len(examples)

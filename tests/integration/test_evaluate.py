@@ -20,6 +20,7 @@ from alignexp.evaluation.agreement import agreement_report, agreement_scorers
 from alignexp.evaluation.policy import evaluate_policy
 from alignexp.evaluation.results import format_table, write_eval_json
 from alignexp.judges import build_judge
+from alignexp.metrics.length_control import length_controlled_win_rate
 from alignexp.metrics.preference import LabelledPair
 from alignexp.models.backbone import ModelArgs, build_model, build_tokenizer
 from alignexp.tasks.synthetic import SyntheticTask
@@ -82,6 +83,25 @@ def test_eval_json_on_the_synthetic_task(models, tmp_path):
     assert loaded["best_of_n"][1]["gold_reward"] >= loaded["best_of_n"][0]["gold_reward"]  # best of 2 >= 1
     assert len(loaded["by_temperature"]["1"]["examples"]) == 5
     assert "win rate vs reference" in format_table(result) and "T=0" in format_table(result)
+    assert "length-controlled win rate" in format_table(result)
+    # The per-prompt file beside eval.json: one row per (temperature, prompt) with lengths and verdicts,
+    # from which the length-controlled win rate of eval.json is recomputed exactly.
+    assert loaded["per_prompt_file"] == "eval_prompts.jsonl" and "per_prompt" not in loaded
+    rows = [json.loads(line) for line in (tmp_path / "eval_prompts.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 6 and {r["temperature"] for r in rows} == {0.0, 1.0}
+    at_1 = [r for r in rows if r["temperature"] == 1.0]
+    assert [r["index"] for r in at_1] == list(range(6))
+    assert [r["policy_chars"] for r in at_1] == [len(r["policy_text"]) for r in at_1]
+    wins = [r["win_rate_vs_reference"] for r in at_1]
+    assert comparisons["win_rate_vs_reference"] == pytest.approx(sum(wins) / 6)
+    recomputed = length_controlled_win_rate(wins, [r["policy_chars"] for r in at_1],
+                                            [r["reference_chars"] for r in at_1], "win_rate_vs_reference")
+    for key, value in recomputed.items():
+        assert comparisons[key] == pytest.approx(value), key
+    assert comparisons["win_rate_vs_reference_lc_ci_low"] <= comparisons["win_rate_vs_reference_lc"] \
+        <= comparisons["win_rate_vs_reference_lc_ci_high"]
+    assert [r["policy_gold_reward"] for r in at_1] == [task.gold_reward(None, r["policy_text"]) for r in at_1]
+    assert sum(r["policy_log_ratio"] for r in at_1) / 6 == pytest.approx(loaded["policy"]["kl"])
 
 
 def test_policy_against_itself(models):
@@ -142,6 +162,7 @@ def test_task_with_references_and_human_comparisons(models):
         assert metrics["bleu_signature"].startswith("nrefs:1|")
     assert result["comparisons"]["baseline"] == "dataset" and result["comparisons"]["judge"] == "length"
     assert result["comparisons"]["win_rate_vs_reference"] == result["policy"]["win_rate_vs_dataset"]
+    assert result["comparisons"]["win_rate_vs_reference_lc"] == result["policy"]["win_rate_vs_dataset_lc"]
     assert result["comparisons"]["preference_examples"] == 4
     # The length judge's accuracy on the fixture's 4 human comparisons: 3 of them prefer the longer summary.
     assert result["comparisons"]["judge_preference_accuracy"] == pytest.approx(0.75)
@@ -364,4 +385,4 @@ def test_evaluate_commands_in_the_docs_compose(command, tmp_path):
     assert "<" not in runnable, "a placeholder with a space cannot be run as written"
     overrides = [a for a in shlex.split(runnable)[3:] if a != "-m" and not a.startswith("hydra")]
     args = parse(compose_evaluate(tmp_path, *[re.sub(r"=([^,{]+),.*$", r"=\1", a) for a in overrides]))
-    assert args.mode in ("policy", "agreement", "export") and args.judge["name"]
+    assert args.mode in ("policy", "prompting", "benchmarks", "agreement", "export") and args.judge["name"]

@@ -34,6 +34,7 @@ from alignexp.models.lora import AdaptersOff, LoraArgs, apply_lora
 from alignexp.modules.ppo import PPOInstabilityError, PPOModule, to_rows
 from alignexp.pipeline.context import RunContext
 from alignexp.pipeline.ppo import ppo
+from alignexp.sampling.engine import SamplingParams, sample_next, stream_keys, stream_uniforms
 from alignexp.sampling.text import sample_seed
 from alignexp.tasks.synthetic import SyntheticTask
 
@@ -132,9 +133,10 @@ def test_rollout_log_probs_and_kl_are_those_of_the_tempered_distributions(tokeni
         steps = range(len(prompt) - 1, len(prompt) + len(response) - 1)
         logits = logits_of(policy, prompt + response)[list(steps)]
         tempered = torch.log_softmax(logits / temperature, dim=-1)
-        generator = torch.Generator().manual_seed(sample_seed(3 * 1_000_003 + 5, i, 0))
-        for t, token in enumerate(response):  # the engine's draw, step by step
-            assert int(torch.multinomial(tempered[t].exp(), 1, generator=generator)) == token
+        keys = stream_keys([sample_seed(3 * 1_000_003 + 5, i, 0)])  # the prompt's random stream
+        params = SamplingParams(temperature=temperature, max_new_tokens=8)
+        for t, token in enumerate(response):  # the engine's draw from softmax(logits / T), step by step
+            assert int(sample_next(logits[t:t + 1], params, stream_uniforms(keys, t))[0][0]) == token
         expected = tempered.gather(1, torch.tensor(response)[:, None]).squeeze(1)
         torch.testing.assert_close(rollout.logprobs[b, :len(response)], expected, rtol=0, atol=2e-5)
         assert rollout.mask[b].sum() == len(response)
@@ -219,7 +221,10 @@ def test_critic_and_lora_off_reference(tokenizer, task, tmp_path):
 
     base = tiny_model(tokenizer)
     policy = apply_lora(tiny_model(tokenizer), LoraArgs(r=4, dropout=0.0))
-    history, _ = run(tokenizer, task, tmp_path / "lora", policy=policy, reference=AdaptersOff(policy), steps=2)
+    # 16 new tokens: the random bytes of an untrained model score 0 more often than not (few of them carry
+    # sentiment), and 4 rollouts of 6 tokens that all score 0 give the adapters nothing to learn from.
+    history, _ = run(tokenizer, task, tmp_path / "lora", policy=policy, reference=AdaptersOff(policy), steps=2,
+                     max_new_tokens=16)
     assert history[1]["kl"] != 0.0  # the adapters moved the policy away from its reference
     batch = pack([EncodedExample([257, 97], [[98, 99, 258]])], pad_id=tokenizer.pad_token_id)
     with torch.no_grad(), policy.disable_adapter():

@@ -145,3 +145,12 @@ def test_report_errors_name_the_file(tmp_path, capsys):
     (bad / "eval.json").write_text("{not json")
     assert main([str(tmp_path)]) == 2
     assert f"{bad / 'eval.json'}: not valid JSON" in capsys.readouterr().err
+
+
+def test_a_run_named_by_an_experiment_is_its_own_method(tmp_path):
+    from alignexp.report.runs import Run
+
+    rso = Run(tmp_path, "0", {"loss": "dpo"}, {"run_name": "rso", "loss.name": "dpo", "sampler.name": "rso"})
+    plain = Run(tmp_path, "1", {"loss": "dpo"}, {"run_name": "dpo", "loss.name": "dpo", "sampler.name": "offline"})
+    arm = Run(tmp_path, "2", {"loss": "dpo"}, {"run_name": "dpo_128_prompts", "loss.name": "dpo"})
+    assert (rso.method, plain.method, arm.method) == ("rso", "dpo", "dpo_128_prompts")

@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+from alignexp.config import validate
 from tests.conftest import REPO
 
 USER_MODULE = '''
@@ -62,3 +63,16 @@ def test_an_unknown_import_names_the_key(tmp_path):
                              f"hydra.run.dir={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert "imports: cannot import 'no_such_module_xyz'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_users_experiment_and_loss_option_are_found_through_hydra_searchpath(compose, tmp_path):
+    """The other way to add a config folder: `hydra.searchpath=[file://...]`, after alignexp's own config tree
+    (as `--config-dir` is), so its files add options under new names."""
+    (tmp_path / "conf" / "loss").mkdir(parents=True)
+    (tmp_path / "conf" / "experiment").mkdir()
+    (tmp_path / "conf" / "loss" / "dpo_strong.yaml").write_text("name: dpo\nbeta: 0.5\n")
+    (tmp_path / "conf" / "experiment" / "my_study.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /loss: dpo_strong\nrun_name: my_study\npairs: adjacent\n")
+    args = validate(compose(f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "experiment=my_study"))
+    assert (args.loss.name, args.loss.hparams["beta"], args.pairs, args.run_name) == ("dpo", 0.5, "adjacent",
+                                                                                       "my_study")

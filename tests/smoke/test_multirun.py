@@ -22,3 +22,11 @@ def test_multirun_over_losses_betas_and_ranking_length(cache_dir, tmp_path):
     assert sorted(r["hparams"]["beta"] for r in records if r["loss"] == "dpo") == [0.1, 0.1, 0.5, 0.5]
     assert all("beta" not in r["hparams"] for r in records if r["loss"] == "rrhf")
     assert "loss.beta does not apply to loss 'rrhf': ignored" in result.stderr + result.stdout
+
+    # A rerun of the same sweep skips the jobs jobs.jsonl records as completed; a job whose run folder lost
+    # its eval.json runs again.
+    (sweep / "3" / "eval.json").unlink()
+    again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (again.stdout + again.stderr).count("this sweep job completed before") == 7
+    assert (sweep / "3" / "eval.json").exists()

@@ -34,3 +34,25 @@ def test_train_commands_compose_and_validate(compose, command):
     overrides = [a for a in shlex.split(command)[3:] if a != "-m" and not a.startswith("hydra")]
     first_values = [re.sub(r"=([^,{]+),.*$", r"=\1", a) for a in overrides]  # a sweep's first value
     validate(compose(*first_values))
+
+
+NEEDS_HUB_OR_GPU = re.compile(r"model=\w+7b|task=(?!synthetic)|hardware=(?!cpu)|hydra/launcher=slurm|--config-dir")
+RUNNABLE = [c for c in TRAIN if not NEEDS_HUB_OR_GPU.search(c)]
+
+
+def test_some_commands_are_runnable_here():
+    assert "python -m alignexp.train" in RUNNABLE and len(RUNNABLE) >= 4
+
+
+@pytest.mark.parametrize("command", RUNNABLE)
+def test_commands_that_need_no_hub_or_gpu_run_on_the_fast_settings(compose, command):
+    """Each such command (a sweep: its first job) runs end to end with debug=fast added."""
+    from pathlib import Path
+
+    from alignexp.train import run
+
+    overrides = [a for a in shlex.split(command)[3:] if a != "-m" and not a.startswith("hydra")]
+    first_values = [re.sub(r"=([^,{]+),.*$", r"=\1", a) for a in overrides]
+    cfg = compose(*first_values, "debug=fast")
+    run(cfg)
+    assert (Path(cfg.paths.output_dir) / "eval.json").exists()

@@ -14,7 +14,16 @@ from omegaconf import OmegaConf
 from alignexp.config import CONF_DIR
 from alignexp.models.backbone import ModelArgs, build_model, build_tokenizer
 from alignexp.models.logprobs import EncodedExample, encode_text, pack, sequence_logps
-from alignexp.sampling.engine import SamplingParams, _filter_logits, generate
+from alignexp.sampling.engine import (
+    SamplingParams,
+    _filter_logits,
+    _invert_blocks,
+    generate,
+    long_nucleus,
+    sample_next,
+    stream_keys,
+    stream_uniforms,
+)
 from alignexp.sampling.text import sample_responses, sample_seed
 
 NEG = float("-inf")
@@ -145,3 +154,113 @@ def test_logprobs_equal_sequence_logps(tiny):
             summed = sequence_logps(model, batch)[0][:, 0]
         for g, expected in zip(gens, summed.tolist()):
             assert math.isclose(sum(g.logprobs), expected, abs_tol=1e-3)
+
+
+# -- the device-side draw ---------------------------------------------------------------------------------
+def test_inverse_cdf_draws_by_hand():
+    """probs (0.1, 0.5, 0.15, 0.25) have the cumulative masses 0.1, 0.6, 0.75, 1.0: u = 0.05, 0.3, 0.7, 0.9
+    fall in tokens 0, 1, 2, 3. With top_p = 0.7 the nucleus is tokens 1 and 3 (mass 0.75, sorted 0.5, 0.25):
+    u * 0.75 = 0.375 falls in token 1, 0.6 in token 3. Each reported log-prob is the token's log p."""
+    probs = torch.tensor([0.1, 0.5, 0.15, 0.25])
+    logits = probs.log().expand(4, 4)
+    u = torch.tensor([0.05, 0.3, 0.7, 0.9])
+    ids, logps = sample_next(logits, SamplingParams(), u)
+    assert ids.tolist() == [0, 1, 2, 3]
+    torch.testing.assert_close(logps, probs.log())
+    ids, logps = sample_next(logits[:2], SamplingParams(top_p=0.7), torch.tensor([0.5, 0.8]))
+    assert ids.tolist() == [1, 3]
+    torch.testing.assert_close(logps, probs[[1, 3]].log())  # the unmodified distribution's, not the nucleus'
+    ids, _ = sample_next(logits[:2], SamplingParams(temperature=0.0), None)
+    assert ids.tolist() == [1, 1]
+
+
+def test_a_draw_never_lands_on_a_token_without_mass():
+    """Weights 1 (token 127, the end of block 0), 2 (token 128, the start of block 1) and 1e-6 (token 298);
+    the total is 3.000001. u * total = 1e-7, 1.5, 2.997 and 3.0000008 (u at the extremes of (0, 1)) fall in
+    tokens 127, 128, 128 and 298; the last token, without mass, is never drawn."""
+    weights = torch.zeros(4, 300)
+    weights[:, 127] = 1.0  # the last token of block 0
+    weights[:, 128] = 2.0  # the first of block 1
+    weights[:, 298] = 1e-6
+    u = torch.tensor([2.0**-25, 0.5, 0.999, 1 - 2.0**-24])
+    ids = _invert_blocks(weights, u)
+    assert ids.tolist() == [127, 128, 128, 298]
+    for shift in range(4):  # every row's draw is a token with mass, wherever the blocks fall
+        rolled = weights.roll(shift * 37, dims=1)
+        assert (rolled.gather(1, _invert_blocks(rolled, u)[:, None]) > 0).all()
+
+
+def test_streams_are_counter_based_and_uniform():
+    """A draw is a function of (seed, step) alone; 20,000 of them are uniform (Kolmogorov-Smirnov distance
+    0.015 is the 0.1% critical value for n = 20,000), distinct, and uncorrelated between steps."""
+    seeds = [sample_seed(7, i, k) for i in range(5000) for k in range(2)]
+    keys = stream_keys(seeds)
+    torch.testing.assert_close(stream_uniforms(keys[:3], 4), stream_uniforms(stream_keys(seeds[:3]), 4))
+    torch.testing.assert_close(stream_uniforms(keys[:3], range(5))[:, 4], stream_uniforms(keys[:3], 4))  # all at once
+    draws = torch.stack([stream_uniforms(keys, step) for step in range(2)])  # (2, 10000)
+    flat = draws.flatten().sort().values.double()
+    n = flat.numel()
+    ks = torch.maximum(torch.arange(1, n + 1) / n - flat, flat - torch.arange(n) / n).max().item()
+    assert ks < 0.015 and 0 < flat[0] and flat[-1] < 1
+    assert flat.unique().numel() > 0.99 * n
+    assert abs(torch.corrcoef(draws)[0, 1].item()) < 0.05
+    # seeds that differ only above 32 bits have different streams
+    assert stream_uniforms(stream_keys([5, 5 + 2**32]), 0).unique().numel() == 2
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=0.5), SamplingParams(top_k=3),
+                                    SamplingParams(top_p=0.8), SamplingParams(temperature=1.5, top_k=5, top_p=0.6),
+                                    SamplingParams(top_p=0.99)], ids=str)
+def test_draws_follow_the_truncated_distribution(params):
+    """20,000 draws from one row of logits (300 tokens: three blocks of the two-level search, the last one
+    padded) against softmax(_filter_logits(logits / T)): every token within 5 standard errors of its
+    probability, and no token outside the truncation. top_p = 0.99 needs more than the 256-token prefix."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, generator=g)
+    logits[[3, 140, 299]] += torch.tensor([3.0, 2.5, 2.0])
+    n = 20_000
+    uniforms = stream_uniforms(stream_keys(range(n)), 0)
+    ids, _ = sample_next(logits.expand(n, 300), params, uniforms)
+    counts = torch.bincount(ids, minlength=300).double()
+    filtered = _filter_logits(logits[None] / params.temperature, params.top_k, params.top_p)[0]
+    expected = torch.softmax(filtered.double(), dim=-1)
+    assert counts[expected == 0].sum() == 0
+    stderr = (expected * (1 - expected) / n).sqrt()
+    assert ((counts / n - expected).abs() <= 5 * stderr + 1e-12).all()
+
+
+def test_long_nucleus_is_the_top_p_set():
+    """The nucleus found by bisection, without sorting, is exactly the set _filter_logits keeps: flat rows
+    (a long nucleus), peaked rows, and a row of ties (sorted instead)."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(7, 3000, generator=g)
+    logits[:3, :2] += 8.0  # peaked
+    logits[3] *= 0.05  # nearly flat
+    logits[4] = 0.0  # all tied: more ties than the bisection leaves to sort
+    for top_p in (0.5, 0.9, 0.99):
+        kept = long_nucleus(torch.softmax(logits, -1), top_p)
+        expected = torch.isfinite(_filter_logits(logits, 0, top_p))
+        assert torch.equal(kept[:4] > 0, expected[:4]) and torch.equal(kept[5:] > 0, expected[5:])
+        assert (kept[4] > 0).sum() == expected[4].sum()  # which of equal tokens is first is arbitrary
+        torch.testing.assert_close(kept[kept > 0], torch.softmax(logits, -1)[kept > 0])
+
+
+def test_prefill_runs_the_head_on_the_last_position_only(tiny):
+    """transformers' ``logits_to_keep=1``: the prompt's other positions never go through the output head."""
+    model, tokenizer = tiny
+    shapes = []
+    handle = model.lm_head.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.shape)))
+    try:
+        generate(model, prompt_ids(tokenizer, ["a longer prompt:", "z:"]), SamplingParams(max_new_tokens=2),
+                 eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id, seeds=[0, 1])
+    finally:
+        handle.remove()
+    assert [s[:2] for s in shapes] == [(2, 1), (2, 1)]
+
+
+def test_bad_generate_input_is_named(tiny):
+    model, tokenizer = tiny
+    with pytest.raises(ValueError, match="one seed per prompt, got 1 seeds for 2 prompts"):
+        generate(model, [[1], [2]], SamplingParams(), eos_id=0, pad_id=0, seeds=[0])
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, [[1], []], SamplingParams(), eos_id=0, pad_id=0, seeds=[0, 1])

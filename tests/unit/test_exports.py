@@ -146,6 +146,32 @@ def test_grade_mt_bench_offline():
         exports.grade_mt_bench(questions, answers[1:], complete, "judge-x")
 
 
+def test_mt_bench_grading_sends_fastchats_system_and_user_messages(tmp_path):
+    """Through an LLM judge at a local endpoint: each grading request is FastChat's system message then its
+    user prompt (``single-v1`` for turn 1, ``single-v1-multi-turn`` for turn 2), at temperature 0 with
+    2,048 reply tokens, as FastChat's ``run_judge_single`` sends them; the user prompt is recorded."""
+    from alignexp.judges.llm import LLMJudge
+    from tests.fixtures.llm_server import LLMServer
+
+    questions = exports.read_mt_bench(FIXTURES / "mt_bench_question.jsonl")[:1]
+    answers = exports.mt_bench_answers(questions, RecordingGenerator(), "my-model")
+    turns = answers[0]["choices"][0]["turns"]
+    with LLMServer("good") as server:
+        judge = LLMJudge(server.base_url, "judge-model", api_key_env=None, max_workers=1, cache_dir=tmp_path)
+        records, _ = exports.grade_mt_bench(questions, answers, exports.chat_completion(judge), "judge-model")
+    sent = [r["body"] for r in server.requests]
+    assert [b["messages"] for b in sent] == [exports.judge_prompt(questions[0], turns, 1)[1],
+                                             exports.judge_prompt(questions[0], turns, 2)[1]]
+    single, multi = exports.JUDGE_PROMPTS["single-v1"], exports.JUDGE_PROMPTS["single-v1-multi-turn"]
+    assert sent[0]["messages"][0] == {"role": "system", "content": single["system_prompt"]}
+    assert sent[0]["messages"][1] == {"role": "user", "content": single["prompt_template"].format(
+        question=questions[0].turns[0], answer=turns[0])}
+    assert sent[1]["messages"][0] == {"role": "system", "content": multi["system_prompt"]}
+    assert sent[1]["messages"][1]["content"].startswith("<|The Start of Assistant A's Conversation with User|>")
+    assert all(b["temperature"] == 0.0 and b["max_tokens"] == 2048 and b["model"] == "judge-model" for b in sent)
+    assert [r["user_prompt"] for r in records] == [b["messages"][1]["content"] for b in sent]
+
+
 def test_engine_generator_answers_two_turns_with_the_tiny_model():
     """The real path through the chat template and the sampling engine, on the 2-layer model."""
     from alignexp.models.backbone import ModelArgs, build_model, build_tokenizer

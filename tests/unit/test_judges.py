@@ -195,3 +195,28 @@ def test_llm_judge_scores_and_ranks():
         server.mode = "garbage"
         assert math.isnan(judge.score(["q"], ["zzz"])[0])
     assert judge.abstentions == 1
+
+
+def test_llm_judge_speaks_chat_and_its_cache_key_covers_every_message(tmp_path):
+    """A request is a list of messages: the judge's system message (where it has one) then the user
+    message; ``chat`` sends any list as it is. Two requests that differ only in their system message are
+    two requests (the cache key covers every message); the same messages again are a cache hit."""
+    with LLMServer("good") as server:
+        judge = fast_judge(server, cache_dir=tmp_path, system_prompt="You are a careful annotator.", max_workers=1)
+        assert judge.compare(["p"], ["long answer"], ["short"]) == [1.0]
+        messages = server.requests[0]["body"]["messages"]
+        assert [m["role"] for m in messages] == ["system", "user"]
+        assert messages[0]["content"] == "You are a careful annotator."
+        assert messages[1]["content"].startswith("Which of the following summaries")
+        plain = fast_judge(server, cache_dir=tmp_path, max_workers=1)  # no system message: not cached
+        assert plain.compare(["p"], ["long answer"], ["short"]) == [1.0]
+        assert len(server.requests) == 4 and server.requests[2]["body"]["messages"][0]["role"] == "user"
+        chat = [{"role": "system", "content": "Rate it."}, {"role": "user", "content": "Hello"}]
+        assert judge.chat(chat, max_tokens=2048) == "I do not understand the question."
+        assert server.requests[-1]["body"]["messages"] == chat and server.requests[-1]["body"]["max_tokens"] == 2048
+        other_system = [{"role": "system", "content": "Rate it strictly."}, chat[1]]
+        judge.chat(other_system, max_tokens=2048)
+        judge.chat(chat, max_tokens=2048)  # asked before: from the cache
+        assert len(server.requests) == 6 and judge.stats["cache_hits"] == 1
+        with pytest.raises(ValueError, match="list of"):
+            judge.chat([{"role": "judge", "content": "x"}])

@@ -16,16 +16,14 @@ import pytest
 import torch
 import yaml
 
+from alignexp.models.attention import block_attention
 from alignexp.models.backbone import ModelArgs, build_model, build_tokenizer
 from alignexp.models.logprobs import (
-    BLOCK_ATTENTION,
     EncodedExample,
-    block_attention,
     block_mask,
     first_fit_decreasing,
     length_buckets,
     pack,
-    padding_free_supported,
     response_states,
     sequence_logps,
     token_logps,
@@ -153,42 +151,18 @@ def test_grouped_query_attention(tokenizer):
     torch.testing.assert_close(sequence_logps(model, padded(batch))[0].detach(), logps, atol=1e-5, rtol=0)
 
 
-def test_activation_checkpointing_takes_the_padded_forward(tokenizer):
-    """Recomputation in backward would run after the attention function is switched back, so a model
-    that checkpoints activations runs over the padded rows; its gradients still equal the plain ones."""
-    model = tiny_model(tokenizer).train()
-    batch = pack(examples(), pad_id=PAD)
-    sequence_logps(model, batch)[0].sum().backward()
-    expected = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    assert padding_free_supported(model.get_decoder()) is False
-    sequence_logps(model, batch)[0].sum().backward()
-    for p, g in zip(model.parameters(), expected):
-        torch.testing.assert_close(p.grad, g, atol=1e-5, rtol=1e-4)
-
-
-def test_sliding_window_and_softcapping_take_the_padded_forward(tokenizer):
-    decoder = tiny_model(tokenizer).get_decoder()
-    assert padding_free_supported(decoder)
-    decoder.config.sliding_window = 16  # Mistral-style: block attention has no window
-    assert not padding_free_supported(decoder)
-    decoder.config.use_sliding_window = False  # Qwen2-style: a window in the config, switched off
-    assert padding_free_supported(decoder)
-    decoder.config.attn_logit_softcapping = 50.0  # Gemma-2-style
-    assert not padding_free_supported(decoder)
-
-
 def test_the_attention_implementation_is_restored(tokenizer):
-    model = tiny_model(tokenizer)
+    """An eager model runs its padding-free forward under the SDPA entry; its configuration is put back,
+    also after an error inside the forward. block_attention refuses calls without a layout."""
+    model = tiny_model(tokenizer, "eager")
     batch = pack(examples(), pad_id=PAD)
     sequence_logps(model, batch)
-    assert model.config._attn_implementation == "sdpa"
+    assert model.config._attn_implementation == "eager"
     broken = dataclasses.replace(batch, flat=dataclasses.replace(batch.flat, order=batch.flat.order[:1]))
     with pytest.raises(RuntimeError):
         sequence_logps(model, broken)
-    assert model.config._attn_implementation == "sdpa"  # also after an error inside the forward
-    with pytest.raises(RuntimeError, match=f"the '{BLOCK_ATTENTION}' attention runs only inside"):
+    assert model.config._attn_implementation == "eager"
+    with pytest.raises(RuntimeError, match="block_attention runs only inside alignexp.models.attention.flat_forward"):
         block_attention(None, torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8), None)
 
 
@@ -257,6 +231,8 @@ def test_padding_free_layout_by_hand():
     flat = batch.flat
     assert batch.input_ids.view(-1)[flat.token_index].tolist() == [BOS, 10, 11, 20, EOS, 30, 31, EOS, BOS, 40]
     assert flat.source.tolist() == [2, 3, 2, 5, 6, 8]  # the states of source_index, among the 10 tokens
+    assert flat.document.tolist() == [0] * 8 + [1] * 2
+    assert flat.segment.tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 0, 1]  # prompt 0, then response k is k + 1
     assert [(k.rows, k.width, k.prompt, k.responses) for k in flat.buckets] == [(2, 8, 3, 5)]
     assert flat.key_index.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 0, 0, 0, 0, 0]
     assert flat.query_index.tolist() == [3, 4, 5, 6, 7, 9, 0, 0, 0, 0]

@@ -81,3 +81,14 @@ def test_bad_arguments_name_the_key():
         SyntheticTask(tau=-1)
     with pytest.raises(ValueError, match="task.alphabet_size"):
         SyntheticTask(alphabet_size=40)
+
+
+def test_validation_prompts_are_held_out_from_training_and_evaluation():
+    task = SyntheticTask(n_train_prompts=64, n_eval_prompts=32, n_val_prompts=32)
+    train, evaluation, validation = (set(task.prompts(s)) for s in ("train", "eval", "validation"))
+    assert len(validation) == 32 and not validation & evaluation and not validation & train
+    assert [ex.prompt for ex in task.eval_examples()] == task.prompts("eval")
+    tuning = SyntheticTask(n_train_prompts=64, n_eval_prompts=32, n_val_prompts=32, eval_split="validation")
+    assert [ex.prompt for ex in tuning.eval_examples()] == task.prompts("validation")
+    with pytest.raises(ValueError, match="task.eval_split"):
+        SyntheticTask(eval_split="test")

@@ -1,65 +1,20 @@
-"""Step time and peak memory of alignexp's preference step beside TRL's DPOTrainer: ``python -m alignexp.bench``.
-
-Both sides train the same model (the tiny 2-layer Llama of ``conf/model/tiny.yaml``: hidden 128,
-4 heads, built by :func:`alignexp.models.backbone.build_model` with the byte tokenizer and the same
-seed), on the same token ids, in fp32 on the CPU with ``torch.set_num_threads(2)``, with reference
-log-probs precomputed before timing (alignexp: :func:`alignexp.models.reference.response_logps`;
-TRL: ``precompute_ref_log_probs=True``), and the same optimizer (``torch.optim.AdamW``, lr 1e-5).
-
-**What one timed step is**, on both sides: collate the batch's already-tokenised examples, forward,
-loss, backward, ``optimizer.step()``, ``optimizer.zero_grad()``, and turning the step's metrics into
-Python floats (TRL's ``compute_loss`` does that itself; on alignexp's side the loss's metrics are
-read with ``.item()`` as Lightning's logging would). alignexp: :class:`alignexp.modules.datamodule.Collator`
-then :meth:`alignexp.modules.preference.PreferenceModule.compute_loss`; TRL: its
-``DataCollatorForPreference`` then ``DPOTrainer.training_step`` (its ``compute_loss`` plus
-``accelerator.backward``, what ``Trainer``'s inner loop calls per batch). Neither side clips gradients,
-runs a scheduler, or reads data from disk inside the step.
-
-**Fairness under contention.** Each side runs in its own process (spawned, so memory is its own);
-the parent process alternates them, a few steps at a time, starting with the other side each round,
-so that load from other processes on the machine hits both. Reported times are medians over steps
-after warm-up.
-
-**Threads.** Each side's process sets ``OMP_WAIT_POLICY=PASSIVE`` (unless the environment sets it):
-waiting OpenMP threads sleep instead of spinning. On a machine shared with other jobs, spinning
-threads take the CPU from the very thread they wait for, and steps take several times longer on both
-sides (compare ``OMP_WAIT_POLICY=ACTIVE python -m alignexp.bench``; docs/benchmark.md has both).
-
-**Memory.** Two figures per side, each over one pass through every batch (one step each) after the
-timed steps: ``peak step MB``, the highest total of live tensor bytes during a step above what was
-live when the pass started (activations, gradients, temporaries; the weights and the optimizer state
-are live before and are the same on both sides), summed from the CPU allocator's events that
-``torch.profiler`` records with ``profile_memory=True`` (the CPU analogue of
-``torch.cuda.max_memory_allocated()`` minus the memory allocated before); and ``peak RSS +MB``, the
-process's resident-set high-water mark during the pass (``VmHWM``, reset through
-``/proc/self/clear_refs`` after ``malloc_trim``) minus its resident set when the pass started.
-
-Shapes (``--shapes``):
-
-* ``dpo``: 8 pairs per batch; each prompt 16-64 tokens, each response 8 to (128 - prompt) tokens,
-  so a prompt plus a response is at most 128 tokens. alignexp ``dpo`` vs TRL ``sigmoid`` (the same loss).
-* ``tldr``: 8 prompts per batch, each with a ranking of 4; prompts 256-512 tokens, responses 32-64
-  (prompts about 8x longer, as in TL;DR). alignexp ``ranked_dpo`` on the 4-response lists vs TRL on
-  the 3 adjacent pairs of each ranking (24 pairs per batch).
-"""
+"""The preference step beside TRL's DPOTrainer, and alignexp's own step at a 32k vocabulary with the output
+head chunked or not (``python -m alignexp.bench``; what is measured: ``alignexp/bench/__init__.py``)."""
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
-import json
 import multiprocessing as mp
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+
+from alignexp.bench.probes import rss_step_delta_mb, tensor_peak_mb
 
 LR = 1e-5
 BETA = 0.1
@@ -107,62 +62,13 @@ def make_texts(shape: Shape, n_batches: int, seed: int = 0) -> list[tuple[str, l
     return rows
 
 
-# --------------------------------------------------------------------------- memory probes
-
-
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def rss_step_delta_mb(step: Callable[[], None]) -> float | None:
-    """Resident-set high-water mark during ``step()`` minus the resident set before it, in MB.
-
-    Free heap memory is handed back first (``malloc_trim``) so that it does not hide the step's
-    growth; None where ``/proc/self/clear_refs`` cannot reset the mark (not Linux).
-    """
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current VmRSS
-    except OSError:
-        return None
-    before = _rss_kb("VmRSS")
-    step()
-    return (_rss_kb("VmHWM") - before) / 1024
-
-
-def tensor_peak_mb(step: Callable[[], None]) -> float:
-    """Peak of live CPU tensor bytes during ``step()`` above the bytes live when it started, in MB.
-
-    From the allocator events (+ allocation, - free) that ``torch.profiler`` records with
-    ``profile_memory=True``, summed in time order.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    gc.collect()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak / 2**20
-
-
 # --------------------------------------------------------------------------- the two sides
 
 
 class AlignexpSide:
     """alignexp's step: Collator -> PreferenceModule.compute_loss -> backward -> AdamW."""
 
-    def __init__(self, shape: Shape, texts: list[tuple[str, list[str]]]):
+    def __init__(self, shape: Shape, texts: list[tuple[str, list[str]]], vocab: int | None = None):
         import torch
 
         from alignexp.models import logprobs
@@ -172,7 +78,7 @@ class AlignexpSide:
         from alignexp.modules.preference import OptimArgs, PreferenceModule
         from alignexp.tasks.base import RankedExample
 
-        model, tokenizer = build_tiny()
+        model, tokenizer = build_tiny(vocab)
         self.encoded = [encode_example(tokenizer, RankedExample(p, rs), 10**6, 10**6) for p, rs in texts]
         self.ref_logps = response_logps(model, self.encoded, tokenizer.pad_token_id)
         self.module = PreferenceModule(model, shape.alignexp_loss, {"beta": BETA}, OptimArgs(lr=LR))
@@ -263,14 +169,17 @@ class TrlSide:
         self.optimizer.zero_grad()
 
 
-def build_tiny():
-    """The tiny model of ``conf/model/tiny.yaml`` (SDPA attention, fp32) and its byte tokenizer."""
+def build_tiny(vocab: int | None = None):
+    """The tiny model of ``conf/model/tiny.yaml`` (SDPA attention, fp32) and its byte tokenizer; ``vocab``
+    rows in the embedding and the head instead of the tokenizer's 259 (e.g. a 7B model's 32000)."""
     from omegaconf import OmegaConf
 
     from alignexp.config import CONF_DIR
     from alignexp.models.backbone import ModelArgs, build_model, build_tokenizer
 
     fields = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "model" / "tiny.yaml"))
+    if vocab is not None:
+        fields["arch"] = {**fields["arch"], "vocab_size": vocab}
     args = ModelArgs(**{**fields, "attn_implementation": "sdpa", "dtype": "float32"})
     tokenizer = build_tokenizer(args)
     return build_model(args, tokenizer, "cpu"), tokenizer
@@ -279,7 +188,21 @@ def build_tiny():
 # --------------------------------------------------------------------------- worker and driver
 
 
-def _worker(conn: Connection, side: str, shape_name: str, n_batches: int, threads: int, warmup: int) -> None:
+@dataclass(frozen=True)
+class SideSpec:
+    """A side of a comparison: ``kind`` "alignexp" or "trl"; ``vocab``: see :func:`build_tiny`; ``logit_chunk``:
+    :data:`alignexp.models.logprobs.LOGIT_CHUNK` in that side's process (None: the default)."""
+
+    label: str
+    kind: str
+    vocab: int | None = None
+    logit_chunk: int | None = None
+
+
+PREFERENCE_SIDES = (SideSpec("alignexp", "alignexp"), SideSpec("TRL", "trl"))
+
+
+def _worker(conn: Connection, spec: SideSpec, shape_name: str, n_batches: int, threads: int, warmup: int) -> None:
     """One side in its own process: build, warm up, then run the parent's commands."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads OpenMP, below
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -297,8 +220,14 @@ def _worker(conn: Connection, side: str, shape_name: str, n_batches: int, thread
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     shape = SHAPES[shape_name]
+    side = spec.label
     try:
-        runner = (AlignexpSide if side == "alignexp" else TrlSide)(shape, make_texts(shape, n_batches))
+        if spec.logit_chunk is not None:
+            from alignexp.models import logprobs
+
+            logprobs.LOGIT_CHUNK = spec.logit_chunk
+        texts = make_texts(shape, n_batches)
+        runner = AlignexpSide(shape, texts, spec.vocab) if spec.kind == "alignexp" else TrlSide(shape, texts)
         for _ in range(warmup):
             runner.step()
         conn.send({"ready": True, "layout": runner.layout, "reference": runner.reference()})
@@ -344,18 +273,20 @@ class SideResult:
     layout: dict
 
 
-def run_shape(shape: Shape, steps: int, per_turn: int, warmup: int, threads: int, n_batches: int,
-              profile_rows: int = 0) -> tuple[SideResult, SideResult, float]:
-    """Both sides of one shape, alternated; returns (alignexp, trl, max |ref logp difference|).
+def run_sides(shape: Shape, specs: tuple[SideSpec, ...], steps: int, per_turn: int, warmup: int, threads: int,
+              n_batches: int, profile_rows: int = 0) -> tuple[dict[str, SideResult], dict[str, dict]]:
+    """The sides of one shape, each in its own process, alternated; returns their results and what each sent
+    when ready (its layout and reference log-probs), by label.
 
     With ``profile_rows``, also prints the operators that take the most CPU time on either side.
     """
     ctx = mp.get_context("spawn")
-    sides = ("alignexp", "trl")
+    sides = tuple(spec.label for spec in specs)
     conns, procs, ready = {}, {}, {}
-    for side in sides:  # started one after the other, so setup does not compete with the other side
+    for spec in specs:  # started one after the other, so setup does not compete with the other side
+        side = spec.label
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(child, side, shape.name, n_batches, threads, warmup), daemon=True)
+        proc = ctx.Process(target=_worker, args=(child, spec, shape.name, n_batches, threads, warmup), daemon=True)
         proc.start()
         conns[side], procs[side] = parent, proc
         ready[side] = _receive(parent, side)
@@ -379,26 +310,19 @@ def run_shape(shape: Shape, steps: int, per_turn: int, warmup: int, threads: int
         procs[side].join(timeout=30)
     if profile_rows:
         _print_profile(profiles, profile_rows)
-    # TRL's rows are the adjacent pairs (k, k+1) of each ranking, in order.
-    pairs = [(lp[k], lp[k + 1]) for lp in ready["alignexp"]["reference"] for k in range(len(lp) - 1)]
-    ref_diff = max(abs(a - b) for mine, theirs in zip(pairs, ready["trl"]["reference"]) for a, b in zip(mine, theirs))
-    results = [SideResult(statistics.median(w for w, _ in times[s]), statistics.median(c for _, c in times[s]),
-                          [w for w, _ in times[s]], memory[s], ready[s]["layout"]) for s in sides]
-    return results[0], results[1], ref_diff
+    results = {s: SideResult(statistics.median(w for w, _ in times[s]), statistics.median(c for _, c in times[s]),
+                             [w for w, _ in times[s]], memory[s], ready[s]["layout"]) for s in sides}
+    return results, ready
 
 
 def _print_profile(profiles: dict[str, dict[str, float]], rows: int) -> None:
-    """The ``rows`` operators with the most self CPU time (both sides summed), in ms per step."""
-    ours, theirs = profiles["alignexp"], profiles["trl"]
-    keys = sorted(set(ours) | set(theirs), key=lambda k: -(ours.get(k, 0.0) + theirs.get(k, 0.0)))[:rows]
-    print(f"  self CPU time per step, ms (torch.profiler; all threads): {'alignexp':>9s} {'TRL':>9s}")
-    for key in keys:
-        print(f"    {key[:60]:60s} {ours.get(key, 0.0):9.1f} {theirs.get(key, 0.0):9.1f}")
-    print(f"    {'total':60s} {sum(ours.values()):9.1f} {sum(theirs.values()):9.1f}")
-
-
-def _load() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    """The ``rows`` operators with the most self CPU time (all sides summed), in ms per step."""
+    labels = list(profiles)
+    keys = sorted(set().union(*profiles.values()), key=lambda k: -sum(p.get(k, 0.0) for p in profiles.values()))
+    print("  self CPU time per step, ms (torch.profiler; all threads): " + " ".join(f"{x:>9s}" for x in labels))
+    for key in keys[:rows]:
+        print(f"    {key[:60]:60s} " + " ".join(f"{profiles[x].get(key, 0.0):9.1f}" for x in labels))
+    print(f"    {'total':60s} " + " ".join(f"{sum(profiles[x].values()):9.1f}" for x in labels))
 
 
 def _receive(conn: Connection, side: str):
@@ -408,8 +332,7 @@ def _receive(conn: Connection, side: str):
     return message
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shapes", default="dpo,tldr", help="comma-separated: " + ", ".join(SHAPES))
     parser.add_argument("--steps", type=int, default=20, help="timed steps per side (after warm-up)")
     parser.add_argument("--per-turn", type=int, default=2, help="steps a side runs before the other takes over")
@@ -418,59 +341,90 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batches", type=int, default=4, help="distinct batches the steps cycle through")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="also print the N operators that take the most CPU time (one profiled pass)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
-    args = parser.parse_args(argv)
+    parser.add_argument("--vocab-steps", type=int, default=6,
+                        help="timed steps per side of the 32k-vocabulary log-prob memory rows")
+
+
+def shape_names(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
     names = [s.strip() for s in args.shapes.split(",") if s.strip()]
     unknown = [n for n in names if n not in SHAPES]
     if unknown:
         parser.error(f"--shapes: unknown shape(s) {', '.join(unknown)}; known: {', '.join(SHAPES)}")
+    return names
 
+
+def _print_sides(results: dict[str, SideResult]) -> None:
+    print(f"  {'':22s} {'median step':>12s} {'CPU/step':>10s} {'peak step MB':>13s} {'peak RSS +MB':>13s}  "
+          "batch layout (positions computed, tokens in the data)")
+    for label, r in results.items():
+        rss = r.memory["peak RSS +MB"]
+        print(f"  {label:22s} {r.median_s * 1000:9.1f} ms {r.median_cpu_s * 1000:7.1f} ms "
+              f"{r.memory['peak step MB']:13.1f} {(f'{rss:.1f}' if rss is not None else 'n/a'):>13s}  "
+              f"{r.layout['rows x width'][0]} x {r.layout['rows x width'][1]} = {r.layout['positions']}"
+              f" positions, {r.layout['tokens']} tokens{' (padding-free)' if r.layout.get('padding-free') else ''}")
+
+
+def preference_rows(args: argparse.Namespace, names: list[str]) -> dict:
+    """alignexp's preference step against TRL's DPOTrainer, for each shape in ``names``."""
     import torch
     import transformers
     import trl
 
-    print(f"alignexp vs TRL {trl.__version__} DPOTrainer (transformers {transformers.__version__}, "
-          f"torch {torch.__version__}), CPU fp32, {args.threads} threads per side, tiny 2-layer Llama")
+    print(f"\n== Preference step: alignexp vs TRL {trl.__version__} DPOTrainer (transformers "
+          f"{transformers.__version__}, torch {torch.__version__}), CPU fp32, {args.threads} threads per side, "
+          "tiny 2-layer Llama")
     print("step = collate + forward + loss + backward + AdamW step + zero_grad (+ metrics to floats); "
           f"median of {args.steps} steps per side after {args.warmup} warm-up; each side in its own process, "
           f"the two alternated every {args.per_turn} steps")
     print("memory, over one pass through every batch: peak step MB = most live tensor bytes during a step above "
           "those live before (torch.profiler allocator events); peak RSS +MB = resident-set high-water mark "
           "minus the resident set before")
-    print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')} in both sides' processes; "
-          f"load average before: {_load()}")
-    report: dict = {"command": "python -m alignexp.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-                    "trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
-                    "threads": args.threads, "steps": args.steps, "load_before": _load(), "shapes": {}}
+    print(f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')} in both sides' processes")
+    out: dict = {"trl": trl.__version__, "threads": args.threads, "steps": args.steps, "shapes": {}}
     for name in names:
         shape = SHAPES[name]
         print(f"\n[{name}] {shape.description}; alignexp loss {shape.alignexp_loss}", flush=True)
-        ours, theirs, ref_diff = run_shape(shape, args.steps, args.per_turn, args.warmup, args.threads, args.batches,
-                                           args.profile)
+        results, ready = run_sides(shape, PREFERENCE_SIDES, args.steps, args.per_turn, args.warmup, args.threads,
+                                   args.batches, args.profile)
+        ours, theirs = results["alignexp"], results["TRL"]
+        # TRL's rows are the adjacent pairs (k, k+1) of each ranking, in order.
+        pairs = [(lp[k], lp[k + 1]) for lp in ready["alignexp"]["reference"] for k in range(len(lp) - 1)]
+        ref_diff = max(abs(a - b) for mine, theirs_ in zip(pairs, ready["TRL"]["reference"])
+                       for a, b in zip(mine, theirs_))
         ratio, cpu_ratio = ours.median_s / theirs.median_s, ours.median_cpu_s / theirs.median_cpu_s
         mem_ratio = ours.memory["peak step MB"] / theirs.memory["peak step MB"]
         print(f"  reference log-probs of the two sides agree to {ref_diff:.1e} nats (max |difference|)")
-        print(f"  {'':9s} {'median step':>12s} {'CPU/step':>10s} {'peak step MB':>13s} {'peak RSS +MB':>13s}  "
-              "batch layout (positions computed, tokens in the data)")
-        for label, r in (("alignexp", ours), ("TRL", theirs)):
-            rss = r.memory["peak RSS +MB"]
-            print(f"  {label:9s} {r.median_s * 1000:9.1f} ms {r.median_cpu_s * 1000:7.1f} ms "
-                  f"{r.memory['peak step MB']:13.1f} {(f'{rss:.1f}' if rss is not None else 'n/a'):>13s}  "
-                  f"{r.layout['rows x width'][0]} x {r.layout['rows x width'][1]} = {r.layout['positions']}"
-                  f" positions, {r.layout['tokens']} tokens{' (padding-free)' if r.layout.get('padding-free') else ''}")
+        _print_sides(results)
         verdict = "met" if ratio <= shape.target and mem_ratio <= 1 else "MISSED"
         print(f"  ratio alignexp/TRL: time {ratio:.3f} (CPU time {cpu_ratio:.3f}), peak step memory {mem_ratio:.3f}"
               f"  [target: time <= {shape.target}, memory <= 1: {verdict}]")
-        report["shapes"][name] = {"shape": asdict(shape), "time_ratio": ratio, "cpu_time_ratio": cpu_ratio,
-                                  "memory_ratio": mem_ratio, "ref_logps_max_abs_diff": ref_diff,
-                                  "alignexp": asdict(ours), "trl": asdict(theirs)}
-    print(f"\nload average after: {_load()} (on a busy machine each parallel region waits for both threads to be "
-          "scheduled: that adds about the same time per step to both sides and pulls the time ratios towards 1)")
-    report["load_after"] = _load()
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=1))
-    return report
+        out["shapes"][name] = {"shape": asdict(shape), "time_ratio": ratio, "cpu_time_ratio": cpu_ratio,
+                               "memory_ratio": mem_ratio, "ref_logps_max_abs_diff": ref_diff,
+                               "alignexp": asdict(ours), "trl": asdict(theirs)}
+    return out
 
 
-if __name__ == "__main__":
-    main()
+VOCAB = 32_000
+
+
+def logit_memory_rows(args: argparse.Namespace, names: list[str]) -> dict:
+    """alignexp's step on the tiny model with a 32k vocabulary, the output head's log-softmax in chunks
+    (:data:`alignexp.models.logprobs.LOGIT_CHUNK`, the default) and in one piece over every response token."""
+    from alignexp.models.logprobs import LOGIT_CHUNK
+
+    print(f"\n== Log-prob memory at a {VOCAB:,}-token vocabulary: alignexp's step (the tiny model with {VOCAB} "
+          f"rows in its embedding and head), the head's fp32 log-softmax in chunks of {LOGIT_CHUNK // VOCAB} tokens "
+          f"(now) against one chunk of every response token (before); median of {args.vocab_steps} steps per side")
+    specs = (SideSpec("chunked (now)", "alignexp", VOCAB), SideSpec("one piece (before)", "alignexp", VOCAB, 2**62))
+    out: dict = {"vocab": VOCAB, "logit_chunk": LOGIT_CHUNK, "shapes": {}}
+    for name in names:
+        shape = SHAPES[name]
+        print(f"\n[{name}] {shape.description}", flush=True)
+        results, _ = run_sides(shape, specs, args.vocab_steps, args.per_turn, 1, args.threads, args.batches)
+        _print_sides(results)
+        now, before = results[specs[0].label], results[specs[1].label]
+        mem_ratio = now.memory["peak step MB"] / before.memory["peak step MB"]
+        print(f"  ratio now/before: peak step memory {mem_ratio:.3f}, time {now.median_s / before.median_s:.3f}")
+        out["shapes"][name] = {"memory_ratio": mem_ratio, "time_ratio": now.median_s / before.median_s,
+                               "now": asdict(now), "before": asdict(before)}
+    return out

@@ -1,0 +1,5 @@
+"""``python -m alignexp.bench``: runs :func:`alignexp.bench.cli.main`."""
+
+from alignexp.bench.cli import main
+
+main()

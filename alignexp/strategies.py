@@ -62,7 +62,7 @@ class DeepSpeedAnyDevice(DeepSpeedStrategy):
     accelerator (``DS_ACCELERATOR=cpu``) over gloo. On GPUs it is Lightning's strategy unchanged."""
 
     def _on_cpu(self) -> bool:
-        return self.root_device.type == "cpu"
+        return self.parallel_devices is not None and self.root_device.type == "cpu"
 
     def setup_environment(self) -> None:
         if not self._on_cpu():

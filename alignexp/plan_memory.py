@@ -1,5 +1,5 @@
 """The memory formulas of ``python -m alignexp.plan``: parameter counts, model states per strategy,
-activations of a packed micro-batch (see the package docstring, :mod:`alignexp.plan`)."""
+activations of a packed micro-batch (the docstring of :mod:`alignexp.plan` says what each counts)."""
 
 from __future__ import annotations
 

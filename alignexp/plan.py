@@ -3,7 +3,7 @@
 Composes the same config as ``alignexp.train`` (model, loss, hardware, task, batch and sequence
 settings; any override works: ``python -m alignexp.plan model=mistral7b hardware=deepspeed_zero3
 hardware.devices=8 train.batch_size=2``) and prints, per GPU, the training stage in detail
-(:mod:`alignexp.plan.memory`):
+(:mod:`alignexp.plan_memory`):
 
 * **model states**: weights, gradients and optimizer states (AdamW) as the chosen strategy lays them
   out: DeepSpeed ZeRO stage 1/2/3 (Rajbhandari et al. 2020, "ZeRO", section 3.1: mixed-precision Adam
@@ -26,7 +26,7 @@ hardware.devices=8 train.batch_size=2``) and prints, per GPU, the training stage
 * an **allowance** for the CUDA context, the allocator's fragmentation and communication buffers
   (``plan.overhead_gib``, default 2 GiB: an assumption, not a measurement).
 
-and then the **peak of every stage** (:mod:`alignexp.plan.stages`): sampling, the reference
+and then the **peak of every stage** (:mod:`alignexp.plan_stages`): sampling, the reference
 precompute, training, the gather after a sharded fit, evaluation. The run fits when its largest
 stage does.
 
@@ -41,7 +41,7 @@ Plan-only settings, all optional: ``+plan.gpus=16`` (default: hardware.devices x
 Exit status 0 when it fits, 1 when it does not, 2 for a bad config.
 """
 
-from alignexp.plan.memory import (
+from alignexp.plan_memory import (
     DTYPE_BYTES,
     GIB,
     Activations,
@@ -57,7 +57,7 @@ from alignexp.plan.memory import (
     plan_inputs,
     plan_memory,
 )
-from alignexp.plan.stages import RunPlan, StagePeak, plan_for_run, plan_run, stage_peaks
+from alignexp.plan_stages import RunPlan, StagePeak, plan_for_run, plan_run, stage_peaks
 
 __all__ = ["DTYPE_BYTES", "GIB", "Activations", "MemoryPlan", "ModelCounts", "ModelStates", "PlanInputs", "RunPlan",
            "StagePeak", "activation_bytes", "count_parameters", "layer_bytes_per_token", "make_inputs",
@@ -66,10 +66,18 @@ __all__ = ["DTYPE_BYTES", "GIB", "Activations", "MemoryPlan", "ModelCounts", "Mo
 
 
 def main() -> None:
-    """``python -m alignexp.plan`` (:mod:`alignexp.plan.__main__`)."""
-    from alignexp.plan.__main__ import main as entry
+    """The Hydra entry point (``conf/train.yaml``); writes no run folder or log file."""
+    import sys
 
-    entry()
+    import hydra
+
+    from alignexp.config import CONF_DIR
+
+    defaults = {"hydra.run.dir": ".", "hydra.output_subdir": "null", "hydra/job_logging": "disabled",
+                "hydra/hydra_logging": "disabled"}
+    given = {arg.split("=", 1)[0].lstrip("+~") for arg in sys.argv[1:] if "=" in arg}
+    sys.argv += [f"{key}={value}" for key, value in defaults.items() if key not in given]
+    hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")(_main)()
 
 
 def _main(cfg) -> None:
@@ -86,3 +94,7 @@ def _main(cfg) -> None:
     print(json.dumps(plan.record()))
     if plan.fits is False:
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -342,10 +342,7 @@ def test_gpu_check_runs_on_cpu_without_hydra_omegaconf_datasets_or_deepspeed(tmp
     env = {**os.environ, "PYTHONPATH": str(blocker), "PYTHON": sys.executable, "GPU_CHECK_WHEELS": str(tmp_path)}
     result = subprocess.run(
         ["bash", "scripts/gpu_check.sh", "--device", "cpu", "--size", "tiny", "--layers", "1", "--steps", "2",
-         "--warmup", "1", "--batch", "2", "--prompt-len", "12", "--response-len", "6", "--out", str(out),
-         # a window longer than the parity check's sequences (a shorter one checks the packed forward's
-         # windowed block mask, which the log-prob code needs for Mistral beyond its window)
-         "--parity-window", "4096"],
+         "--warmup", "1", "--batch", "2", "--prompt-len", "12", "--response-len", "6", "--out", str(out)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads(result.stdout.strip().splitlines()[-1])
@@ -355,7 +352,8 @@ def test_gpu_check_runs_on_cpu_without_hydra_omegaconf_datasets_or_deepspeed(tmp
     assert record["packing_max_abs_diff"] < 1e-4  # a response scores the same packed with its siblings or alone
     assert record["mfu"] is None and record["peak_memory_gib"] > 0 and record["ok"]
     parity = record["checks"]["packed_parity"]
-    assert parity["ok"] and parity["max_abs_diff_float32"] <= parity["tolerance"]  # packed = plain HF forward
+    # packed = a plain HF forward, with a sliding window (32) shorter than the sequences (72)
+    assert parity["ok"] and parity["max_abs_diff_float32"] <= parity["tolerance"] and parity["window"] == 32
     assert record["checks"]["zero3"]["skipped"] and 0 < record["attention_flops_share"] < 1
 
 

@@ -470,8 +470,10 @@ class RunArgs:
     run_name: str = "run"
     imports: list[str] = field(default_factory=list)
     resume: str | None = None
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         check_number("seed", self.seed, integer=True)
         check_choice("pairs", self.pairs, PAIR_STRATEGIES)
+        check_choice("backend", self.backend, ("auto", "hf", "vllm"))
         self.output_dir, self.cache_dir = Path(self.output_dir), Path(self.cache_dir)

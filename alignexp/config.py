@@ -96,6 +96,7 @@ def validate(cfg: DictConfig) -> RunArgs:
         pairs=container.get("pairs", "best_worst"),
         init_from=container.get("init_from"),
         run_name=str(container.get("run_name") or name),
+        backend=str(container.get("backend", "auto")),
         imports=list(container.get("imports") or []),
         resume=container.get("resume"),
     )

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TypeVar
 
@@ -21,6 +21,20 @@ import torch.distributed as dist
 from alignexp.files import file_lock
 
 T = TypeVar("T")
+
+_CACHE_RECORDERS: list[list[Path]] = []
+
+
+@contextmanager
+def caches_used() -> Iterator[list[Path]]:
+    """A list that collects the path of every cache entry :func:`shared_cache` reads or writes meanwhile
+    (a run's provenance: the SFT policy, the preference data, the reference log-probs it used)."""
+    used: list[Path] = []
+    _CACHE_RECORDERS.append(used)
+    try:
+        yield used
+    finally:
+        _CACHE_RECORDERS.remove(used)
 R = TypeVar("R")
 
 log = logging.getLogger(__name__)
@@ -130,6 +144,8 @@ def shared_cache(path: Path, compute: Callable[[], T], save: Callable[[T, Path],
     concurrent job that needs the same entry waits and then loads it, instead of computing it again or
     reading half of it.
     """
+    for used in _CACHE_RECORDERS:
+        used.append(Path(path))
     with file_lock(path) if is_main() else nullcontext():
         found = broadcast(exists(path) if is_main() else None)
         if found:

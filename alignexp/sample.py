@@ -194,8 +194,6 @@ def run(cfg: DictConfig) -> Path:
     setup_runtime(args.seed, args.hardware.threads)
     if cfg.split not in ("train", "eval"):
         raise SampleError(f"split must be train or eval, got {cfg.split!r}")
-    if cfg.backend not in ("auto", "hf", "vllm"):
-        raise SampleError(f"backend must be auto, hf or vllm, got {cfg.backend!r}")
     sample_args = SampleArgs(n=cfg.n, chunk_size=cfg.chunk_size, batch_size=cfg.batch_size, seed=args.seed,
                              max_prompt_len=args.model.max_prompt_len,
                              **OmegaConf.to_container(cfg.sampling, resolve=True))
@@ -208,11 +206,13 @@ def run(cfg: DictConfig) -> Path:
     if cfg.max_prompts:
         prompts = prompts[:cfg.max_prompts]
 
-    from alignexp.sampling.vllm_backend import VLLMEngine, vllm_available
+    from alignexp.sampling.vllm_backend import VLLMEngine, choose_backend
 
-    use_vllm = cfg.backend == "vllm" or (cfg.backend == "auto" and vllm_available())
-    if cfg.backend == "vllm" and not vllm_available():
-        raise SampleError("backend=vllm: vllm is not installed or no CUDA device is visible (use backend=hf)")
+    try:
+        choice = choose_backend(args.backend)
+    except RuntimeError as error:
+        raise SampleError(str(error)) from None
+    use_vllm = choice.name == "vllm"
     backend, model = None, None
     if use_vllm:
         backend = VLLMEngine(policy_path)

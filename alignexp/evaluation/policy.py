@@ -49,22 +49,27 @@ def scores_cheaply(judge: Judge | None) -> bool:
 
 # -- sampling and log-probs --------------------------------------------------------------------------
 def sample(model, tokenizer, prompts: Sequence[Text], n: int, params: SamplingParams, args: EvalArgs,
-           desc: str) -> list[list[Generation]]:
+           desc: str, backend=None) -> list[list[Generation]]:
     """n generations per prompt in chunks (a tqdm bar); prompt i keeps its own random streams. On N ranks
-    the chunks are sharded over the ranks and gathered in order (the one-process samples exactly)."""
+    the chunks are sharded over the ranks and gathered in order (the one-process samples exactly).
+    ``backend``: None samples ``model`` with the HF engine; a backend (vLLM) is given its weights first."""
+    if backend is not None:
+        backend.sync_weights(model)
     chunk = max(1, args.batch_size // n)
     starts = range(0, len(prompts), chunk)
     parts = shard_map(lambda i: sample_responses(model, tokenizer, prompts[starts[i]:starts[i] + chunk], n, params,
                                                  seed=args.seed, max_prompt_len=args.max_prompt_len,
-                                                 batch_size=args.batch_size, first_index=starts[i]),
+                                                 batch_size=args.batch_size, first_index=starts[i], backend=backend),
                       len(starts), desc if args.progress else None)
     return [row for part in parts for row in part]
 
 
-def sample_texts(model, tokenizer, prompts: Sequence[Text], n: int, args: EvalArgs, desc: str) -> list[list[str]]:
+def sample_texts(model, tokenizer, prompts: Sequence[Text], n: int, args: EvalArgs, desc: str,
+                 backend=None) -> list[list[str]]:
     """n decoded samples per prompt at temperature 1 (held-out rankings, best-of-N)."""
     params = SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens)
-    return [[decode(tokenizer, g) for g in row] for row in sample(model, tokenizer, prompts, n, params, args, desc)]
+    rows = sample(model, tokenizer, prompts, n, params, args, desc, backend)
+    return [[decode(tokenizer, g) for g in row] for row in rows]
 
 
 def encode_generations(tokenizer, prompts: Sequence[Text], generations: Sequence[Sequence[Generation]],
@@ -96,13 +101,13 @@ def judge_scores(judge: Judge, prompts: Sequence[Text], candidates: Sequence[Seq
 
 
 # -- held-out rankings ---------------------------------------------------------------------------------
-def heldout_rankings(task: Task, reference, tokenizer, args: EvalArgs) -> list[RankedExample]:
+def heldout_rankings(task: Task, reference, tokenizer, args: EvalArgs, backend=None) -> list[RankedExample]:
     """The task's held-out rankings with 2 or more responses (at most ``args.max_preference_examples``):
     sampled from the reference (temperature 1) on the eval prompts and labelled by the task where it
     samples its preferences, read from its held-out split elsewhere."""
     if task.samples_preferences:
         def sample_fn(prompts: list[Text], n: int) -> list[list[str]]:
-            return sample_texts(reference, tokenizer, prompts, n, args, "held-out rankings")
+            return sample_texts(reference, tokenizer, prompts, n, args, "held-out rankings", backend)
 
         examples = task.preference_examples(args.preference_split or task.eval_split, sample_fn=sample_fn)
     else:
@@ -114,11 +119,11 @@ def heldout_rankings(task: Task, reference, tokenizer, args: EvalArgs) -> list[R
 
 
 def preference_metrics(policy, reference, tokenizer, task: Task, judge: Judge | None, args: EvalArgs,
-                       max_response_len: int) -> tuple[dict, dict, dict]:
+                       max_response_len: int, backend=None) -> tuple[dict, dict, dict]:
     """``preference_accuracy`` (and the implicit-reward margin) of policy and reference, and the judge's
     accuracy on the same held-out rankings. Returns (policy metrics, reference metrics, comparisons)."""
     try:
-        examples = heldout_rankings(task, reference, tokenizer, args)
+        examples = heldout_rankings(task, reference, tokenizer, args, backend)
     except UNAVAILABLE as error:
         # data unavailable offline, or a task without held-out rankings: skipped unless asked for by name
         if args.preference_split is not None:
@@ -221,18 +226,18 @@ def measure(judge: Judge | None, task: Task, prompts: Sequence[Text], samples: S
 
 
 def sample_decoded(model, tokenizer, prompts: Sequence[Text], params: SamplingParams, args: EvalArgs,
-                   desc: str) -> tuple[list[str], list[Generation]]:
+                   desc: str, backend=None) -> tuple[list[str], list[Generation]]:
     """One generation per prompt and its text."""
-    generations = [row[0] for row in sample(model, tokenizer, prompts, 1, params, args, desc)]
+    generations = [row[0] for row in sample(model, tokenizer, prompts, 1, params, args, desc, backend)]
     return [decode(tokenizer, g) for g in generations], generations
 
 
 def best_of_n(reference, tokenizer, prompts: Sequence[Text], judge: Judge, task: Task,
-              args: EvalArgs) -> list[dict[str, float]]:
+              args: EvalArgs, backend=None) -> list[dict[str, float]]:
     """Best-of-N from the reference at temperature 1, selected by the judge's score, for each N of
     ``args.best_of_n`` (the N candidates of the largest N serve every smaller one)."""
     n_max = max(args.best_of_n)
-    texts = sample_texts(reference, tokenizer, prompts, n_max, args, f"best-of-{n_max} samples")
+    texts = sample_texts(reference, tokenizer, prompts, n_max, args, f"best-of-{n_max} samples", backend)
     scores = judge_scores(judge, prompts, texts, args, f"best-of-N scoring ({judge.name})")
     out = []
     for n in sorted(set(args.best_of_n)):
@@ -249,11 +254,11 @@ def best_of_n(reference, tokenizer, prompts: Sequence[Text], judge: Judge, task:
 
 def _at_temperature(policy, reference, tokenizer, task: Task, judge: Judge | None, args: EvalArgs,
                     temperature: float, prompts: Sequence[Text], references: Sequence[Text] | None,
-                    baseline: str, use_references: bool) -> dict[str, Any]:
+                    baseline: str, use_references: bool, backend=None) -> dict[str, Any]:
     """One temperature's samples of policy and reference, their metrics, comparisons and KL."""
     params = SamplingParams(temperature=float(temperature), max_new_tokens=args.max_new_tokens)
-    samples = {who: sample_decoded(model, tokenizer, prompts, params, args, f"sampling {who} (T={temperature:g})")
-               for who, model in (("policy", policy), ("reference", reference))}
+    samples = {who: sample_decoded(model, tokenizer, prompts, params, args, f"sampling {who} (T={temperature:g})",
+                                   backend) for who, model in (("policy", policy), ("reference", reference))}
     encoded = encode_generations(tokenizer, prompts, [[g] for g in samples["policy"][1]], args.max_prompt_len)
     log_ratio = [row[0] for row in implicit_rewards(policy, reference, encoded, tokenizer.pad_token_id, 1.0,
                                                     args.batch_size)]
@@ -298,8 +303,9 @@ def headline(by_temperature: dict[str, dict], n_prompts: int, extra: dict[str, d
 
 
 def evaluate_policy(policy, reference, tokenizer, task: Task, args: EvalArgs, judge: Judge | None = None,
-                    max_response_len: int | None = None) -> dict:
+                    max_response_len: int | None = None, backend=None) -> dict:
     """Sample policy and reference on the held-out prompts and measure them (docs/evaluation.md).
+    ``backend``: what samples (None: the HF engine on each model; vLLM: given each model's weights in turn).
 
     ``judge``: the run's judge (:func:`alignexp.judges.build_judge`), or None for no judge (no win
     rates; the gold reward and the text metrics still run). The headline ``policy``/``reference``/
@@ -316,7 +322,7 @@ def evaluate_policy(policy, reference, tokenizer, task: Task, args: EvalArgs, ju
     if args.preference_accuracy:
         t0 = time.time()
         pref_policy, pref_reference, pref_comparisons = preference_metrics(
-            policy, reference, tokenizer, task, judge, args, max_response_len)
+            policy, reference, tokenizer, task, judge, args, max_response_len, backend)
         timings["preference_accuracy"] = time.time() - t0
 
     by_temperature: dict[str, dict] = {}
@@ -324,13 +330,13 @@ def evaluate_policy(policy, reference, tokenizer, task: Task, args: EvalArgs, ju
         t0 = time.time()
         by_temperature[f"{float(temperature):g}"] = _at_temperature(
             policy, reference, tokenizer, task, judge, args, temperature, prompts, references, baseline,
-            use_references)
+            use_references, backend)
         timings[f"T={float(temperature):g}"] = time.time() - t0
 
     best: list[dict] = []
     if args.best_of_n and hasattr(judge, "score"):
         t0 = time.time()
-        best = best_of_n(reference, tokenizer, prompts, judge, task, args)
+        best = best_of_n(reference, tokenizer, prompts, judge, task, args, backend)
         timings["best_of_n"] = time.time() - t0
 
     result = headline(by_temperature, len(prompts), {"policy": pref_policy, "reference": pref_reference,

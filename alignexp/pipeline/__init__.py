@@ -33,17 +33,21 @@ every rank over the gathered data, so all ranks hold the same results and take t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from pathlib import Path
 
 from alignexp.args import RunArgs
 from alignexp.config import instantiate_target
+from alignexp.distributed import caches_used
 from alignexp.losses import get_loss
 from alignexp.models.backbone import build_tokenizer
 from alignexp.models.dropout import disable_dropout
 from alignexp.models.lora import AdaptersOff, apply_lora
 from alignexp.pipeline import evaluation, ppo, preference, reward_model  # noqa: F401  (the stages register here)
 from alignexp.pipeline.context import STAGES, RunContext, Stage, get_stage, register_stage
+from alignexp.pipeline.fit import save_policy
 from alignexp.pipeline.weights import check_weights, ensure_sft_policy, load_model, resolve_weights
 from alignexp.tasks.base import Task
 
@@ -75,11 +79,36 @@ def models(ctx: RunContext) -> None:
         ctx.reference = AdaptersOff(ctx.policy)
     else:
         ctx.reference = load_model(model_args, ctx.tokenizer, ctx.hw, frozen=True)
+    ctx.backend = sampling_backend(ctx)
     train = ctx.args.train
     if train.disable_dropout:  # train-mode forwards without dropout noise (log-prob differences stay exact)
         switched = disable_dropout(ctx.policy, lora=not train.keep_lora_dropout)
         if switched:
             log.info("dropout: %d dropout settings of the policy set to 0 (train.disable_dropout)", switched)
+
+
+def sampling_backend(ctx: RunContext):
+    """What samples (``backend``): None for the HF engine on each model (the default where vLLM cannot run, and
+    on several processes, whose sampling is sharded), or vLLM started from the policy's starting weights and
+    given each model's weights before it samples. The choice and its reason go into eval.json."""
+    from alignexp.distributed import world_size
+    from alignexp.sampling.samplers import sampling_tag
+    from alignexp.sampling.vllm_backend import build_backend, choose_backend
+
+    choice = choose_backend(ctx.args.backend)
+    backend = None
+    if choice.name == "vllm" and world_size() > 1:
+        choice = dataclasses.replace(choice, name="hf", reason=f"{choice.reason}; but {world_size()} processes "
+                                                                "share the sampling, so the HF engine samples")
+    elif choice.name == "vllm":
+        folder = ctx.init
+        if folder is None or not Path(folder).is_dir():  # vLLM starts from a folder: the built model's weights
+            folder = ctx.out / ".vllm-start"
+            save_policy(ctx.policy, ctx.tokenizer, folder)
+        backend, choice = build_backend("vllm", ctx.policy, ctx.tokenizer.pad_token_id, model_path=folder)
+    ctx.record_extra["sampling"] = {"backend": choice.name, "reason": choice.reason, "engine": sampling_tag(backend)}
+    log.info("sampling: %s (%s)", choice.name, choice.reason)
+    return backend
 
 
 def plan(spec, sampler) -> list[str]:
@@ -107,8 +136,9 @@ def run(args: RunArgs, task: Task) -> dict:
     log.info("run folder: %s", args.output_dir)
     log.info("task: %s; loss: %s %s; model: %s; hardware: %s; stages: %s", task.name, spec.name, args.loss.hparams,
              args.model.name, args.hardware.name, " -> ".join(stages))
-    for name in stages:
-        start = time.time()
-        get_stage(name).run(ctx)
-        log.info("stage %s: %.1fs", name, time.time() - start)
+    with caches_used() as ctx.caches:  # eval.json's provenance names them
+        for name in stages:
+            start = time.time()
+            get_stage(name).run(ctx)
+            log.info("stage %s: %.1fs", name, time.time() - start)
     return ctx.record

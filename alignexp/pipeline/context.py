@@ -38,6 +38,8 @@ class RunContext:
     reference: Any = None
     record: dict = field(default_factory=dict)
     record_extra: dict = field(default_factory=dict)
+    backend: Any = None
+    caches: list[Path] = field(default_factory=list)
 
     @property
     def hw(self) -> HardwareArgs:

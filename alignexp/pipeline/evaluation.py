@@ -13,6 +13,7 @@ from alignexp.judges import build_judge
 from alignexp.pipeline.context import RunContext, register_stage
 from alignexp.pipeline.fit import save_policy
 from alignexp.pipeline.preference import sampler_context
+from alignexp.provenance import provenance
 
 
 @register_stage("save_policy", ranks="rank 0 writes (the fit left every rank the whole trained model); the others "
@@ -28,8 +29,8 @@ def _finish(ctx: RunContext, result: dict, loss: str, **extra) -> None:
     """eval.json and the table, by rank 0 (every rank keeps the record)."""
     def write() -> dict:
         record = write_eval_json(ctx.out / "eval.json", task=ctx.task.name, loss=loss, model=ctx.args.model.name,
-                                 result=result, **extra, **ctx.record_extra,
-                                 init_from=ctx.init)
+                                 result=result, **extra, **ctx.record_extra, init_from=ctx.init,
+                                 provenance=provenance({f"{p.parent.name}/{p.name}": str(p) for p in ctx.caches}))
         print(format_table(result), flush=True)
         print(f"[alignexp] eval.json: {ctx.out / 'eval.json'}", flush=True)
         return record
@@ -59,7 +60,7 @@ def evaluate(ctx: RunContext) -> None:
         return
     judge = build_judge(args.judge, ctx.task, key="judge", device=ctx.hw.torch_device)
     result = evaluate_policy(ctx.policy, ctx.reference, ctx.tokenizer, ctx.task, args.eval, judge=judge,
-                             max_response_len=args.model.max_response_len)
+                             max_response_len=args.model.max_response_len, backend=ctx.backend)
     _finish(ctx, result, ctx.spec.name, hparams=args.loss.hparams)
 
 
@@ -73,5 +74,6 @@ def best_of_n(ctx: RunContext) -> None:
     (eval.json's ``best_of_n``); nothing is trained."""
     judge = ctx.sampler.judge_for(sampler_context(ctx))
     eval_args = dataclasses.replace(ctx.args.eval, best_of_n=[ctx.sampler.n])
-    result = evaluate_policy(ctx.policy, ctx.reference, ctx.tokenizer, ctx.task, eval_args, judge=judge)
+    result = evaluate_policy(ctx.policy, ctx.reference, ctx.tokenizer, ctx.task, eval_args, judge=judge,
+                             backend=ctx.backend)
     _finish(ctx, result, "best_of_n")

@@ -33,7 +33,7 @@ def sampler_context(ctx: RunContext) -> SamplerContext:
     return SamplerContext(task=ctx.task, tokenizer=ctx.tokenizer, policy=ctx.policy, reference=ctx.reference,
                           reference_key=ctx.init or "", seed=args.seed, cache_dir=args.cache_dir,
                           max_prompt_len=args.model.max_prompt_len, max_response_len=args.model.max_response_len,
-                          task_config=args.task)
+                          task_config=args.task, backend=ctx.backend)
 
 
 def shape_for_loss(ctx: RunContext, examples: list[RankedExample], round_index: int) -> list[RankedExample]:

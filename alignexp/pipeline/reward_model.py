@@ -22,6 +22,7 @@ from alignexp.modules.reward import (
 from alignexp.pipeline.context import RunContext, register_stage
 from alignexp.pipeline.fit import fit, global_batch_size, schedule
 from alignexp.pipeline.preference import check_training_data, sampler_context, shape_for_loss
+from alignexp.provenance import provenance
 
 log = logging.getLogger(__name__)
 
@@ -76,4 +77,5 @@ def measure_and_save(ctx: RunContext, model, train_encoded: list, heldout: list,
                            model=model_args.name, result={"n_prompts": len(heldout), "policy": {},
                                                           "reference": {}, "comparisons": {},
                                                           "reward_model": metrics},
-                           hparams=args.loss.hparams, init_from=ctx.init, **extra)
+                           hparams=args.loss.hparams, init_from=ctx.init, **extra,
+                           provenance=provenance({f"{p.parent.name}/{p.name}": str(p) for p in ctx.caches}))

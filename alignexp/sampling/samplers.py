@@ -68,16 +68,29 @@ class SamplerContext:
     max_prompt_len: int
     max_response_len: int
     task_config: dict = field(default_factory=dict)
+    backend: Any = None
+    """None: the HF engine samples the model given; else a sampling backend (vLLM) given its weights first."""
+
+
+def sampling_tag(backend: Any) -> str:
+    """What drew a sample, for cache keys: the HF engine and its streams' version, or the backend's tag."""
+    return backend.cache_tag if backend is not None else f"hf-engine{ENGINE_VERSION}"
 
 
 def draw(model: Any, tokenizer: Any, prompts: list[Text], n: int, params: SamplingParams, *, seed: int,
-         max_prompt_len: int, batch_size: int = 64) -> list[list[SampledText]]:
+         max_prompt_len: int, batch_size: int = 64, backend: Any = None) -> list[list[SampledText]]:
     """n samples per prompt, as text that carries the tokens sampled (:class:`SampledText`).
 
-    On N ranks (every rank calls it) the prompts are sharded in chunks of ``batch_size // n`` and the
-    samples gathered: each prompt keeps its own random streams, and when n divides ``batch_size`` each
-    chunk is exactly one batch of the one-process run, so the samples are the same bit for bit."""
-    if world_size() == 1:
+    ``backend``: None samples ``model`` with the HF engine; a backend (vLLM) is first given ``model``'s
+    weights (:mod:`alignexp.sampling.vllm_backend`). On N ranks (every rank calls it; the HF engine) the
+    prompts are sharded in chunks of ``batch_size // n`` and the samples gathered: each prompt keeps its own
+    random streams, and when n divides ``batch_size`` each chunk is exactly one batch of the one-process
+    run, so the samples are the same bit for bit."""
+    if backend is not None:
+        backend.sync_weights(model)
+        rows = sample_responses(model, tokenizer, prompts, n, params, seed=seed, max_prompt_len=max_prompt_len,
+                                batch_size=batch_size, backend=backend)
+    elif world_size() == 1:
         rows = sample_responses(model, tokenizer, prompts, n, params, seed=seed, max_prompt_len=max_prompt_len,
                                 batch_size=batch_size)
     else:
@@ -138,12 +151,12 @@ class OfflineSampler:
             return self.check(task)
         # Keyed by everything the content depends on: the reference, the task's settings, the seed of the
         # sampling streams, and the engine that drew them.
-        key = digest(ctx.reference_key, ctx.task_config, ctx.seed, ENGINE_VERSION)
+        key = digest(ctx.reference_key, ctx.task_config, ctx.seed, sampling_tag(ctx.backend))
         path = ctx.cache_dir / "preferences" / f"{task.name}-{key}.jsonl"
         params = SamplingParams(temperature=1.0, max_new_tokens=ctx.max_response_len)
 
         def sample_fn(prompts, n):
-            return draw(ctx.reference, ctx.tokenizer, prompts, n, params, seed=ctx.seed,
+            return draw(ctx.reference, ctx.tokenizer, prompts, n, params, seed=ctx.seed, backend=ctx.backend,
                         max_prompt_len=ctx.max_prompt_len)
 
         def load(found: Path) -> list[RankedExample]:
@@ -222,6 +235,7 @@ class JudgedSampler:
         base = int(digest(ctx.seed, self.name, stream), 16) % (2 ** 31)
         start = time.time()
         texts = draw(model, ctx.tokenizer, prompts, n, params, seed=base, max_prompt_len=ctx.max_prompt_len,
+                     backend=ctx.backend,
                      batch_size=self.batch_size)
         log.info("%s sampler: %d x %d samples in %.1fs", self.name, len(prompts), n, time.time() - start)
         return texts

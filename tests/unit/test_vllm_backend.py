@@ -295,3 +295,37 @@ def test_the_standalone_engine_keeps_its_gpu(fake_vllm, saved):
     engine = vllm_backend.VLLMEngine(saved)
     assert engine.llm.kwargs["gpu_memory_utilization"] == 0.85 and not engine.llm.kwargs["enable_sleep_mode"]
     assert not engine.asleep
+
+
+# -- the run's sampling through the backend ------------------------------------------------------------------
+def test_a_run_samples_its_rankings_and_evaluation_through_vllm(fake_vllm, tiny, compose, tmp_path, monkeypatch):
+    """``backend=vllm``: the preference data and the evaluation's samples come from the (stand-in) vLLM engine,
+    given the reference's and the policy's weights before each sampling; eval.json says what sampled."""
+    import json
+
+    from alignexp.train import run
+
+    model, tokenizer = tiny
+    start = tmp_path / "start"
+    model.save_pretrained(start)
+    tokenizer.save_pretrained(start)
+    engines = []
+    real = fake_vllm.LLM
+
+    def keep(*args, **kwargs):
+        engines.append(real(*args, **kwargs))
+        return engines[-1]
+
+    monkeypatch.setattr(fake_vllm, "LLM", keep)
+    cfg = compose("loss=dpo", "debug=fast", "backend=vllm", "hardware=cpu", f"init_from={start}",
+                  "task.n_train_prompts=8", "task.n_eval_prompts=4", "eval.max_new_tokens=6",
+                  "model.max_response_len=6")
+    run(cfg)
+    record = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert record["sampling"] == {"backend": "vllm", "reason": "vLLM was asked for (backend=vllm)",
+                                  "engine": "vllm-0.0-fake"}
+    engine = engines[0]
+    assert len(engines) == 1
+    # 8 prompts x 4 responses for the rankings; 4 prompts x (policy + reference) at the one temperature
+    assert len(engine.requests) == 8 * 4 + 4 * 2
+    assert engine.model.loads >= 3  # synced to the reference, then to the policy and the reference again

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import random
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,3 +28,28 @@ class GoldJudge(ScoreJudge):
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
         return [float(self.reward_fn(p, r)) for p, r in zip(prompts, responses)]
+
+
+class NoisyGoldJudge(GoldJudge):
+    """The gold reward plus Gaussian noise: a stand-in for an imperfect judge (an LLM judge's errors).
+
+    score(x, y) = r*(x, y) + noise * z, with z ~ N(0, 1) drawn from a stream keyed by (``seed``, x, y), so
+    the same response is always scored the same; two responses are then ordered against the gold reward
+    with probability Phi(|r*_1 - r*_2| / (noise * sqrt 2)) (Thurstone's model).
+    """
+
+    name = "noisy_gold"
+
+    def __init__(self, task: Task, noise: float = 0.2, seed: int = 0, **_: Any):
+        super().__init__(task)
+        if not noise >= 0:
+            raise ValueError(f"judge.noise must be >= 0, got {noise}")
+        self.noise, self.seed = float(noise), int(seed)
+
+    def score(self, prompts: Sequence[Text], responses: Sequence[Text]) -> list[float]:
+        gold = super().score(prompts, responses)
+        return [g + self.noise * random.Random(self._key(p, r)).gauss(0.0, 1.0)
+                for g, p, r in zip(gold, prompts, responses)]
+
+    def _key(self, prompt: Text, response: Text) -> str:
+        return hashlib.sha256(json.dumps([self.seed, prompt, str(response)]).encode()).hexdigest()

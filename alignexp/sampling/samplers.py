@@ -240,6 +240,22 @@ class JudgedSampler:
         log.info("%s sampler: %d x %d samples in %.1fs", self.name, len(prompts), n, time.time() - start)
         return texts
 
+    def reference_samples(self, ctx: SamplerContext, prompts: list[Text], n: int, stream: int) -> list[list[str]]:
+        """:meth:`sample` of the reference (a fixed model), cached on disk under a key of everything they
+        depend on (the reference, the prompts, the seed and stream, the sampling settings, the engine), so
+        the runs of a sweep that share them sample once."""
+        key = digest(ctx.reference_key, list(prompts), ctx.seed, self.name, stream, n, self.temperature, self.top_k,
+                     self.top_p, self.max_new_tokens or ctx.max_response_len, sampling_tag(ctx.backend))
+        path = ctx.cache_dir / "samples" / f"{ctx.task.name}-{self.name}-{key}.jsonl"
+
+        def compute() -> list[RankedExample]:
+            rows = self.sample(ctx.reference, ctx, prompts, n, stream)
+            return [RankedExample(prompt, list(row)) for prompt, row in zip(prompts, rows)]
+
+        cached = shared_cache(path, compute, lambda value, target: write_jsonl_examples(target, value),
+                              read_jsonl_examples)
+        return [list(ex.responses) for ex in cached]
+
     def record(self, round_index: int, **figures: float) -> None:
         self.history.append({"round": round_index, **figures})
         log.info("%s sampler, round %d: %s", self.name, round_index,
@@ -265,7 +281,7 @@ class RSOSampler(JudgedSampler):
 
     def examples(self, ctx: SamplerContext, round_index: int) -> list[RankedExample]:
         prompts = self.prompts(ctx)
-        candidates = self.sample(ctx.reference, ctx, prompts, self.num_candidates, round_index)
+        candidates = self.reference_samples(ctx, prompts, self.num_candidates, round_index)
         judge_name, flat = on_main(lambda: (self.judge_for(ctx).name, self.judge_for(ctx).score(
             [p for p, cs in zip(prompts, candidates) for _ in cs], [c for cs in candidates for c in cs])))
         out: list[RankedExample] = []
@@ -328,12 +344,28 @@ class SelfBootstrapSampler(JudgedSampler):
 
     name = "self_bootstrap"
 
-    def __init__(self, name: str = "self_bootstrap", rounds: int = 2, num_new: int = 1, **kwargs: object):
+    def __init__(self, name: str = "self_bootstrap", rounds: int = 2, num_new: int = 1, source: str | None = None,
+                 **kwargs: object):
         super().__init__(name, **kwargs)
         if rounds < 1 or num_new < 1:
             raise ValueError(f"sampler.rounds and sampler.num_new must be >= 1, got {rounds}, {num_new}")
-        self.rounds, self.num_new = rounds, num_new
+        self.rounds, self.num_new, self.source = rounds, num_new, source
         self._base: list[RankedExample] | None = None
+        self._source_model: Any = None
+
+    def sampling_model(self, ctx: SamplerContext) -> Any:
+        """The current policy (PRO's self-bootstrapping), or the external policy in the folder ``source``
+        (PRO's comparison: responses of a stronger policy added instead), loaded once."""
+        if self.source is None:
+            return ctx.policy
+        if self._source_model is None:
+            from alignexp.args import ModelArgs
+            from alignexp.models.backbone import build_model
+
+            device = next(ctx.policy.parameters()).device
+            self._source_model = build_model(ModelArgs(name="source", path=str(self.source)), ctx.tokenizer,
+                                             device.type).to(device).requires_grad_(False).eval()
+        return self._source_model
 
     def check(self, task: Task) -> list[RankedExample] | None:
         """The judge and prompts (as every judged sampler), and the task's own rankings it adds samples to."""
@@ -347,7 +379,7 @@ class SelfBootstrapSampler(JudgedSampler):
             if self.max_prompts:
                 self._base = self._base[:self.max_prompts]
         prompts = [ex.prompt for ex in self._base]
-        new = self.sample(ctx.policy, ctx, prompts, self.num_new, round_index)
+        new = self.sample(self.sampling_model(ctx), ctx, prompts, self.num_new, round_index)
         ranked = on_main(lambda: self.judge_for(ctx).rank_all(
             prompts, [list(ex.responses) + ys for ex, ys in zip(self._base, new)],
             [{"source": "self_bootstrap", "index": i, "round": round_index} for i in range(len(prompts))]))
@@ -356,6 +388,42 @@ class SelfBootstrapSampler(JudgedSampler):
                        for s, index in zip(ex.scores, ex.meta["order"]) if index >= base.n]
         self.record(round_index, new_samples_reward=_mean(new_rewards),
                     ranking_reward=_mean([s for ex in ranked for s in ex.scores]), rankings=len(ranked))
+        return ranked
+
+
+class RelabelSampler(JudgedSampler):
+    """The task's rankings, their responses re-ranked by the sampler's judge (one round): AI feedback (a
+    reward model, an LLM judge) on exactly the responses that the task's own labels rank, so the two kinds
+    of labels can be compared on the same data. ``history`` records how often the judge's order of a pair
+    agrees with the task's."""
+
+    name = "relabel"
+
+    def __init__(self, name: str = "relabel", **kwargs: object):
+        super().__init__(name, **kwargs)
+        self.rounds = 1
+
+    def check(self, task: Task) -> list[RankedExample] | None:
+        super().check(task)
+        OfflineSampler().check(task)
+        return None
+
+    def examples(self, ctx: SamplerContext, round_index: int) -> list[RankedExample]:
+        base = OfflineSampler().examples(ctx, 0)
+        if self.max_prompts:
+            base = base[:self.max_prompts]
+        ranked = on_main(lambda: self.judge_for(ctx).rank_all(
+            [ex.prompt for ex in base], [list(ex.responses) for ex in base],
+            [{"source": "relabel", "index": i} for i in range(len(base))]))
+        agree, pairs = 0.0, 0
+        for ex, original in zip(ranked, base):  # order[k]: the given (task-ranked) index of the k-th response
+            position = {index: k for k, index in enumerate(ex.meta["order"])}
+            for i in range(original.n):
+                for j in range(i + 1, original.n):
+                    if original.scores is None or original.scores[i] != original.scores[j]:
+                        pairs += 1
+                        agree += position[i] < position[j]
+        self.record(round_index, label_agreement=agree / pairs if pairs else float("nan"), rankings=len(ranked))
         return ranked
 
 

@@ -3,6 +3,7 @@ what RSO, RAFT and self-bootstrapping keep, their configs, and how loss=rso / lo
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from pathlib import Path
@@ -13,6 +14,7 @@ from omegaconf import OmegaConf
 
 from alignexp.args import instantiate_target
 from alignexp.config import CONF_DIR
+from alignexp.judges.gold import GoldJudge
 from alignexp.losses import get_loss
 from alignexp.sampling import samplers
 from alignexp.sampling.rejection import rejection_sample
@@ -59,7 +61,8 @@ def test_rejection_sampling_stops_at_num_samples_and_checks_its_settings():
 
 
 CLASSES = {"offline": samplers.OfflineSampler, "rso": samplers.RSOSampler, "raft": samplers.RaftSampler,
-           "self_bootstrap": samplers.SelfBootstrapSampler, "best_of_n": samplers.BestOfNSampler}
+           "self_bootstrap": samplers.SelfBootstrapSampler, "best_of_n": samplers.BestOfNSampler,
+           "relabel": samplers.RelabelSampler}
 
 
 def build_sampler(name: str, **settings):
@@ -256,3 +259,95 @@ def test_sampled_tokens_reach_training_without_a_text_round_trip(tmp_path):
                 assert (ids[-1] == tokenizer.eos_token_id) == response.finished
     copied = pickle.loads(pickle.dumps(cut[0]))
     assert copied == cut[0] and copied.token_ids == cut[0].token_ids and copied.finished is False
+
+
+def test_relabel_reranks_the_same_responses_with_the_samplers_judge(tmp_path, monkeypatch):
+    """A judge that prefers the opposite of the task reverses every ranking (agreement 0); the gold judge
+    keeps them (agreement 1); a noisy gold judge lands between, on the same responses."""
+    from alignexp.judges.gold import NoisyGoldJudge
+
+    base = [RankedExample(p, [candidate(6), candidate(3), candidate(0)], [0.75, 0.375, 0.0])
+            for p in TASK.prompts("train")]
+    monkeypatch.setattr(samplers.OfflineSampler, "examples", lambda self, ctx, round_index: base)
+
+    def agreement(judge) -> tuple[float, list[RankedExample]]:
+        sampler = build_sampler("relabel")
+        sampler.judge = judge
+        out = sampler.examples(context(tmp_path), 0)
+        assert [sorted(ex.responses) for ex in out] == [sorted(ex.responses) for ex in base]  # the same responses
+        return sampler.history[0]["label_agreement"], out
+
+    class Contrary(GoldJudge):
+        def score(self, prompts, responses):
+            return [-s for s in super().score(prompts, responses)]
+
+    assert agreement(GoldJudge(TASK))[0] == 1.0
+    contrary, out = agreement(Contrary(TASK))
+    assert contrary == 0.0 and out[0].responses == base[0].responses[::-1]
+    noisy, _ = agreement(NoisyGoldJudge(TASK, noise=0.5, seed=1))
+    assert 0.0 < noisy < 1.0
+
+
+def test_noisy_gold_scores_are_stable_and_centered_on_gold():
+    from alignexp.judges.gold import NoisyGoldJudge
+
+    judge = NoisyGoldJudge(TASK, noise=0.2, seed=0)
+    prompts = [f"p{i}:" for i in range(400)]
+    responses = [candidate(i % 9) for i in range(400)]
+    first, second = judge.score(prompts, responses), judge.score(prompts, responses)
+    assert first == second  # the same response is scored the same each time
+    errors = [s - TASK.gold_reward(p, r) for s, p, r in zip(first, prompts, responses)]
+    mean = sum(errors) / len(errors)
+    sd = (sum((e - mean) ** 2 for e in errors) / (len(errors) - 1)) ** 0.5
+    assert abs(mean) < 3 * 0.2 / len(errors) ** 0.5 and 0.17 < sd < 0.23
+    assert NoisyGoldJudge(TASK, noise=0.0).score(prompts[:5], responses[:5]) == GoldJudge(TASK).score(prompts[:5],
+                                                                                                        responses[:5])
+
+
+def test_self_bootstrap_can_add_an_external_policys_samples(tmp_path, monkeypatch):
+    """``source=<folder>``: the new responses come from that policy, loaded once, not from the one trained."""
+    from alignexp.args import ModelArgs
+    from alignexp.models.backbone import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer(ModelArgs())
+    arch = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "num_key_value_heads": 2}
+    external = build_model(ModelArgs(arch=arch, init_seed=7), tokenizer)
+    external.save_pretrained(tmp_path / "external")
+    tokenizer.save_pretrained(tmp_path / "external")
+    trained = build_model(ModelArgs(arch=arch, init_seed=1), tokenizer)
+    base = [RankedExample(p, [candidate(2), candidate(1)], [0.9, 0.1]) for p in TASK.prompts("train")]
+    monkeypatch.setattr(samplers.OfflineSampler, "examples", lambda self, ctx, round_index: base)
+    used = []
+
+    def sample(model, ctx, prompts, n, stream):
+        used.append(model)
+        return [[candidate(4)] * n for _ in prompts]
+
+    ctx = SamplerContext(task=TASK, tokenizer=tokenizer, policy=trained, reference=trained, reference_key="", seed=0,
+                         cache_dir=tmp_path, max_prompt_len=64, max_response_len=16)
+    for source, expected in ((None, trained), (str(tmp_path / "external"), external)):
+        sampler = build_sampler("self_bootstrap", rounds=2, num_new=1, source=source)
+        sampler.sample = sample
+        used.clear()
+        for round_index in range(2):
+            sampler.examples(ctx, round_index)
+        assert len(used) == 2 and used[0] is used[1]  # the external policy is loaded once
+        weights = {k: v for k, v in used[0].state_dict().items()}
+        assert all(torch.equal(weights[k], v) for k, v in expected.state_dict().items())
+
+
+def test_rso_candidates_from_the_reference_are_cached_per_seed(tmp_path):
+    calls = []
+
+    def sample(model, ctx, prompts, n, stream):
+        calls.append(ctx.seed)
+        return [[candidate((k + ctx.seed) % 9) for k in range(n)] for _ in prompts]
+
+    sampler = build_sampler("rso", num_candidates=8, num_samples=4)
+    sampler.sample = sample
+    first = sampler.examples(context(tmp_path), 0)
+    again = sampler.examples(context(tmp_path), 0)
+    other = sampler.examples(dataclasses.replace(context(tmp_path), seed=1), 0)
+    assert calls == [0, 1]  # the same seed read its candidates back; another seed drew its own
+    assert [ex.responses for ex in first] == [ex.responses for ex in again] != [ex.responses for ex in other]

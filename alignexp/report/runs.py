@@ -161,7 +161,7 @@ def _natural(path: Path) -> list:
 
 
 def _ignored(key: str) -> bool:
-    return key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES)
+    return key in IGNORED_KEYS or key.startswith(IGNORED_PREFIXES) or key.endswith("._target_")
 
 
 def parse_value(value: Any) -> Any:

@@ -1,0 +1,225 @@
+"""The study: which RL-free method aligns best, and does ranked DPO beat DPO at equal KL?
+
+    python experiments/study/run.py                 # every part, in order (resumable: a rerun skips done jobs)
+    python experiments/study/run.py --parts controls lr
+    python experiments/study/run.py --quick         # a quick subset: the positive controls on 2 seeds
+    python experiments/study/analyze.py             # tables, plots and decisions from what ran
+
+Each part is a list of arms; an arm is one Hydra multirun of ``experiment=study/<part>`` (its protocol and
+its sweep over training steps and seeds, conf/experiment/study/) with the arm's own overrides, written to
+``multirun/study/<part>/<arm>``. Learning rates come from the ``lr`` part, chosen on the task's validation
+prompts (``lr.json``); parts after it read them. Wall times go to ``wall_times.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+OUT = REPO / "multirun" / "study"
+PYTHON = os.environ.get("PYTHON", str(REPO / ".venv" / "bin" / "python"))
+LR_GRID = (3e-5, 1e-4, 3e-4, 1e-3)
+KL_BUDGET = 2.0  # the objective of the learning-rate choice: validation gold reward at KL <= 2 nats
+
+# The trainable methods, each as the overrides that make it. RAFT trains 2 rounds, so its steps per round are
+# halved (the same budget of optimizer steps in all); PPO's budget is its iterations (ppo.steps).
+METHODS: dict[str, list[str]] = {
+    "preferred_ft": ["loss=preferred_ft"],
+    "dpo": ["loss=dpo"],
+    "cdpo": ["loss=cdpo"],
+    "ipo": ["loss=ipo"],
+    "slic": ["loss=slic"],
+    "rrhf": ["loss=rrhf"],
+    "pro": ["loss=pro"],
+    "lipo": ["loss=lipo"],
+    "ranked_dpo": ["loss=ranked_dpo"],
+    "rso": ["sampler=rso", "loss=dpo", "pairs=first_round"],
+    "raft": ["sampler=raft", "loss=raft", "sampler.iterations=2", "train.max_steps=4,8,16,32,64"],
+}
+TUNED = [name for name in METHODS]
+# Variants of the synthetic task tried for the positive controls (README "The proving ground").
+VARIANTS: dict[str, list[str]] = {
+    "noisy": ["task.tau=0.5"],
+    "long": ["task.min_len=24", "task.max_len=48", "model.max_response_len=64", "eval.max_new_tokens=64"],
+    "pairs": ["task.n_responses=2"],
+}
+RM_RUN = OUT / "reward_model"
+EXTERNAL_RUN = OUT / "bootstrap" / "external_policy"
+
+
+@dataclass
+class Arm:
+    """One multirun of ``experiment=study/<part>`` (or one run, ``single``): ``name`` (its run_name and
+    folder) and its own overrides; ``lr_of``: use the learning rate chosen for that method."""
+
+    name: str
+    overrides: list[str]
+    lr_of: str | None = None
+    single: Path | None = None
+    evaluate: bool = False  # a `python -m alignexp.evaluate` run (its own overrides), in ``single``
+
+
+@dataclass
+class Part:
+    name: str
+    arms: list[Arm] = field(default_factory=list)
+
+
+def chosen_lrs() -> dict[str, float]:
+    path = HERE / "lr.json"
+    if not path.exists():
+        raise SystemExit("lr.json is missing: run the lr part first (python experiments/study/run.py --parts lr)")
+    return {k: v["lr"] for k, v in json.loads(path.read_text()).items()}
+
+
+def method(name: str, *extra: str, arm: str | None = None) -> Arm:
+    """The method ``name`` at its chosen learning rate, with ``extra`` overrides (later ones win)."""
+    return Arm(arm or name, [*METHODS[name], *extra], lr_of=name)
+
+
+def parts(quick: bool) -> list[Part]:
+    seeds3, seeds5 = "seed=0,1,2", "seed=0,1,2,3,4"
+    if quick:
+        return [Part("controls", [Arm("dpo", ["loss=dpo", "seed=0,1", "train.max_steps=16,64"]),
+                                  Arm("dpo_32_prompts", ["loss=dpo", "task.n_train_prompts=32", "seed=0,1",
+                                                         "train.max_steps=16,64"])])]
+    controls = Part("controls", [
+        Arm("dpo", ["loss=dpo"]),
+        Arm("dpo_32_prompts", ["loss=dpo", "task.n_train_prompts=32"]),
+        Arm("preferred_ft", ["loss=preferred_ft"]),
+        Arm("best_of_n", ["sampler=best_of_n", "sampler.n=2,4,8,16", "train.max_steps=1"]),
+    ])
+    # Task variants tried for the positive controls (README "The proving ground"): each the controls' DPO,
+    # DPO on 32 prompts and Preferred-FT, at 3 seeds.
+    variants = Part("variants")
+    for variant, task in VARIANTS.items():
+        variants.arms += [Arm(f"dpo_{variant}", ["loss=dpo", *task]),
+                          Arm(f"dpo_32_prompts_{variant}", ["loss=dpo", *task, "task.n_train_prompts=32"]),
+                          Arm(f"preferred_ft_{variant}", ["loss=preferred_ft", *task])]
+    lr = Part("lr", [Arm(name, [*METHODS[name][:1], *METHODS[name][1:], f"train.lr={','.join(map(str, LR_GRID))}"])
+                     for name in TUNED])
+    reward_model = Part("reward_model", [Arm("reward_model", ["loss=reward", "seed=100"], single=RM_RUN)])
+    frontier = Part("frontier", [method(name, seeds5) for name in METHODS] + [
+        Arm("best_of_n", ["sampler=best_of_n", "sampler.n=2,4,8,16,64", "train.max_steps=1", seeds5]),
+        Arm("ppo", ["loss=ppo", "train.max_steps=1", "ppo.steps=4,8,16,32", seeds5]),
+        Arm("ppo_reward_model", ["loss=ppo", "train.max_steps=1", "ppo.steps=4,8,16,32", "judge@ppo.judge=reward_model",
+                                 f"ppo.judge.path={RM_RUN / 'reward_model'}", seeds5]),
+    ])
+    ranking = Part("ranking")
+    for k in (2, 3, 4, 6, 8):
+        for budget, prompts in (("prompts", 512), ("labels", 1024 // k)):
+            if budget == "labels" and k == 2:
+                continue  # the same runs as the fixed-prompts arm
+            common = [f"task.ranking_length={k}", f"task.n_train_prompts={prompts}", seeds5]
+            suffix = f"k{k}_{budget if k > 2 else 'both'}"
+            ranking.arms.append(method("ranked_dpo", *common, arm=f"ranked_dpo_{suffix}"))
+            for pairs in (("best_worst", "adjacent", "all") if k > 2 else ()):
+                ranking.arms.append(method("dpo", *common, f"pairs={pairs}", arm=f"dpo_{pairs}_{suffix}"))
+    noise = Part("noise")
+    for tau in (0.0, 0.1, 0.3, 1.0):
+        for name in ("dpo", "ranked_dpo", "pro", "rrhf", "lipo"):
+            noise.arms.append(method(name, f"task.tau={tau}", seeds3, arm=f"{name}_tau{tau:g}"))
+        for name in ("dpo", "ranked_dpo"):
+            noise.arms.append(method(name, f"task.tau={tau}", "task.ranking_length=2", seeds3,
+                                     arm=f"{name}_k2_tau{tau:g}"))
+    rso = Part("rso", [method("rso", seeds3),
+                       method("rso", "sampler.beta=1000000.0", seeds3, arm="sft_sample_rank")])
+    bootstrap = Part("bootstrap", [
+        Arm("external_policy", ["loss=dpo", "seed=100", "train.max_steps=128"], lr_of="dpo", single=EXTERNAL_RUN),
+        method("pro", "train.max_steps=32,64,128", seeds3),  # as many steps as 2 rounds of the others
+        method("pro", "sampler=self_bootstrap", seeds3, arm="pro_self_bootstrap"),
+        method("pro", "sampler=self_bootstrap", f"sampler.source={EXTERNAL_RUN / 'policy'}", seeds3,
+               arm="pro_external"),
+    ])
+    feedback = Part("feedback")
+    labels = {"gold": [], "reward_model": ["sampler=relabel", "judge@sampler.judge=reward_model",
+                                           f"sampler.judge.path={RM_RUN / 'reward_model'}"],
+              "noisy_judge": ["sampler=relabel", "judge@sampler.judge=noisy_gold", "sampler.judge.noise=0.2"]}
+    for name in ("dpo", "ranked_dpo"):
+        for source, overrides in labels.items():
+            feedback.arms.append(method(name, *overrides, seeds3, arm=f"{name}_{source}"))
+    # (g): how often automatic metrics agree with the gold preference, on the evaluation prompts' rankings of
+    # 4 reference samples with exact gold labels (tau 0); the metrics' references are the task's demonstrations.
+    sft = f"reference={sft_policy()}"
+    agreement = Part("agreement", [
+        Arm("reward_model", [sft, "task.tau=0", "judge=reward_model", f"judge.path={RM_RUN / 'reward_model'}"],
+            single=OUT / "agreement" / "reward_model", evaluate=True),
+        Arm("noisy_judge", [sft, "task.tau=0", "judge=noisy_gold", "judge.noise=0.2"],
+            single=OUT / "agreement" / "noisy_judge", evaluate=True),
+    ])
+    return [controls, variants, lr, reward_model, frontier, ranking, noise, rso, bootstrap, feedback, agreement]
+
+
+def sft_policy() -> str:
+    """The cached SFT policy every part starts from (read from a run of the first part; '<sft>' before)."""
+    record = OUT / "controls" / "dpo" / "0" / "eval.json"
+    return json.loads(record.read_text())["init_from"] if record.exists() else "<sft>"
+
+
+def command(part: Part, arm: Arm, lrs: dict[str, float] | None) -> list[str]:
+    """``python -m alignexp.train [-m] experiment=study/<part> run_name=<arm> [train.lr=...] <overrides>``."""
+    if arm.evaluate:
+        return [PYTHON, "-m", "alignexp.evaluate", "mode=agreement", *arm.overrides, f"hydra.run.dir={arm.single}"]
+    lr = [f"train.lr={lrs[arm.lr_of]}"] if arm.lr_of and lrs is not None else []
+    base = [f"experiment=study/{part.name}", f"run_name={arm.name}", *lr, *arm.overrides]
+    if arm.single is not None:
+        return [PYTHON, "-m", "alignexp.train", *base, f"hydra.run.dir={arm.single}"]
+    return [PYTHON, "-m", "alignexp.train", "-m", *base, f"hydra.sweep.dir={OUT / part.name / arm.name}",
+            "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]
+
+
+def run_part(part: Part, log: Path) -> float:
+    lrs = chosen_lrs() if any(arm.lr_of for arm in part.arms) else None
+    start = time.time()
+    for arm in part.arms:
+        if arm.single is not None and any((arm.single / name).exists() for name in ("eval.json", "agreement.json")):
+            print(f"[study] {part.name}/{arm.name}: done before, skipped", flush=True)
+            continue
+        cmd = command(part, arm, lrs)
+        print(f"[study] {part.name}/{arm.name}: {' '.join(cmd[2:])}", flush=True)
+        with log.open("a") as handle:
+            result = subprocess.run(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                                    env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                                         "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline"})
+        if result.returncode != 0:
+            raise SystemExit(f"[study] {part.name}/{arm.name} failed (exit {result.returncode}); see {log}")
+    return time.time() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", nargs="+", default=None, help="which parts (default: all, in order)")
+    parser.add_argument("--quick", action="store_true", help="a quick subset: two positive controls, 2 seeds")
+    args = parser.parse_args(argv)
+    todo = parts(args.quick)
+    if args.parts:
+        unknown = sorted(set(args.parts) - {p.name for p in todo})
+        if unknown:
+            raise SystemExit(f"unknown part(s) {unknown}; parts: {', '.join(p.name for p in todo)}")
+        todo = [p for p in todo if p.name in args.parts]
+    global OUT
+    if args.quick:  # the quick subset's runs apart from the study's
+        OUT = OUT.with_name("study_quick")
+    OUT.mkdir(parents=True, exist_ok=True)
+    times_path = HERE / ("quick/wall_times.json" if args.quick else "wall_times.json")
+    times_path.parent.mkdir(parents=True, exist_ok=True)
+    times = json.loads(times_path.read_text()) if times_path.exists() else {}
+    for part in todo:
+        seconds = run_part(part, OUT / f"{part.name}.log")
+        times[part.name] = {"seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M")}
+        times_path.write_text(json.dumps(times, indent=2) + "\n")
+        print(f"[study] part {part.name}: {seconds / 60:.1f} min", flush=True)
+        if part.name == "lr" and not args.quick:
+            subprocess.run([sys.executable, str(HERE / "analyze.py"), "--choose-lr"], check=True, cwd=REPO)
+
+
+if __name__ == "__main__":
+    main()

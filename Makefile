@@ -12,7 +12,7 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-slow test-wheel lint format bench gpu-check clean
+.PHONY: help setup run test test-slow test-wheel lint format bench gpu-check gpu-speed clean
 
 help: ## List the targets with their purpose
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -50,8 +50,11 @@ bench: setup ## Benchmark step time and peak memory against TRL's DPOTrainer (in
 	$(PY) -m pip install -q -e ".[dev,bench]"
 	$(PY) -m alignexp.bench
 
-gpu-check: ## A few bf16 preference steps of a 7B-architecture model on one GPU; prints JSON (see README)
+gpu-check: ## One short GPU run: 7B-architecture step (tokens/s, MFU, memory), packed log-prob parity, ZeRO-3 end to end; JSON, exit 1 on a failed check
 	bash scripts/gpu_check.sh
+
+gpu-speed: ## On a GPU: the padding-free step against the padded one, and vLLM against the HF engine (docs/benchmark.md)
+	bash scripts/gpu_speed.sh
 
 clean: ## Remove outputs, caches and the virtual environment
 	rm -rf outputs multirun .cache lightning_logs .pytest_cache .ruff_cache $(VENV) *.egg-info

@@ -61,8 +61,34 @@ from alignexp.plan_stages import RunPlan, StagePeak, plan_for_run, plan_run, sta
 
 __all__ = ["DTYPE_BYTES", "GIB", "Activations", "MemoryPlan", "ModelCounts", "ModelStates", "PlanInputs", "RunPlan",
            "StagePeak", "activation_bytes", "count_parameters", "layer_bytes_per_token", "make_inputs",
-           "model_state_bytes", "plan_for_run", "plan_inputs", "plan_memory", "plan_run", "stage_peaks", "_main",
-           "main"]
+           "model_state_bytes", "plan_for_run", "plan_inputs", "plan_memory", "plan_run", "resolve_auto_inputs",
+           "stage_peaks", "_main", "main"]
+
+
+def resolve_auto_inputs(inputs: PlanInputs) -> tuple[PlanInputs, str]:
+    """``hardware=auto`` planned as it resolves on the GPUs the plan is told of (``hardware.devices`` x
+    ``num_nodes`` or ``plan.gpus``, of ``plan.gpu_memory_gib``): one GPU, DDP where the run fits, ZeRO-3
+    where it does not (:func:`alignexp.hardware.choose_multi_gpu`, the rule a run applies on the machine);
+    with the line that says so. Without the GPUs' memory, DDP is planned and the line says how to choose."""
+    import dataclasses
+
+    from alignexp.hardware import _option, choose_multi_gpu
+
+    hw = inputs.hardware
+    if hw.name != "auto":
+        return inputs, ""
+    gpu = _option(hw, name="gpu", accelerator="gpu", devices=1, strategy="auto", threads=None)
+    with_hw = lambda option: dataclasses.replace(inputs, hardware=option)  # noqa: E731
+    if inputs.gpus == 1:
+        return with_hw(gpu), "hardware=auto on 1 GPU: gpu (one process)"
+    per_node = max(1, inputs.gpus // max(1, hw.num_nodes))
+    if inputs.gpu_memory_gib is None:
+        ddp = _option(gpu, name="ddp", devices=per_node, strategy="ddp")
+        return with_hw(ddp), ("hardware=auto: planned as DDP; give +plan.gpu_memory_gib=<GiB per GPU> to see "
+                              "whether it chooses DDP or ZeRO-3")
+    option, why = choose_multi_gpu(gpu, per_node, inputs.gpu_memory_gib,
+                                   lambda candidate: plan_run(with_hw(candidate)).peak_gib)
+    return with_hw(option), f"hardware=auto: {option.name} ({why})"
 
 
 def main() -> None:
@@ -86,10 +112,13 @@ def _main(cfg) -> None:
     import sys
 
     try:
-        plan = plan_run(plan_inputs(cfg))
+        inputs, chosen = resolve_auto_inputs(plan_inputs(cfg))
+        plan = plan_run(inputs)
     except ValueError as error:
         print(f"config error: {error}", file=sys.stderr)
         sys.exit(2)
+    if chosen:
+        print(chosen)
     print(plan.table())
     print(json.dumps(plan.record()))
     if plan.fits is False:

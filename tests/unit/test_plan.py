@@ -183,3 +183,22 @@ def test_a_run_that_does_not_fit_exits_1(compose, capsys):
     with pytest.raises(SystemExit) as info:
         _main(compose("model=llama7b", "hardware=deepspeed_zero3"))  # devices: auto, no GPU count to plan for
     assert info.value.code == 2 and "hardware.devices" in capsys.readouterr().err
+
+
+def test_hardware_auto_is_planned_as_it_resolves(compose, capsys):
+    """The headline config with hardware=auto on 8 GPUs of 80 GiB: DDP's replicas (about 156 GiB per GPU)
+    do not fit, so auto means ZeRO-3, as choose_auto decides on the machine; 640 GiB per GPU holds DDP."""
+    from alignexp.plan import _main, resolve_auto_inputs
+
+    headline = ("loss=ranked_dpo", "task=tldr", "model=mistral7b", "hardware.devices=8")
+    inputs, line = resolve_auto_inputs(plan_inputs(compose(*headline, "+plan.gpu_memory_gib=80")))
+    assert inputs.hardware.name == "deepspeed_zero3" and inputs.hardware.zero_stage == 3
+    assert "under DDP the plan's peak is" in line
+    roomy, line = resolve_auto_inputs(plan_inputs(compose(*headline, "+plan.gpu_memory_gib=640")))
+    assert roomy.hardware.name == "ddp" and roomy.hardware.devices == 8
+    one, _ = resolve_auto_inputs(plan_inputs(compose(*headline[:3], "hardware.devices=1")))
+    assert one.hardware.name == "gpu" and one.gpus == 1
+    unknown, line = resolve_auto_inputs(plan_inputs(compose(*headline)))
+    assert unknown.hardware.name == "ddp" and "plan.gpu_memory_gib" in line
+    _main(compose(*headline, "+plan.gpu_memory_gib=80"))
+    assert "hardware=auto: deepspeed_zero3" in capsys.readouterr().out

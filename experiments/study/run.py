@@ -27,6 +27,7 @@ REPO = HERE.parent.parent
 OUT = REPO / "multirun" / "study"
 PYTHON = os.environ.get("PYTHON", str(REPO / ".venv" / "bin" / "python"))
 LR_GRID = (3e-5, 1e-4, 3e-4, 1e-3)
+LR_BEYOND = {LR_GRID[0]: 1e-5, LR_GRID[-1]: 3e-3}  # tried where a method's choice is at an edge of the grid
 KL_BUDGET = 2.0  # the objective of the learning-rate choice: validation gold reward at KL <= 2 nats
 
 # The trainable methods, each as the overrides that make it. RAFT trains 2 rounds, so its steps per round are
@@ -65,6 +66,7 @@ class Arm:
     lr_of: str | None = None
     single: Path | None = None
     evaluate: bool = False  # a `python -m alignexp.evaluate` run (its own overrides), in ``single``
+    folder: str | None = None  # its sweep's folder under the part's (default: ``name``)
 
 
 @dataclass
@@ -172,7 +174,7 @@ def command(part: Part, arm: Arm, lrs: dict[str, float] | None) -> list[str]:
     base = [f"experiment=study/{part.name}", f"run_name={arm.name}", *lr, *arm.overrides]
     if arm.single is not None:
         return [PYTHON, "-m", "alignexp.train", *base, f"hydra.run.dir={arm.single}"]
-    return [PYTHON, "-m", "alignexp.train", "-m", *base, f"hydra.sweep.dir={OUT / part.name / arm.name}",
+    return [PYTHON, "-m", "alignexp.train", "-m", *base, f"hydra.sweep.dir={OUT / part.name / (arm.folder or arm.name)}",
             "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]
 
 
@@ -211,14 +213,30 @@ def main(argv: list[str] | None = None) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     times_path = HERE / ("quick/wall_times.json" if args.quick else "wall_times.json")
     times_path.parent.mkdir(parents=True, exist_ok=True)
-    times = json.loads(times_path.read_text()) if times_path.exists() else {}
     for part in todo:
         seconds = run_part(part, OUT / f"{part.name}.log")
+        if part.name == "lr" and not args.quick:
+            subprocess.run([sys.executable, str(HERE / "analyze.py"), "--choose-lr"], check=True, cwd=REPO)
+            seconds += run_part(beyond_the_grid(part), OUT / "lr.log")
+            subprocess.run([sys.executable, str(HERE / "analyze.py"), "--choose-lr"], check=True, cwd=REPO)
+        times = json.loads(times_path.read_text()) if times_path.exists() else {}  # another part may have written
         times[part.name] = {"seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M")}
         times_path.write_text(json.dumps(times, indent=2) + "\n")
         print(f"[study] part {part.name}: {seconds / 60:.1f} min", flush=True)
-        if part.name == "lr" and not args.quick:
-            subprocess.run([sys.executable, str(HERE / "analyze.py"), "--choose-lr"], check=True, cwd=REPO)
+
+
+def beyond_the_grid(lr: Part) -> Part:
+    """The learning rate one step past the grid's edge (LR_BEYOND), for each method whose chosen rate is
+    at that edge, run as the lr part runs (its own sweep, ``multirun/study/lr/<method>/beyond``); the
+    choice is then made again over the grid and that rate."""
+    part = Part("lr")
+    for name, record in json.loads((HERE / "lr.json").read_text()).items():
+        beyond = LR_BEYOND.get(record["lr"])
+        if beyond is None:
+            continue
+        arm = next(arm for arm in lr.arms if arm.name == name)
+        part.arms.append(Arm(name, [*arm.overrides[:-1], f"train.lr={beyond}"], folder=f"{name}/beyond"))
+    return part
 
 
 if __name__ == "__main__":

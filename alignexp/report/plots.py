@@ -35,8 +35,14 @@ def _finish(fig, ax, path: Path, legend_size: int) -> Path:
 
 
 def _colours(methods: Sequence[str]) -> dict[str, Any]:
-    cmap = _pyplot().get_cmap("tab10")
-    return {m: cmap(i % 10) for i, m in enumerate(sorted(set(methods)))}
+    """One colour per method: tab10, or tab20 for more than 10 methods (so no two share one)."""
+    names = sorted(set(methods))
+    size = 10 if len(names) <= 10 else 20
+    cmap = _pyplot().get_cmap(f"tab{size}")
+    return {m: cmap(i % size) for i, m in enumerate(names)}
+
+
+MARKERS = "osD^vP*Xph<>"  # with the colour, one marker per method, for plots read in grey or with many methods
 
 
 def _errors(intervals: Sequence[Interval]) -> list[list[float]]:
@@ -66,11 +72,11 @@ def plot_frontier(runs: Sequence[Run], points: Sequence[Point], fronts: Sequence
     plt = _pyplot()
     colours = _colours([p.method for p, _, _ in placed])
     fig, ax = plt.subplots(figsize=(6.8, 4.8))
-    for method in sorted(colours):
+    for i, method in enumerate(sorted(colours)):
         mine = [(kl, value) for p, kl, value in placed if p.method == method]
         ax.errorbar([kl.mean for kl, _ in mine], [v.mean for _, v in mine], xerr=_errors([kl for kl, _ in mine]),
-                    yerr=_errors([v for _, v in mine]), fmt="o", color=colours[method], label=method, capsize=3,
-                    markersize=6, alpha=0.85)
+                    yerr=_errors([v for _, v in mine]), fmt=MARKERS[i % len(MARKERS)], color=colours[method],
+                    label=method, capsize=3, markersize=6, alpha=0.85)
     banded = 0
     for front in fronts:
         grid, mean, low, high = front.band()

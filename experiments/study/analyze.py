@@ -162,6 +162,27 @@ def best_of_n_control(runs: Path, n: int = 16) -> dict | None:
             "n_seeds": test.n}
 
 
+def k2_check(runs: Path) -> str:
+    """Ranked DPO at k = 2 is DPO (README, question b): the two arms' runs, job by job, must agree."""
+    first, second = runs / "ranking" / "ranked_dpo_k2_both", runs / "ranking" / "dpo_k2_both"
+    if not (first.exists() and second.exists()):
+        return ""
+    key = lambda run: (run.seed, run.config.get("train.max_steps"))  # noqa: E731
+    theirs = {key(run): run for run in find_runs(second)}
+    gaps = {"gold_reward": 0.0, "kl": 0.0}
+    matched = 0
+    for run in find_runs(first):
+        other = theirs.get(key(run))
+        if other is None:
+            continue
+        matched += 1
+        for metric in gaps:
+            gaps[metric] = max(gaps[metric], abs(run.metric("policy", metric)[0] - other.metric("policy", metric)[0]))
+    return (f"Ranked DPO and DPO on the same rankings of 2, at the same learning rate: {matched} pairs of runs "
+            f"(seeds x training lengths); largest difference in gold reward {gaps['gold_reward']:.3g}, in KL "
+            f"{gaps['kl']:.3g}.")
+
+
 def agreement_markdown(runs: Path) -> str:
     """Question (g): each automatic metric's agreement with the gold preference (ties half), 95% interval
     clustered by ranking, over the pairs it can judge; the same metrics appear in each judge's run."""
@@ -211,6 +232,9 @@ def main(argv: list[str] | None = None) -> None:
         rows = [r for r in decisions if r["part"] == part]
         if rows:
             text += [f"## {part}", "", markdown(rows), ""]
+    check = k2_check(runs)
+    if check:
+        text += ["## The k = 2 check", "", check, ""]
     agreement = agreement_markdown(runs)
     if agreement:
         text += ["## agreement (g)", "", agreement, ""]

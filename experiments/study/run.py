@@ -123,6 +123,8 @@ def parts(quick: bool) -> list[Part]:
             common = [f"task.ranking_length={k}", f"task.n_train_prompts={prompts}", seeds5]
             suffix = f"k{k}_{budget if k > 2 else 'both'}"
             ranking.arms.append(method("ranked_dpo", *common, arm=f"ranked_dpo_{suffix}"))
+            if k == 2:  # the check: DPO on the same pairs at ranked DPO's learning rate gives the same runs
+                ranking.arms.append(Arm(f"dpo_{suffix}", [*METHODS["dpo"], *common], lr_of="ranked_dpo"))
             for pairs in (("best_worst", "adjacent", "all") if k > 2 else ()):
                 ranking.arms.append(method("dpo", *common, f"pairs={pairs}", arm=f"dpo_{pairs}_{suffix}"))
     noise = Part("noise")

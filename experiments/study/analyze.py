@@ -37,8 +37,9 @@ PLAN: dict[str, dict] = {
                  "compare": [f"dpo_{v}:{other}_{v}" for v in ("noisy", "long", "pairs")
                              for other in ("dpo_32_prompts", "preferred_ft")]},
     "frontier": {"kl": [0.5, 1.0, 2.0, 4.0],
+                 # RAFT's runs are named by its loss and sampler (its run_name is its loss's name)
                  "compare": [f"{m}:dpo" for m in ("preferred_ft", "cdpo", "ipo", "slic", "rrhf", "pro", "lipo",
-                                                  "ranked_dpo", "rso", "raft", "ppo", "ppo_reward_model",
+                                                  "ranked_dpo", "rso", "raft (raft)", "ppo", "ppo_reward_model",
                                                   "best_of_n")]},
     "ranking": {"kl": [1.0, 2.0, 4.0],
                 "compare": [f"ranked_dpo_k{k}_{b}:dpo_{p}_k{k}_{b}" for k in (3, 4, 6, 8) for b in ("prompts", "labels")

@@ -126,22 +126,9 @@ def choose_auto(hw: HardwareArgs, run=None, single_process: bool = False) -> tup
     memory = hw.gpu_memory_gib or torch.cuda.get_device_properties(0).total_memory / 2**30
     if run is None:
         return _option(gpu, name="ddp", devices=gpus, strategy="ddp", gpu_memory_gib=memory), f"{gpus} CUDA devices"
-    from alignexp.plan import plan_for_run
+    from alignexp.plan import choose_multi_gpu, plan_for_run
 
     return choose_multi_gpu(gpu, gpus, memory, lambda option: plan_for_run(run, option).peak_gib)
-
-
-def choose_multi_gpu(gpu: HardwareArgs, gpus: int, memory: float, peak_gib) -> tuple[HardwareArgs, str]:
-    """``hardware=auto`` on ``gpus`` GPUs of ``memory`` GiB (``gpu``: the one-GPU option): DDP where the run's
-    planned peak (``peak_gib(option)``, GiB per GPU) fits, DeepSpeed ZeRO-3 where it does not; and why.
-    ``choose_auto`` asks it on the machine, ``python -m alignexp.plan`` for the GPUs it is told of."""
-    ddp = _option(gpu, name="ddp", devices=gpus, strategy="ddp", gpu_memory_gib=memory)
-    total = peak_gib(ddp)
-    if total <= memory:
-        return ddp, f"{gpus} CUDA devices; the plan's peak under DDP is {total:.1f} of {memory:.0f} GiB per GPU"
-    zero3 = _option(ddp, name="deepspeed_zero3", strategy="deepspeed", zero_stage=3)
-    return zero3, (f"{gpus} CUDA devices; under DDP the plan's peak is {total:.1f} GiB per GPU, more than "
-                   f"{memory:.0f}: ZeRO-3 ({peak_gib(zero3):.1f} GiB)")
 
 
 def resolve_auto(run, single_process: bool = False):

@@ -41,6 +41,7 @@ Plan-only settings, all optional: ``+plan.gpus=16`` (default: hardware.devices x
 Exit status 0 when it fits, 1 when it does not, 2 for a bad config.
 """
 
+from alignexp.args import HardwareArgs
 from alignexp.plan_memory import (
     DTYPE_BYTES,
     GIB,
@@ -60,30 +61,44 @@ from alignexp.plan_memory import (
 from alignexp.plan_stages import RunPlan, StagePeak, plan_for_run, plan_run, stage_peaks
 
 __all__ = ["DTYPE_BYTES", "GIB", "Activations", "MemoryPlan", "ModelCounts", "ModelStates", "PlanInputs", "RunPlan",
-           "StagePeak", "activation_bytes", "count_parameters", "layer_bytes_per_token", "make_inputs",
-           "model_state_bytes", "plan_for_run", "plan_inputs", "plan_memory", "plan_run", "resolve_auto_inputs",
+           "StagePeak", "activation_bytes", "choose_multi_gpu", "count_parameters", "layer_bytes_per_token",
+           "make_inputs", "model_state_bytes", "plan_for_run", "plan_inputs", "plan_memory", "plan_run", "resolve_auto_inputs",
            "stage_peaks", "_main", "main"]
+
+
+def choose_multi_gpu(gpu: HardwareArgs, gpus: int, memory: float, peak_gib) -> tuple[HardwareArgs, str]:
+    """``hardware=auto`` on ``gpus`` GPUs of ``memory`` GiB (``gpu``: the one-GPU option): DDP where the run's
+    planned peak (``peak_gib(option)``, GiB per GPU) fits, DeepSpeed ZeRO-3 where it does not; and why.
+    :func:`alignexp.hardware.choose_auto` asks it on the machine, :func:`resolve_auto_inputs` for the GPUs
+    the plan is told of."""
+    import dataclasses
+
+    ddp = dataclasses.replace(gpu, name="ddp", devices=gpus, strategy="ddp", gpu_memory_gib=memory)
+    total = peak_gib(ddp)
+    if total <= memory:
+        return ddp, f"{gpus} CUDA devices; the plan's peak under DDP is {total:.1f} of {memory:.0f} GiB per GPU"
+    zero3 = dataclasses.replace(ddp, name="deepspeed_zero3", strategy="deepspeed", zero_stage=3)
+    return zero3, (f"{gpus} CUDA devices; under DDP the plan's peak is {total:.1f} GiB per GPU, more than "
+                   f"{memory:.0f}: ZeRO-3 ({peak_gib(zero3):.1f} GiB)")
 
 
 def resolve_auto_inputs(inputs: PlanInputs) -> tuple[PlanInputs, str]:
     """``hardware=auto`` planned as it resolves on the GPUs the plan is told of (``hardware.devices`` x
     ``num_nodes`` or ``plan.gpus``, of ``plan.gpu_memory_gib``): one GPU, DDP where the run fits, ZeRO-3
-    where it does not (:func:`alignexp.hardware.choose_multi_gpu`, the rule a run applies on the machine);
+    where it does not (:func:`choose_multi_gpu`, the rule a run applies on the machine);
     with the line that says so. Without the GPUs' memory, DDP is planned and the line says how to choose."""
     import dataclasses
-
-    from alignexp.hardware import _option, choose_multi_gpu
 
     hw = inputs.hardware
     if hw.name != "auto":
         return inputs, ""
-    gpu = _option(hw, name="gpu", accelerator="gpu", devices=1, strategy="auto", threads=None)
+    gpu = dataclasses.replace(hw, name="gpu", accelerator="gpu", devices=1, strategy="auto", threads=None)
     with_hw = lambda option: dataclasses.replace(inputs, hardware=option)  # noqa: E731
     if inputs.gpus == 1:
         return with_hw(gpu), "hardware=auto on 1 GPU: gpu (one process)"
     per_node = max(1, inputs.gpus // max(1, hw.num_nodes))
     if inputs.gpu_memory_gib is None:
-        ddp = _option(gpu, name="ddp", devices=per_node, strategy="ddp")
+        ddp = dataclasses.replace(gpu, name="ddp", devices=per_node, strategy="ddp")
         return with_hw(ddp), ("hardware=auto: planned as DDP; give +plan.gpu_memory_gib=<GiB per GPU> to see "
                               "whether it chooses DDP or ZeRO-3")
     option, why = choose_multi_gpu(gpu, per_node, inputs.gpu_memory_gib,

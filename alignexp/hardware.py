@@ -103,12 +103,6 @@ def master_weights(hw: HardwareArgs) -> bool:
     return hw.precision.endswith("-mixed") and hw.strategy != "deepspeed"
 
 
-def _option(base: HardwareArgs, **settings: Any) -> HardwareArgs:
-    import dataclasses
-
-    return dataclasses.replace(base, **settings)
-
-
 def choose_auto(hw: HardwareArgs, run=None, single_process: bool = False) -> tuple[HardwareArgs, str]:
     """The option ``hardware=auto`` stands for on this machine, and why: the CPU without CUDA; one GPU; all
     GPUs of the node with DDP, or DeepSpeed ZeRO-3 where ``python -m alignexp.plan`` says the run (``run``,
@@ -118,17 +112,16 @@ def choose_auto(hw: HardwareArgs, run=None, single_process: bool = False) -> tup
 
     common = {"threads": hw.threads, "num_nodes": hw.num_nodes}
     if not torch.cuda.is_available():
-        return _option(HardwareArgs(), name="cpu", **common), "no CUDA device"
+        return HardwareArgs(name="cpu", **common), "no CUDA device"
+    from alignexp.plan import choose_multi_gpu, one_gpu, plan_for_run
+
     gpus = torch.cuda.device_count() if hw.devices in ("auto", -1) else devices_per_node(hw)
-    gpu = _option(hw, name="gpu", accelerator="gpu", devices=1, strategy="auto", threads=None)
+    gpu = one_gpu(hw)
     if gpus == 1 or single_process:
         return gpu, f"{torch.cuda.device_count()} CUDA device(s), one process"
     memory = hw.gpu_memory_gib or torch.cuda.get_device_properties(0).total_memory / 2**30
-    if run is None:
-        return _option(gpu, name="ddp", devices=gpus, strategy="ddp", gpu_memory_gib=memory), f"{gpus} CUDA devices"
-    from alignexp.plan import choose_multi_gpu, plan_for_run
-
-    return choose_multi_gpu(gpu, gpus, memory, lambda option: plan_for_run(run, option).peak_gib)
+    peak_gib = None if run is None else (lambda option: plan_for_run(run, option).peak_gib)
+    return choose_multi_gpu(gpu, gpus, memory, peak_gib)
 
 
 def resolve_auto(run, single_process: bool = False):

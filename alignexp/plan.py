@@ -62,18 +62,27 @@ from alignexp.plan_stages import RunPlan, StagePeak, plan_for_run, plan_run, sta
 
 __all__ = ["DTYPE_BYTES", "GIB", "Activations", "MemoryPlan", "ModelCounts", "ModelStates", "PlanInputs", "RunPlan",
            "StagePeak", "activation_bytes", "choose_multi_gpu", "count_parameters", "layer_bytes_per_token",
-           "make_inputs", "model_state_bytes", "plan_for_run", "plan_inputs", "plan_memory", "plan_run", "resolve_auto_inputs",
-           "stage_peaks", "_main", "main"]
+           "make_inputs", "model_state_bytes", "one_gpu", "plan_for_run", "plan_inputs", "plan_memory", "plan_run",
+           "resolve_auto_inputs", "stage_peaks", "_main", "main"]
 
 
-def choose_multi_gpu(gpu: HardwareArgs, gpus: int, memory: float, peak_gib) -> tuple[HardwareArgs, str]:
-    """``hardware=auto`` on ``gpus`` GPUs of ``memory`` GiB (``gpu``: the one-GPU option): DDP where the run's
-    planned peak (``peak_gib(option)``, GiB per GPU) fits, DeepSpeed ZeRO-3 where it does not; and why.
-    :func:`alignexp.hardware.choose_auto` asks it on the machine, :func:`resolve_auto_inputs` for the GPUs
-    the plan is told of."""
+def one_gpu(hw: HardwareArgs) -> HardwareArgs:
+    """The option ``hardware=auto`` starts from on GPUs: ``hw`` on one GPU, one process."""
+    import dataclasses
+
+    return dataclasses.replace(hw, name="gpu", accelerator="gpu", devices=1, strategy="auto", threads=None)
+
+
+def choose_multi_gpu(gpu: HardwareArgs, gpus: int, memory: float | None, peak_gib=None) -> tuple[HardwareArgs, str]:
+    """``hardware=auto`` on ``gpus`` GPUs of ``memory`` GiB (``gpu``: :func:`one_gpu`'s option): DDP where the
+    run's planned peak (``peak_gib(option)``, GiB per GPU) fits, DeepSpeed ZeRO-3 where it does not; and why.
+    Without a run to plan (``peak_gib`` or ``memory`` None), DDP. :func:`alignexp.hardware.choose_auto` asks
+    it on the machine, :func:`resolve_auto_inputs` for the GPUs the plan is told of."""
     import dataclasses
 
     ddp = dataclasses.replace(gpu, name="ddp", devices=gpus, strategy="ddp", gpu_memory_gib=memory)
+    if peak_gib is None or memory is None:
+        return ddp, f"{gpus} CUDA devices"
     total = peak_gib(ddp)
     if total <= memory:
         return ddp, f"{gpus} CUDA devices; the plan's peak under DDP is {total:.1f} of {memory:.0f} GiB per GPU"
@@ -89,20 +98,18 @@ def resolve_auto_inputs(inputs: PlanInputs) -> tuple[PlanInputs, str]:
     with the line that says so. Without the GPUs' memory, DDP is planned and the line says how to choose."""
     import dataclasses
 
-    hw = inputs.hardware
-    if hw.name != "auto":
+    if inputs.hardware.name != "auto":
         return inputs, ""
-    gpu = dataclasses.replace(hw, name="gpu", accelerator="gpu", devices=1, strategy="auto", threads=None)
     with_hw = lambda option: dataclasses.replace(inputs, hardware=option)  # noqa: E731
+    gpu = one_gpu(inputs.hardware)
     if inputs.gpus == 1:
         return with_hw(gpu), "hardware=auto on 1 GPU: gpu (one process)"
-    per_node = max(1, inputs.gpus // max(1, hw.num_nodes))
-    if inputs.gpu_memory_gib is None:
-        ddp = dataclasses.replace(gpu, name="ddp", devices=per_node, strategy="ddp")
-        return with_hw(ddp), ("hardware=auto: planned as DDP; give +plan.gpu_memory_gib=<GiB per GPU> to see "
-                              "whether it chooses DDP or ZeRO-3")
-    option, why = choose_multi_gpu(gpu, per_node, inputs.gpu_memory_gib,
-                                   lambda candidate: plan_run(with_hw(candidate)).peak_gib)
+    per_node = max(1, inputs.gpus // max(1, inputs.hardware.num_nodes))
+    memory = inputs.gpu_memory_gib
+    option, why = choose_multi_gpu(gpu, per_node, memory, lambda candidate: plan_run(with_hw(candidate)).peak_gib)
+    if memory is None:
+        return with_hw(option), ("hardware=auto: planned as DDP; give +plan.gpu_memory_gib=<GiB per GPU> to see "
+                                 "whether it chooses DDP or ZeRO-3")
     return with_hw(option), f"hardware=auto: {option.name} ({why})"
 
 

@@ -176,8 +176,9 @@ def command(part: Part, arm: Arm, lrs: dict[str, float] | None) -> list[str]:
     base = [f"experiment=study/{part.name}", f"run_name={arm.name}", *lr, *arm.overrides]
     if arm.single is not None:
         return [PYTHON, "-m", "alignexp.train", *base, f"hydra.run.dir={arm.single}"]
-    return [PYTHON, "-m", "alignexp.train", "-m", *base, f"hydra.sweep.dir={OUT / part.name / (arm.folder or arm.name)}",
-            "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]
+    folder = OUT / part.name / (arm.folder or arm.name)
+    return [PYTHON, "-m", "alignexp.train", "-m", *base, f"hydra.sweep.dir={folder}", "hydra/launcher=parallel",
+            "hydra.launcher.n_jobs=2"]
 
 
 def run_part(part: Part, log: Path) -> float:
@@ -219,8 +220,10 @@ def main(argv: list[str] | None = None) -> None:
         seconds = run_part(part, OUT / f"{part.name}.log")
         if part.name == "lr" and not args.quick:
             subprocess.run([sys.executable, str(HERE / "analyze.py"), "--choose-lr"], check=True, cwd=REPO)
-            seconds += run_part(beyond_the_grid(part), OUT / "lr.log")
-            subprocess.run([sys.executable, str(HERE / "analyze.py"), "--choose-lr"], check=True, cwd=REPO)
+            beyond = beyond_the_grid(part)
+            if beyond.arms:
+                seconds += run_part(beyond, OUT / "lr.log")
+                subprocess.run([sys.executable, str(HERE / "analyze.py"), "--choose-lr"], check=True, cwd=REPO)
         times = json.loads(times_path.read_text()) if times_path.exists() else {}  # another part may have written
         times[part.name] = {"seconds": round(seconds, 1), "finished": time.strftime("%Y-%m-%d %H:%M")}
         times_path.write_text(json.dumps(times, indent=2) + "\n")
@@ -237,7 +240,8 @@ def beyond_the_grid(lr: Part) -> Part:
         if beyond is None:
             continue
         arm = next(arm for arm in lr.arms if arm.name == name)
-        part.arms.append(Arm(name, [*arm.overrides[:-1], f"train.lr={beyond}"], folder=f"{name}/beyond"))
+        overrides = [o for o in arm.overrides if not o.startswith("train.lr=")]  # the grid's rates, replaced
+        part.arms.append(Arm(name, [*overrides, f"train.lr={beyond}"], folder=f"{name}/beyond"))
     return part
 
 

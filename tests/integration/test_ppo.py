@@ -194,9 +194,17 @@ def test_the_stage_refuses_what_it_cannot_run(tokenizer, task, tmp_path):
         run(tokenizer, task, tmp_path, judge={"name": "none"})
     with pytest.raises(ConfigError, match="ppo.rollout_batch_size=32 is more than the task's 16 training prompts"):
         run(tokenizer, task, tmp_path, rollout_batch_size=32)
-    hardware = HardwareArgs(name="ddp", accelerator="cpu", devices=2, strategy="ddp")
+    for name, strategy in (("fsdp", "fsdp"), ("deepspeed_zero3", "deepspeed")):
+        hardware = HardwareArgs(name=name, accelerator="cpu", devices=2, strategy=strategy,
+                                **({"zero_stage": 3} if strategy == "deepspeed" else {}))
+        ctx = RunContext(args=run_args(tmp_path, {}, hardware=hardware), task=task, spec=get_loss("ppo"), sampler=None)
+        with pytest.raises(ConfigError, match=f"hardware={name}: the ppo stage runs on one device or under DDP .*"
+                                              f"strategy '{strategy}' shards what it trains"):
+            ppo(ctx)
+    hardware = HardwareArgs(name="ddp", accelerator="cpu", devices=4, strategy="ddp")
     ctx = RunContext(args=run_args(tmp_path, {}, hardware=hardware), task=task, spec=get_loss("ppo"), sampler=None)
-    with pytest.raises(ConfigError, match="hardware=ddp: the ppo stage runs on one device"):
+    with pytest.raises(ConfigError, match=r"ppo.rollout_batch_size=4 with ppo.n_minibatches=2 gives minibatches of 2 "
+                                          r"responses, fewer than the 4 processes .* at least 8"):
         ppo(ctx)
 
 

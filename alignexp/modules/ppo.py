@@ -184,7 +184,8 @@ class PPOModule(L.LightningModule):
         logps = tempered_token_logps(self.policy, batch, self.args.temperature, states)
         if self.critic is not None:
             states = response_states(self.critic, batch)
-        return logps, self.value_head(states).float()  # fp32 values (the head computes in bf16 under autocast)
+        values = self.value_head(states)  # bf16 under autocast: the values, returns and value loss are fp32 at least
+        return logps, values.to(torch.promote_types(values.dtype, torch.float32))
 
     @torch.no_grad()
     def rollout(self, iteration: int, prompt_index: Sequence[int]) -> tuple[Rollout, dict[str, float]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 from alignexp.args import HardwareArgs, PPOArgs
+from alignexp.distributed import is_main, world_size
 from alignexp.errors import ConfigError
 from alignexp.inputs import check_judge
 from alignexp.judges import build_judge
@@ -72,6 +73,9 @@ def ppo(ctx: RunContext) -> None:
         module.load_checkpoint(resume_from)
         log.info("ppo: resumed from %s at iteration %d", resume_from, module.iteration)
     loader = module.prompt_loader()
+    if is_main():
+        print(f"[alignexp] ppo: {args.ppo.rollout_batch_size} prompts per iteration = "
+              f"{args.ppo.rollout_batch_size / world_size():g} per process x {world_size()} process(es)", flush=True)
     if len(loader) == 0:
         log.info("ppo: nothing to do (iteration %d of %d)", module.iteration, args.ppo.steps)
         return

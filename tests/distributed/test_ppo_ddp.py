@@ -100,7 +100,9 @@ def test_ppo_on_two_ddp_ranks_equals_one_process(tmp_path):
     """``loss=ppo`` end to end (debug=fast: 2 iterations of 8 prompts, 2 minibatches) under
     ``hardware=ddp`` on 2 CPU processes in float64, each sampling 4 prompts per iteration and computing
     half of each minibatch, against 1 process from the same SFT policy: the same history (score, KL,
-    losses, clip fractions, KL coefficient) and the same trained policy (to 1e-9), and it trained."""
+    losses, clip fractions, KL coefficient) and the same trained policy and value head, and it trained.
+    The tolerance is 1e-6: the per-token log-probs are fp32 (``tempered_token_logps``) whatever the weights'
+    dtype, and the ranks' forwards pack other examples together than the one process's."""
     two_out, two_cache, one_cache = tmp_path / "two", tmp_path / "cache2", tmp_path / "cache1"
     result = check(train("loss=ppo", *FAST, "hardware=ddp", *TWO_CPU_RANKS, "hardware.precision=64-true",
                          f"hydra.run.dir={two_out}", cache=two_cache))
@@ -112,16 +114,20 @@ def test_ppo_on_two_ddp_ranks_equals_one_process(tmp_path):
     two_state, one_state = (torch.load(out / "checkpoints" / "ppo-last.pt", weights_only=False)
                             for out in (two_out, one_out))
     assert [h["iteration"] for h in two_state["history"]] == [0.0, 1.0]
+    metric_diff = 0.0
     for two, one in zip(two_state["history"], one_state["history"]):
         assert two.keys() == one.keys()
-        assert two == pytest.approx(one, rel=1e-9, abs=1e-9, nan_ok=True)
+        assert two == pytest.approx(one, rel=1e-6, abs=1e-6, nan_ok=True)
+        metric_diff = max([metric_diff] + [abs(two[k] - one[k]) for k in one if one[k] == one[k]])
+    print(f"ppo 2 ranks vs 1 process: history max abs diff {metric_diff:.3g}")
     assert one_state["history"][1]["kl"] != 0.0
     two_weights, one_weights = weights(two_out / "policy"), weights(one_out / "policy")
     diff = max((two_weights[k] - one_weights[k]).abs().max().item() for k in one_weights)
     print(f"ppo 2 ranks vs 1 process: policy max abs diff {diff:.3g}")
-    assert set(two_weights) == set(one_weights) and diff < 1e-9
+    assert set(two_weights) == set(one_weights) and diff < 1e-6
     start = weights(sft)
     assert max((one_weights[k] - start[k].double()).abs().max().item() for k in one_weights) > 1e-5  # it trained
     head = max((two_state["value_head"][k] - one_state["value_head"][k]).abs().max().item()
                for k in one_state["value_head"])
-    assert head < 1e-9
+    print(f"ppo 2 ranks vs 1 process: value head max abs diff {head:.3g}")
+    assert head < 1e-6

@@ -8,8 +8,8 @@ with this script's own arguments):
   them (after the precision plugin's ``convert_input``);
 * ``policy_logps``: the summed log-probs the policy's forward returns (``sequence_logps``);
 * ``head_output``: the output head's logits inside that forward (bf16 where the compute is mixed);
-* ``master``: every parameter the optimizer steps (for DeepSpeed the fp32 partitions its wrapped optimizer
-  holds) and ``adam_state`` its moment estimates, after the step; ``module_params``: the trained module's
+* ``master``: every parameter the optimizer steps (for ZeRO-3 its fp32 partitions, which it hands its wrapped
+  optimizer one at a time during the step) and ``adam_state`` their moment estimates, after the step; ``module_params``: the trained module's
   parameters as its forward sees them.
 """
 
@@ -76,8 +76,9 @@ def on_train_batch_end(self, trainer, pl_module, *args) -> None:
     record_position(self, trainer, pl_module, *args)
     if not _probed(pl_module):
         return
+    flats = getattr(trainer.optimizers[0], "fp32_partitioned_groups_flat", None)  # ZeRO-3's master partitions
     optimizer = _stepped_optimizer(trainer.optimizers[0])
-    params = [p for group in optimizer.param_groups for p in group["params"]]
+    params = list(flats) if flats is not None else [p for group in optimizer.param_groups for p in group["params"]]
     state = [v for p in params for v in optimizer.state.get(p, {}).values()
              if isinstance(v, torch.Tensor) and v.dim() > 0]
     _write(trainer, {"master": _dtypes(params), "adam_state": _dtypes(state),

@@ -16,5 +16,6 @@ class ValueHead(nn.Module):
         nn.init.zeros_(self.linear.bias)
 
     def forward(self, states: Tensor) -> Tensor:
-        """(N, H) hidden states -> (N,) values in fp32."""
-        return self.linear(states.float()).squeeze(-1)
+        """(N, H) hidden states -> (N,) values, computed in the head's dtype (fp32; float64 under
+        ``hardware.precision=64-true``; autocast may compute it in bf16, and PPO upcasts the values)."""
+        return self.linear(states.to(self.linear.weight.dtype)).squeeze(-1)

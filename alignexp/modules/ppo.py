@@ -5,6 +5,16 @@ rollout's old log-probs, the update's (hence the ratio), and the reference's, so
 KL(pi_T || pi_ref,T), the tempered policy's to the tempered reference, as TRL's PPOTrainer computes it
 (at T = 1, the usual KL(pi || pi_ref)). Dropout is off in the policy and the critic, so a rollout's
 forward and an update's agree.
+
+On N processes (DDP): each iteration's ``ppo.rollout_batch_size`` prompts are the global batch; each rank
+samples, scores and runs the policy, value and reference forwards on its contiguous share of them
+(:func:`shard`), and the per-token results are gathered to every rank (:meth:`PPOModule.gather_rollout`), so
+the KL-penalised rewards, GAE, the whitening of the advantages and the KL controller's statistics are over
+all the rollouts, the same on every rank. Each seeded minibatch of the update is the one-process minibatch,
+split over the ranks; each rank's loss is scaled so that DDP's mean of the ranks' gradients is the gradient
+of the whole minibatch's token mean. A run on N processes thus follows the one-process run (to rounding).
+Precision: per-token log-probs, values, rewards, advantages and the loss are fp32 whatever the compute
+dtype (bf16 under ``bf16-mixed``).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from alignexp.args import OptimArgs, PPOArgs
+from alignexp.distributed import all_gather, barrier, is_main, rank, world_size
 from alignexp.errors import AlignexpError
 from alignexp.files import atomic_write
 from alignexp.judges.base import Judge
@@ -70,6 +81,20 @@ def to_rows(flat: Tensor, batch: PackedBatch, mask: Tensor) -> Tensor:
     """
     order = torch.argsort(batch.slot * batch.input_ids.numel() + batch.source_index)
     return torch.zeros(mask.shape, dtype=flat.dtype, device=flat.device).masked_scatter(mask, flat[order])
+
+
+def shard(items: Sequence, ranks: int, me: int) -> list:
+    """Rank ``me``'s contiguous share of ``items`` split over ``ranks`` (sizes differ by one at most)."""
+    bounds = [len(items) * r // ranks for r in range(ranks + 1)]
+    return list(items[bounds[me]:bounds[me + 1]])
+
+
+def pad_rows(rows: Sequence[Tensor], width: int, device) -> Tensor:
+    """Variable-length 1-D rows -> (B, ``width``) right-padded with 0."""
+    out = torch.zeros(len(rows), width, dtype=rows[0].dtype, device=device)
+    for b, row in enumerate(rows):
+        out[b, :len(row)] = row.to(device)
+    return out
 
 
 @dataclass
@@ -159,23 +184,23 @@ class PPOModule(L.LightningModule):
         logps = tempered_token_logps(self.policy, batch, self.args.temperature, states)
         if self.critic is not None:
             states = response_states(self.critic, batch)
-        return logps, self.value_head(states)
+        values = self.value_head(states)  # bf16 under autocast: the values, returns and value loss are fp32 at least
+        return logps, values.to(torch.promote_types(values.dtype, torch.float32))
 
     @torch.no_grad()
     def rollout(self, iteration: int, prompt_index: Sequence[int]) -> tuple[Rollout, dict[str, float]]:
-        """Sample, score and compute rewards and advantages for the prompts ``prompt_index``."""
+        """Sample, score and compute rewards and advantages for the prompts ``prompt_index`` (all ranks'; this
+        rank samples its :func:`shard` of them, and the results are gathered)."""
         args, tokenizer = self.args, self.tokenizer
-        prompts = [self.prompts[i] for i in prompt_index]
+        mine = shard(list(prompt_index), world_size(), rank())
+        prompts = [self.prompts[i] for i in mine]
         prompt_ids = [encode_text(tokenizer, p, is_prompt=True)[-self.max_prompt_len:] for p in prompts]
-        seeds = [sample_seed(self.seed * 1_000_003 + iteration, i, 0) for i in prompt_index]
+        seeds = [sample_seed(self.seed * 1_000_003 + iteration, i, 0) for i in mine]
         params = SamplingParams(temperature=args.temperature, max_new_tokens=args.max_new_tokens)
         generations = generate(self.policy, prompt_ids, params, eos_id=tokenizer.eos_token_id,
                                pad_id=tokenizer.pad_token_id, seeds=seeds, batch_size=args.rollout_batch_size)
-        scores = torch.tensor(self.judge.score(prompts, [decode(tokenizer, g) for g in generations]))
-        bad = int((~torch.isfinite(scores)).sum())
-        if bad:
-            raise PPOInstabilityError(f"PPO stopped at iteration {iteration}: the reward is not finite for {bad} of "
-                                      f"{len(scores)} responses (ppo.judge={self.judge.name})")
+        scores = torch.tensor(self.judge.score(prompts, [decode(tokenizer, g) for g in generations]),
+                              dtype=torch.float32)
         encoded = [EncodedExample(p, [g.token_ids]) for p, g in zip(prompt_ids, generations)]
         batch = pack(encoded, n=1, pad_id=tokenizer.pad_token_id).to(self.device)
         lengths = batch.lengths[:, 0]  # (B, T) mask, right-padded: one response per prompt
@@ -183,6 +208,12 @@ class PPOModule(L.LightningModule):
         logps, values = self.forward_policy(batch)
         logprobs, values = to_rows(logps, batch, mask), to_rows(values, batch, mask)
         ref_logprobs = to_rows(tempered_token_logps(self.reference, batch, args.temperature), batch, mask)
+        encoded, scores, mask, logprobs, values, ref_logprobs = self.gather_rollout(
+            encoded, scores, mask, logprobs, values, ref_logprobs)
+        bad = int((~torch.isfinite(scores)).sum())
+        if bad:
+            raise PPOInstabilityError(f"PPO stopped at iteration {iteration}: the reward is not finite for {bad} of "
+                                      f"{len(scores)} responses (ppo.judge={self.judge.name})")
         scores = scores.to(self.device, logprobs.dtype)
         rewards, kl = kl_penalised_rewards(scores, logprobs, ref_logprobs, mask, self.kl_ctl.value)
         advantages, returns = gae(rewards, values, mask, args.gamma, args.lam)
@@ -196,39 +227,72 @@ class PPOModule(L.LightningModule):
         rollout = Rollout(encoded, mask, logprobs, values, advantages, returns)
         return rollout, {k: float(v) for k, v in metrics.items()}
 
+    def gather_rollout(self, encoded: list[EncodedExample], scores: Tensor, mask: Tensor,
+                       *per_token: Tensor) -> tuple:
+        """Every rank's examples, scores (B,) and per-token (B, T) tensors, in rank order (the order of the
+        iteration's prompts), on every rank; each rank's own tensors unchanged with one process."""
+        if world_size() == 1:
+            return (encoded, scores, mask, *per_token)
+        lengths = mask.sum(dim=1).tolist()
+        mine = [(example, float(score), *(t[b, :n].cpu() for t in per_token))
+                for b, (example, score, n) in enumerate(zip(encoded, scores.tolist(), lengths))]
+        rows = [row for part in all_gather(mine) for row in part]
+        width = max(len(row[2]) for row in rows)
+        lengths = torch.tensor([len(row[2]) for row in rows], device=mask.device)
+        mask = torch.arange(width, device=mask.device)[None, :] < lengths[:, None]
+        gathered = [pad_rows([row[2 + k] for row in rows], width, mask.device) for k in range(len(per_token))]
+        return ([row[0] for row in rows], torch.tensor([row[1] for row in rows], dtype=scores.dtype), mask,
+                *gathered)
+
     def optimise(self, rollout: Rollout, iteration: int) -> dict[str, float]:
-        """``ppo_epochs`` passes over ``n_minibatches`` seeded minibatches; means of the loss's metrics."""
+        """``ppo_epochs`` passes over ``n_minibatches`` seeded minibatches of the whole rollout; means of the
+        loss's metrics. On N ranks each minibatch is split over them (:func:`shard`) and rank r's loss is
+        ``N * loss_r * tokens_r / tokens``, so that the mean of the ranks' gradients (DDP's) is the gradient
+        of the minibatch's token mean, and its metrics enter the minibatch's means weighted by ``tokens_r``."""
         args = self.args
         optimizer, scheduler = self.optimizers(), self.lr_schedulers()
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + iteration)
+        ranks, me = world_size(), rank()
         totals: dict[str, float] = {}
         updates = 0
         for _ in range(args.ppo_epochs):
             order = torch.randperm(len(rollout.encoded), generator=generator)
-            for index in torch.tensor_split(order, args.n_minibatches):
+            for minibatch in torch.tensor_split(order, args.n_minibatches):
+                index = torch.tensor(shard(minibatch.tolist(), ranks, me), dtype=torch.long)
                 encoded, rows = rollout.rows(index)
+                share = float(rows["mask"].sum()) / float(rollout.mask[minibatch].sum())  # tokens_r / tokens
                 batch = pack(encoded, n=1, pad_id=self.tokenizer.pad_token_id).to(self.device)
                 logps, values = self.forward_policy(batch)
                 out = self.loss_fn(to_rows(logps, batch, rows["mask"]), mask=rows["mask"],
                                    old_logps=rows["logprobs"], advantages=rows["advantages"],
                                    values=to_rows(values, batch, rows["mask"]), old_values=rows["values"],
                                    returns=rows["returns"], **self.loss_hparams)
-                if not torch.isfinite(out.loss):
-                    raise PPOInstabilityError(
-                        f"PPO stopped at iteration {iteration}: the loss is {float(out.loss)} "
-                        f"(policy {float(out.metrics['loss/policy'])}, value {float(out.metrics['loss/value'])}); "
-                        f"lower train.lr or loss.clip_range, or check the rewards")
+                self.check_loss(out, iteration)
                 optimizer.zero_grad()
-                self.manual_backward(out.loss)
+                self.manual_backward(out.loss * (ranks * share) if ranks > 1 else out.loss)
                 if self.max_grad_norm:
                     self.clip_gradients(optimizer, gradient_clip_val=self.max_grad_norm,
                                         gradient_clip_algorithm="norm")
                 optimizer.step()
                 scheduler.step()
                 for name, value in out.metrics.items():
-                    totals[name] = totals.get(name, 0.0) + float(value)
+                    totals[name] = totals.get(name, 0.0) + float(value) * (share if ranks > 1 else 1.0)
                 updates += 1
+        if ranks > 1:  # each minibatch's metrics: the ranks' shares summed, in rank order (the same on every rank)
+            parts = all_gather(totals)
+            totals = {name: sum(part[name] for part in parts) for name in totals}
         return {name.replace("loss/", "loss_"): total / updates for name, total in totals.items()}
+
+    def check_loss(self, out, iteration: int) -> None:
+        """Stop on a NaN or infinite loss, on every rank together when any rank's is."""
+        losses = all_gather(float(out.loss)) if world_size() > 1 else [float(out.loss)]
+        bad = [(r, value) for r, value in enumerate(losses) if not math.isfinite(value)]
+        if bad:
+            where = f" on rank {bad[0][0]}" if len(losses) > 1 else ""
+            raise PPOInstabilityError(
+                f"PPO stopped at iteration {iteration}: the loss is {bad[0][1]}{where} "
+                f"(policy {float(out.metrics['loss/policy'])}, value {float(out.metrics['loss/value'])}); "
+                f"lower train.lr or loss.clip_range, or check the rewards")
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         iteration = int(batch["iteration"])
@@ -262,7 +326,8 @@ class PPOModule(L.LightningModule):
         return [optimizer], [scheduler]
 
     def save_checkpoint(self, path: Path) -> None:
-        """Everything a resumed run needs to continue exactly (written atomically)."""
+        """Everything a resumed run needs to continue exactly (written atomically, by rank 0: every rank holds
+        the same weights, optimizer and controller states; the random streams that matter are seeded)."""
         state = {
             "iteration": self.iteration,
             "policy": self.policy.state_dict(),
@@ -276,8 +341,10 @@ class PPOModule(L.LightningModule):
             "history": self.history,
             "args": dataclasses.asdict(self.args),
         }
-        atomic_write(path, lambda tmp: torch.save(state, tmp))
-        log.info("ppo checkpoint (iteration %d): %s", self.iteration, path)
+        if is_main():
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
+            log.info("ppo checkpoint (iteration %d): %s", self.iteration, path)
+        barrier()
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore weights, KL controller, iteration and history now; optimiser, scheduler and RNG

@@ -19,7 +19,10 @@ preference      sampling: prompts sharded over ranks, samples gathered; judges: 
                 lock; training: all ranks together (global batch = per-device batch x ranks x
                 accumulation), the reference in CPU memory meanwhile when its log-probs are cached
 reward_model    training: all ranks; held-out scoring, the save and eval.json: rank 0
-ppo             one process only (more are refused: the rollouts are not sharded)
+ppo             DDP or one device (fsdp, deepspeed refused): each iteration's prompts sharded over ranks
+                (sampling, the reward on each rank's own responses, the policy/value/reference forwards),
+                per-token results gathered to every rank (rewards, GAE, whitening, KL controller over all);
+                each minibatch split over ranks; rank 0 writes the checkpoint
 save_policy     rank 0 writes (the fit left every rank the whole trained model); the others wait
 evaluate        sampling and log-probs: prompts sharded, gathered before the metrics; judges: rank 0,
                 broadcast; rank 0 writes eval.json and prints the table

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 
-from alignexp.args import HardwareArgs
+from alignexp.args import HardwareArgs, PPOArgs
+from alignexp.distributed import is_main, world_size
 from alignexp.errors import ConfigError
 from alignexp.inputs import check_judge
 from alignexp.judges import build_judge
+from alignexp.launch import devices_per_node
 from alignexp.modules.ppo import PPOModule
 from alignexp.pipeline.context import RunContext, register_stage
 from alignexp.pipeline.fit import fit
@@ -16,12 +18,24 @@ from alignexp.pipeline.fit import fit
 log = logging.getLogger(__name__)
 
 
-def check_one_device(hw: HardwareArgs) -> None:
-    """PPO's rollouts are not sharded over ranks: refuse hardware with more than one process."""
-    devices = len(hw.devices) if isinstance(hw.devices, list) else hw.devices
-    if devices != 1 or hw.num_nodes != 1 or hw.strategy not in ("auto", None):
-        raise ConfigError(f"hardware={hw.name}: the ppo stage runs on one device (its rollouts are not sharded "
-                          f"over ranks); use hardware=gpu or hardware=cpu (devices=1, strategy=auto)")
+def check_hardware(hw: HardwareArgs, ppo: PPOArgs) -> None:
+    """PPO runs on one device or under DDP (one process per device, each a whole policy, critic, reference
+    and reward): the rollouts are sampled inside the fit, rank by rank, in decode loops whose lengths depend
+    on the data, which a sharded model (FSDP, DeepSpeed ZeRO) cannot run without every rank in step.
+    On N processes each iteration's ``ppo.rollout_batch_size`` prompts, and each of its ``ppo.n_minibatches``
+    minibatches, are split over the N ranks: each needs at least N."""
+    if hw.strategy not in ("auto", None, "ddp"):
+        raise ConfigError(f"hardware={hw.name}: the ppo stage runs on one device or under DDP (hardware=ddp, a "
+                          f"whole copy of each model per process); strategy '{hw.strategy}' shards what it trains, "
+                          f"and the rollouts, sampled inside the fit rank by rank, cannot run on sharded models. Use "
+                          f"hardware=ddp, or hardware=gpu or hardware=cpu for one device")
+    ranks = devices_per_node(hw) * hw.num_nodes
+    smallest = ppo.rollout_batch_size // ppo.n_minibatches
+    if ranks > 1 and smallest < ranks:
+        raise ConfigError(f"ppo.rollout_batch_size={ppo.rollout_batch_size} with ppo.n_minibatches="
+                          f"{ppo.n_minibatches} gives minibatches of {smallest} responses, fewer than the {ranks} "
+                          f"processes they are split over (hardware={hw.name}); raise ppo.rollout_batch_size to "
+                          f"at least {ranks * ppo.n_minibatches} or lower ppo.n_minibatches")
 
 
 def check_prompts(ctx: RunContext) -> list:
@@ -33,13 +47,16 @@ def check_prompts(ctx: RunContext) -> list:
     return prompts
 
 
-@register_stage("ppo", ranks="one process on one device (the rollouts are not sharded; more devices are refused)",
-                check=(lambda ctx: check_one_device(ctx.hw), check_prompts,
+@register_stage("ppo", ranks="all ranks together (DDP): each iteration's prompts sharded over ranks (sampling, reward, "
+                             "policy/value/reference forwards), per-token results gathered to every rank; each "
+                             "minibatch split over ranks; checkpoint written by rank 0. Sharded strategies "
+                             "(fsdp, deepspeed) are refused",
+                check=(lambda ctx: check_hardware(ctx.hw, ctx.args.ppo), check_prompts,
                        lambda ctx: check_judge(ctx.args.ppo.judge, ctx.task, "ppo.judge", required=True)))
 def ppo(ctx: RunContext) -> None:
     """PPO (KL-penalised rewards, GAE, clipped updates) on the task's training prompts, rewarded by ppo.judge."""
     args = ctx.args
-    check_one_device(ctx.hw)
+    check_hardware(ctx.hw, args.ppo)
     judge = build_judge(args.ppo.judge, ctx.task, key="ppo.judge", device=ctx.hw.torch_device)
     if judge is None:
         raise ConfigError(f"ppo.judge: task '{ctx.task.name}' has no gold reward to train on; choose a reward, "
@@ -56,6 +73,9 @@ def ppo(ctx: RunContext) -> None:
         module.load_checkpoint(resume_from)
         log.info("ppo: resumed from %s at iteration %d", resume_from, module.iteration)
     loader = module.prompt_loader()
+    if is_main():
+        print(f"[alignexp] ppo: {args.ppo.rollout_batch_size} prompts per iteration = "
+              f"{args.ppo.rollout_batch_size / world_size():g} per process x {world_size()} process(es)", flush=True)
     if len(loader) == 0:
         log.info("ppo: nothing to do (iteration %d of %d)", module.iteration, args.ppo.steps)
         return

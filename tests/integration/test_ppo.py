@@ -194,9 +194,17 @@ def test_the_stage_refuses_what_it_cannot_run(tokenizer, task, tmp_path):
         run(tokenizer, task, tmp_path, judge={"name": "none"})
     with pytest.raises(ConfigError, match="ppo.rollout_batch_size=32 is more than the task's 16 training prompts"):
         run(tokenizer, task, tmp_path, rollout_batch_size=32)
-    hardware = HardwareArgs(name="ddp", accelerator="cpu", devices=2, strategy="ddp")
+    for name, strategy in (("fsdp", "fsdp"), ("deepspeed_zero3", "deepspeed")):
+        hardware = HardwareArgs(name=name, accelerator="cpu", devices=2, strategy=strategy,
+                                **({"zero_stage": 3} if strategy == "deepspeed" else {}))
+        ctx = RunContext(args=run_args(tmp_path, {}, hardware=hardware), task=task, spec=get_loss("ppo"), sampler=None)
+        with pytest.raises(ConfigError, match=f"hardware={name}: the ppo stage runs on one device or under DDP .*"
+                                              f"strategy '{strategy}' shards what it trains"):
+            ppo(ctx)
+    hardware = HardwareArgs(name="ddp", accelerator="cpu", devices=4, strategy="ddp")
     ctx = RunContext(args=run_args(tmp_path, {}, hardware=hardware), task=task, spec=get_loss("ppo"), sampler=None)
-    with pytest.raises(ConfigError, match="hardware=ddp: the ppo stage runs on one device"):
+    with pytest.raises(ConfigError, match=r"ppo.rollout_batch_size=4 with ppo.n_minibatches=2 gives minibatches of 2 "
+                                          r"responses, fewer than the 4 processes .* at least 8"):
         ppo(ctx)
 
 
@@ -252,3 +260,21 @@ def test_reward_model_scores_the_rollouts(tokenizer, task, tmp_path, offload):
     assert math.isfinite(history[0]["score"]) and history[0]["score"] != 0.0
     with pytest.raises(ConfigError, match="ppo.judge"):
         run(tokenizer, task, tmp_path / "missing", judge={**judge_config, "path": str(tmp_path / "missing")})
+
+
+def test_rollout_and_update_quantities_are_fp32_under_bf16_autocast(tokenizer, task):
+    """Under ``bf16-mixed`` (Lightning autocasts the training step, rollout included) the compute is bf16 but
+    the per-token log-probs, values, advantages and returns of a rollout, and the values an update's
+    forward gives the value loss, are fp32 (the value head's output would be bf16)."""
+    policy, reference = tiny_model(tokenizer), tiny_model(tokenizer).requires_grad_(False).eval()
+    ppo_module = module(tokenizer, task, policy, reference)
+    ppo_module.value_head.linear.weight.data.normal_()
+    batch = pack([EncodedExample([257, 97, 98], [[99, 100, 258]])], n=1, pad_id=tokenizer.pad_token_id)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ppo_module.value_head(response_states(policy, batch)).dtype == torch.bfloat16
+        logps, values = ppo_module.forward_policy(batch)
+        rollout, metrics = ppo_module.rollout(0, [0, 1, 2, 3])
+    assert logps.dtype == values.dtype == torch.float32
+    for name in ("logprobs", "values", "advantages", "returns"):
+        assert getattr(rollout, name).dtype == torch.float32, name
+    assert all(math.isfinite(v) or k == "explained_variance" for k, v in metrics.items())

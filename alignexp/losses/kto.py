@@ -23,10 +23,10 @@ def kto_loss(policy_logps: Tensor, ref_logps: Tensor | None = None, lengths: Ten
 
         z0 = max(0, mean_b [ lp(y'_b | x_b) - lr(y'_b | x_b) ])      (detached: no gradient)
 
-    an estimate of KL(pi || pi_ref) from mismatched pairs, the loss per row is
+    an estimate of KL(pi || pi_ref) from mismatched pairs, the loss is
 
-        desirable:    lambda_D (1 - sigmoid(beta (r_b - z0)))
-        undesirable:  lambda_U (1 - sigmoid(beta (z0 - r_b)))
+        L = mean_b v_b,   v_b = lambda_D (1 - sigmoid(beta (r_b - z0)))   where y_b is desirable,
+                          v_b = lambda_U (1 - sigmoid(beta (z0 - r_b)))   where it is not
 
     (Ethayarajh et al. 2024, Eq. 7-8; lambda_D = ``desirable_weight``, lambda_U = ``undesirable_weight``),
     averaged over the batch's rows. This is TRL's KTOTrainer (``loss_type="kto"``): the same reference point

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any
 
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
@@ -31,12 +31,12 @@ def _impl_class():
     from alignexp.tuning import Objective, sweep_trials
 
     class ResumingImpl(OptunaSweeperImpl):
-        def sweep(self, arguments: List[str]) -> None:
+        def sweep(self, arguments: list[str]) -> None:
             if self.storage is None:
                 self._resume(arguments)
             return super().sweep(arguments)
 
-        def _resume(self, arguments: List[str]) -> None:
+        def _resume(self, arguments: list[str]) -> None:
             sweep_dir = Path(str(self.config.hydra.sweep.dir))
             self._process_searchspace_config()
             params_conf = self._parse_sweeper_params_config() + list(arguments)
@@ -111,14 +111,14 @@ def _parse(text: str, distribution: Any) -> Any:
 class AlignexpOptunaSweeper(Sweeper):
     """hydra-optuna-sweeper's ``OptunaSweeper`` whose sweep resumes from its folder (see the module docstring)."""
 
-    def __init__(self, sampler: Any, direction: Any, storage: Optional[Any], study_name: Optional[str],
-                 n_trials: int, n_jobs: int, max_failure_rate: float, search_space: Optional[DictConfig],
-                 custom_search_space: Optional[str], params: Optional[DictConfig]) -> None:
+    def __init__(self, sampler: Any, direction: Any, storage: Any | None, study_name: str | None,
+                 n_trials: int, n_jobs: int, max_failure_rate: float, search_space: DictConfig | None,
+                 custom_search_space: str | None, params: DictConfig | None) -> None:
         self.sweeper = _impl_class()(sampler, direction, storage, study_name, n_trials, n_jobs, max_failure_rate,
                                      search_space, custom_search_space, params)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.sweeper.setup(hydra_context=hydra_context, task_function=task_function, config=config)
 
-    def sweep(self, arguments: List[str]) -> None:
+    def sweep(self, arguments: list[str]) -> None:
         return self.sweeper.sweep(arguments)

@@ -14,7 +14,13 @@ import pytest
 from alignexp.errors import ConfigError
 from alignexp.losses import get_loss
 from alignexp.pipeline.preference import check_training_data, shape_for_loss
-from alignexp.tasks.base import DataError, RankedExample, binary_feedback, validate_example, with_mismatched_responses
+from alignexp.tasks.base import (
+    DataError,
+    RankedExample,
+    binary_feedback,
+    validate_example,
+    with_mismatched_responses,
+)
 from alignexp.tasks.custom import CustomTask
 from alignexp.tasks.synthetic import SyntheticTask
 

@@ -1,36 +1,51 @@
 """Tuning with Optuna: ``experiment=tune`` (hydra/sweeper=optuna_resume) runs its trials under debug=fast, each
-returning its objective; a rerun in the same folder resumes the study; ``alignexp.report`` shows the trials
-and the best."""
+returning its objective; the same sweep again in its folder resumes the study; ``alignexp.report`` shows the
+trials and the best. The sweeps run in this process, through the CLI's Hydra entry point."""
 
 from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 
 import pytest
 
 from alignexp.report.cli import write_report
 from alignexp.tuning import Objective, find_studies
-from tests.conftest import REPO, TINY_RUN
+from tests.conftest import TINY_RUN
 
 pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
 
 
-def sweep(cache_dir, folder, n_trials: int) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "alignexp.train", "-m", "experiment=tune", *TINY_RUN, "train.max_steps=2",
-               f"paths.cache_dir={cache_dir}", f"hydra.sweep.dir={folder}", f"hydra.sweeper.n_trials={n_trials}"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+@pytest.fixture
+def sweep(cache_dir, monkeypatch):
+    """``sweep(folder, n_trials)``: ``python -m alignexp.train -m experiment=tune ...`` in this process; Hydra's
+    global state is cleared after each (a later in-process run must not look like a job of this sweep)."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from alignexp.train import main
+
+    def _sweep(folder, n_trials: int) -> None:
+        monkeypatch.setattr(sys, "argv", ["alignexp.train", "-m", "experiment=tune", *TINY_RUN, "train.max_steps=2",
+                                          f"paths.cache_dir={cache_dir}", f"hydra.sweep.dir={folder}",
+                                          f"hydra.sweeper.n_trials={n_trials}",
+                                          # Hydra's own logging set up in a test process would write to
+                                          # pytest's capture streams after they close
+                                          "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"])
+        GlobalHydra.instance().clear()
+        try:
+            main()
+        finally:
+            GlobalHydra.instance().clear()
+            HydraConfig.instance().cfg = None
+
+    return _sweep
 
 
-def check_sweep(cache_dir, tmp_path, n_trials: int, more: int) -> None:
+def check_sweep(sweep, folder, n_trials: int, more: int) -> None:
     """``n_trials`` trials, then the same sweep asked for ``n_trials + more``: resumed, ``more`` new ones run."""
-    folder = tmp_path / "tune"
-    first = sweep(cache_dir, folder, n_trials)
-    assert "Best value" in first.stderr + first.stdout
+    sweep(folder, n_trials)
     jobs = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
     assert jobs == list(range(n_trials))
     objective = Objective(metric="policy.gold_reward", kl_budget=2.0)
@@ -39,11 +54,12 @@ def check_sweep(cache_dir, tmp_path, n_trials: int, more: int) -> None:
     results = (folder / "optimization_results.yaml").read_text()
     assert "train.lr" in results and "loss.beta" in results
 
-    # resumed: the completed trials are the study's, the rest run, numbered after them
-    again = sweep(cache_dir, folder, n_trials + more)
-    assert f"resuming study 'dpo' from {folder}: {n_trials} completed trials, {more} to run" in again.stderr + again.stdout
+    # resumed: the completed trials are the study's, the rest run, numbered after them (a study that did not
+    # resume would run n_trials + more new trials into folders 0, 1, ...: jobs.jsonl would say so)
+    sweep(folder, n_trials + more)
     n_trials += more
     assert sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) == list(range(n_trials))
+    assert len((folder / "jobs.jsonl").read_text().splitlines()) == n_trials
 
     (study,) = find_studies(folder)
     assert study.params == ["loss.beta", "train.lr"] and study.direction == "maximize"
@@ -56,12 +72,12 @@ def check_sweep(cache_dir, tmp_path, n_trials: int, more: int) -> None:
     assert (folder / "report" / "trials.csv").read_text().count("\n") == n_trials + 1
 
 
-def test_a_two_trial_study_runs_resumes_and_reports(cache_dir, tmp_path):
-    """In make test: 2 trials; the rerun finds both completed and runs none (a resume at the cost of a start)."""
-    check_sweep(cache_dir, tmp_path, 2, 0)
+def test_a_two_trial_study_runs_resumes_and_reports(sweep, tmp_path):
+    """In make test: 2 trials, then resumed to 3."""
+    check_sweep(sweep, tmp_path / "tune", 2, 1)
 
 
 @pytest.mark.slow
-def test_an_eight_trial_study_runs_resumes_and_reports(cache_dir, tmp_path):
-    """8 trials (about a minute on 2 loaded cores), then resumed to 9."""
-    check_sweep(cache_dir, tmp_path, 8, 1)
+def test_an_eight_trial_study_runs_resumes_and_reports(sweep, tmp_path):
+    """8 trials, then resumed to 10."""
+    check_sweep(sweep, tmp_path / "tune", 8, 2)

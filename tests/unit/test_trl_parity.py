@@ -7,7 +7,7 @@ repeated over that response's tokens: so the trainer's sums, token means and poo
 tensors our losses get. The calls are TRL's: ``DPOTrainer._compute_loss`` (every ``loss_type``, the
 f-divergences, weighted lists), ``CPOTrainer.get_batch_loss_metrics`` (CPO, SimPO),
 ``ORPOTrainer.get_batch_loss_metrics`` and ``KTOTrainer._compute_loss``. Runs where trl is installed
-(the ``bench`` extra; CI installs it).
+(the ``bench`` extra).
 """
 
 from __future__ import annotations

@@ -39,8 +39,9 @@ class LossSpec:
     ``stage``: the pipeline stage that trains with it (``preference``, ``reward_model``, ``ppo``, or a
     user's own; :mod:`alignexp.pipeline.context`). ``data``: what it trains on: ``rankings`` (the
     sampler's, as pairs or lists), ``best`` (the best response of each ranking), ``demonstrations``
-    (the task's SFT examples) or ``prompts`` (the task's prompts, sampled online). ``per_token``: its
-    tensors are per token (B, T) rather than per response (B, n).
+    (the task's SFT examples), ``prompts`` (the task's prompts, sampled online) or ``binary`` feedback (one
+    response each, desirable or not, packed with a mismatched response: :func:`alignexp.losses.kto.kto_loss`).
+    ``per_token``: its tensors are per token (B, T) rather than per response (B, n).
     """
 
     name: str

@@ -82,6 +82,15 @@ def test_each_loss_trains_a_few_steps(compose, loss):
         assert (out / "policy" / "config.json").exists()
 
 
+@pytest.mark.parametrize("option", ["loss.length_normalize=true", "loss.f_divergence=forward_kl",
+                                    "loss.f_divergence=js_divergence", "loss.f_divergence=alpha_divergence"])
+def test_dpo_options_train_a_few_steps(compose, option):
+    """DPO's rows of the methods table that are options, not files: length-normalised DPO and f-DPO."""
+    cfg = compose("loss=dpo", option, *TINY_RUN)
+    record = run(cfg)
+    assert record["hparams"][option.split("=")[0].split(".")[1]] == OmegaConf.select(cfg, option.split("=")[0])
+
+
 def sweep_first_values(cfg) -> list[str]:
     """A sweep experiment's first job: the first value of each of its ``hydra.sweeper.params``; a parameter an
     Optuna sweeper searches over a distribution (``interval(...)``, ``tag(log, ...)``) keeps its config value."""

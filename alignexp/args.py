@@ -466,6 +466,7 @@ class RunArgs:
     cache_dir: Path
     seed: int = 0
     pairs: str = "best_worst"
+    binary: str | float = "best"
     init_from: str | None = None
     run_name: str = "run"
     imports: list[str] = field(default_factory=list)
@@ -475,5 +476,7 @@ class RunArgs:
     def __post_init__(self) -> None:
         check_number("seed", self.seed, integer=True)
         check_choice("pairs", self.pairs, PAIR_STRATEGIES)
+        if self.binary != "best" and (isinstance(self.binary, bool) or not isinstance(self.binary, (int, float))):
+            raise ConfigError(f"binary must be best or a number (a score threshold), got {self.binary!r}")
         check_choice("backend", self.backend, ("auto", "hf", "vllm"))
         self.output_dir, self.cache_dir = Path(self.output_dir), Path(self.cache_dir)

@@ -94,6 +94,7 @@ def validate(cfg: DictConfig) -> RunArgs:
         cache_dir=paths.get("cache_dir", ".cache/alignexp"),
         seed=container.get("seed", 0),
         pairs=container.get("pairs", "best_worst"),
+        binary=container.get("binary", "best"),
         init_from=container.get("init_from"),
         run_name=str(container.get("run_name") or name),
         backend=str(container.get("backend", "auto")),

@@ -64,8 +64,11 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _main(cfg: DictConfig) -> float | None:
-    record = run_cli(run, cfg)
-    return (record.get("policy") or {}).get("gold_reward")
+    """One run; returns its objective (:mod:`alignexp.tuning`), the number an Optuna sweep maximises."""
+    from alignexp.tuning import Objective, objective_for_sweeper
+
+    objective = run_cli(Objective.from_config, OmegaConf.to_container(cfg.get("objective") or {}, resolve=True))
+    return run_cli(objective_for_sweeper, objective, run_cli(run, cfg))
 
 
 def main() -> None:

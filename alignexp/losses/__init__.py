@@ -3,7 +3,25 @@
 Importing this package registers every loss module listed below.
 """
 
-from alignexp.losses import dpo, hinge, ipo, lipo, ppo, pro, raft, ranked_dpo, reward, rrhf, sft, slic  # noqa: F401  (registration)
+from alignexp.losses import (  # noqa: F401  (registration)
+    cpo,
+    dpo,
+    dpo_variants,
+    hinge,
+    ipo,
+    kto,
+    lipo,
+    mix,
+    ppo,
+    pro,
+    raft,
+    ranked_dpo,
+    reward,
+    rrhf,
+    sft,
+    simpo,
+    slic,
+)
 from alignexp.losses.registry import (
     LossOutput,
     LossSpec,

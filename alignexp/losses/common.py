@@ -158,3 +158,18 @@ def list_reward_metrics(values: Tensor, mask: Tensor, better: Tensor,
         f"{prefix}/margin": batch_mean(chosen - rejected, rows),
         f"{prefix}/accuracy": pairwise_accuracy(values, better, rows),
     }
+
+
+def pooled_nll(logps: Tensor, lengths: Tensor, rows: Tensor) -> Tensor:
+    """The token-mean negative log-likelihood of responses pooled over the batch: the summed NLL of the rows
+    where ``rows`` is True divided by their total token count (``logps``, ``lengths``: (B,)). This is the
+    cross-entropy over the batch's response tokens, as TRL computes its NLL terms (CPO's, RPO's ``sft``),
+    so a long response weighs by its tokens, not as one example."""
+    logps = torch.where(rows, logps, torch.zeros_like(logps))
+    tokens = torch.where(rows, lengths.to(logps.dtype), torch.zeros_like(logps)).sum().clamp(min=1)
+    return -logps.sum() / tokens
+
+
+def token_mean_logps(logps: Tensor, lengths: Tensor, mask: Tensor) -> Tensor:
+    """Summed log-probs (B, n) divided by their response lengths: the average log-prob per token (masked slots 0)."""
+    return clean(logps, mask) / clean_lengths(lengths, mask, logps.dtype)

@@ -39,8 +39,9 @@ class LossSpec:
     ``stage``: the pipeline stage that trains with it (``preference``, ``reward_model``, ``ppo``, or a
     user's own; :mod:`alignexp.pipeline.context`). ``data``: what it trains on: ``rankings`` (the
     sampler's, as pairs or lists), ``best`` (the best response of each ranking), ``demonstrations``
-    (the task's SFT examples) or ``prompts`` (the task's prompts, sampled online). ``per_token``: its
-    tensors are per token (B, T) rather than per response (B, n).
+    (the task's SFT examples), ``prompts`` (the task's prompts, sampled online) or ``binary`` feedback (one
+    response each, desirable or not, packed with a mismatched response: :func:`alignexp.losses.kto.kto_loss`).
+    ``per_token``: its tensors are per token (B, T) rather than per response (B, n).
     """
 
     name: str
@@ -58,6 +59,12 @@ class LossSpec:
     stage: str = "preference"
     data: str = "rankings"
     per_token: bool = False
+    check: Callable[[dict], None] | None = None
+    """Checks of its own on the hyper-parameters (choices, a mapping's keys), run by :func:`check_hparams`
+    after the shared ones; raises ValueError naming the key."""
+    constraints: Mapping[str, tuple[Callable[[float], bool], str]] = field(default_factory=dict)
+    """Constraints of this loss that replace the shared ones of :data:`HPARAM_CONSTRAINTS` for a key
+    (EXO's ``label_smoothing`` must be > 0, for example)."""
 
     def __call__(self, *args, **kwargs) -> LossOutput:
         return self.fn(*args, **kwargs)
@@ -77,19 +84,22 @@ class LossSpec:
 _REGISTRY: dict[str, LossSpec] = {}
 
 
-DATA_KINDS = ("rankings", "best", "demonstrations", "prompts")
+DATA_KINDS = ("rankings", "best", "demonstrations", "prompts", "binary")
 
 
 def register_loss(name: str, *, needs_reference: bool, needs_rewards: bool = False,
                   listwise: bool = False, min_responses: int = 2, uses_scores: bool = False,
                   aliases: tuple[str, ...] = (), stage: str = "preference", data: str = "rankings",
-                  per_token: bool = False):
+                  per_token: bool = False, check: Callable[[dict], None] | None = None,
+                  constraints: Mapping[str, tuple[Callable[[float], bool], str]] | None = None):
     """Decorator: register ``fn`` under ``name`` (and ``aliases``) with what it needs.
 
     ``stage``: the training stage that runs it (alignexp/pipeline: ``preference``, ``reward_model``,
     ``ppo``, or a stage of your own). ``data``: what it trains on: the sampler's ``rankings`` (pairs for a
     pairwise loss), their ``best`` response alone, the task's ``demonstrations``, or its ``prompts``
-    (sampled online, PPO). ``per_token``: its tensors are (B, T) per token, not (B, n) (see :class:`LossSpec`).
+    (sampled online, PPO), or ``binary`` feedback (one response per prompt, desirable or not: KTO; rankings
+    are turned into it by the run's ``binary`` setting). ``per_token``: its tensors are (B, T) per token, not
+    (B, n) (see :class:`LossSpec`). ``check``, ``constraints``: see :class:`LossSpec`.
     """
     if data not in DATA_KINDS:
         raise ValueError(f"register_loss({name!r}): data must be one of {', '.join(DATA_KINDS)}, got {data!r}")
@@ -99,7 +109,7 @@ def register_loss(name: str, *, needs_reference: bool, needs_rewards: bool = Fal
             if key in _REGISTRY:
                 raise KeyError(f"loss '{key}' is registered twice")
             _REGISTRY[key] = LossSpec(key, fn, needs_reference, needs_rewards, listwise, min_responses,
-                                      uses_scores, stage, data, per_token)
+                                      uses_scores, stage, data, per_token, check, dict(constraints or {}))
         return fn
 
     return decorator
@@ -141,6 +151,11 @@ HPARAM_CONSTRAINTS: dict[str, tuple[Callable[[float], bool], str]] = {
     "clip_range": (lambda v: v > 0, "> 0"),
     "clip_range_value": (lambda v: v > 0, "> 0"),
     "vf_coef": (lambda v: v >= 0, ">= 0"),
+    "alpha": (lambda v: v >= 0, ">= 0"),
+    "gamma": (lambda v: v >= 0, ">= 0"),
+    "tau": (lambda v: v > 0, "> 0"),
+    "desirable_weight": (lambda v: v >= 0, ">= 0"),
+    "undesirable_weight": (lambda v: v >= 0, ">= 0"),
 }
 
 
@@ -168,7 +183,8 @@ def check_hparams(name: str, hparams: Mapping[str, object]) -> None:
     """
     if name not in _REGISTRY:
         raise ValueError(f"loss.name: unknown loss '{name}'; registered losses: {', '.join(registered_losses())}")
-    known = _REGISTRY[name].hparams
+    spec = _REGISTRY[name]
+    known = spec.hparams
     for key, value in hparams.items():
         if key == "name" or (key in SWEEP_SHARED_HPARAMS and key not in known):
             continue
@@ -180,12 +196,17 @@ def check_hparams(name: str, hparams: Mapping[str, object]) -> None:
             if not isinstance(value, bool):
                 raise ValueError(f"loss.{key} must be true or false, got {value!r}")
             continue
+        if isinstance(default, str) and not isinstance(value, str):
+            raise ValueError(f"loss.{key} must be a string, got {value!r}")
         if isinstance(default, (int, float)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"loss.{key} must be a number, got {value!r}")
             if not math.isfinite(value):
                 raise ValueError(f"loss.{key} must be finite, got {value}")
-        if key in HPARAM_CONSTRAINTS:
-            test, requirement = HPARAM_CONSTRAINTS[key]
+        constraint = spec.constraints.get(key, HPARAM_CONSTRAINTS.get(key))
+        if constraint is not None and value is not None:
+            test, requirement = constraint
             if not test(value):
                 raise ValueError(f"loss.{key} must be {requirement}, got {value}")
+    if spec.check is not None:
+        spec.check({k: v for k, v in hparams.items() if k != "name"})

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from alignexp.losses.registry import LossOutput, register_loss, require
+from alignexp.losses.common import pooled_nll
+from alignexp.losses.registry import LossOutput, default_mask, register_loss, require
 
 
 @register_loss("sft", needs_reference=False, min_responses=1, data="demonstrations")
@@ -18,8 +19,7 @@ def sft_loss(policy_logps: Tensor, ref_logps: Tensor | None = None, lengths: Ten
     (DPO paper Sec. 6) is this loss on the chosen response of preference data.
     """
     lengths = require(lengths, "response lengths", "sft")
-    tokens = lengths[:, 0].sum().clamp(min=1)
-    nll = -policy_logps[:, 0].sum() / tokens
+    nll = pooled_nll(policy_logps[:, 0], lengths[:, 0], default_mask(policy_logps, mask)[:, 0])
     return LossOutput(nll, {"nll": nll.detach()})
 
 

@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 import torch
 
-from alignexp.errors import AlignexpError
+from alignexp.errors import AlignexpError, ConfigError
 from alignexp.inputs import in_context
 from alignexp.models.lora import AdaptersOff
 from alignexp.models.reference import cached_ref_logps
@@ -21,7 +21,7 @@ from alignexp.pipeline.context import RunContext, register_stage
 from alignexp.pipeline.fit import fit, global_batch_size, schedule
 from alignexp.sampling.pairing import check_scores, pairs_for_loss
 from alignexp.sampling.samplers import SamplerContext
-from alignexp.tasks.base import RankedExample, truncate_rankings
+from alignexp.tasks.base import RankedExample, binary_feedback, truncate_rankings, with_mismatched_responses
 from alignexp.tasks.loading import NoExamples
 
 log = logging.getLogger(__name__)
@@ -36,10 +36,37 @@ def sampler_context(ctx: RunContext) -> SamplerContext:
                           task_config=args.task, backend=ctx.backend)
 
 
+def data_mismatch(spec, feedback: str) -> ConfigError:
+    """The error for a loss given data it does not read (binary feedback for a loss on rankings)."""
+    return ConfigError(f"loss={spec.name} trains on {spec.data} and the task's preference data is {feedback} "
+                       "feedback (one response each, desirable or not): train it with a loss that reads binary "
+                       "feedback (loss=kto), or give rankings or pairs")
+
+
+def shape_binary(ctx: RunContext, examples: list[RankedExample], round_index: int) -> list[RankedExample]:
+    """Binary feedback for a loss that reads it (KTO): rankings turned into it by the run's ``binary`` rule
+    (:func:`alignexp.tasks.base.binary_feedback`), then each example packed with its mismatched response
+    (another prompt's), whose log-probs under this prompt give the KL reference point. Those are one more
+    response per example in the same forward pass (and in the reference's precomputed log-probs), so the
+    reference point costs one extra response's tokens per example, never a second pass."""
+    examples = binary_feedback(truncate_rankings(examples, ctx.task.ranking_length), ctx.args.binary)
+    desirable = sum(bool(ex.label) for ex in examples)
+    log.info("binary feedback for loss '%s': %d examples, %d desirable, %d undesirable (binary=%s)",
+             ctx.spec.name, len(examples), desirable, len(examples) - desirable, ctx.args.binary)
+    if not examples:
+        raise NoExamples(f"training data for loss '{ctx.spec.name}': no binary feedback")
+    return with_mismatched_responses(examples, random.Random(ctx.args.seed + round_index))
+
+
 def shape_for_loss(ctx: RunContext, examples: list[RankedExample], round_index: int) -> list[RankedExample]:
     """Rankings as the loss declares it reads them: cut to ``task.ranking_length``, too-short ones counted
-    and left out, then the best response alone (``data="best"``) or pairs for a pairwise loss."""
+    and left out, then the best response alone (``data="best"``) or pairs for a pairwise loss; binary
+    feedback for a loss that reads it (:func:`shape_binary`). Binary feedback for any other loss is refused."""
     spec = ctx.spec
+    if spec.data == "binary":
+        return shape_binary(ctx, examples, round_index)
+    if any(ex.label is not None for ex in examples):
+        raise data_mismatch(spec, "binary")
     read = len(examples)
     examples = truncate_rankings(examples, ctx.task.ranking_length)
     too_short = sum(ex.n < spec.min_responses for ex in examples)
@@ -67,6 +94,9 @@ def check_training_data(ctx: RunContext) -> None:
         if not ctx.task.sft_examples("train"):  # a record task raises NoExamples itself, naming its filters
             raise NoExamples(f"loss={ctx.spec.name}: task '{ctx.task.name}' has no SFT demonstrations")
         return
+    feedback = getattr(ctx.task, "feedback", "rankings")  # what a task that samples its data will give
+    if feedback == "binary" and ctx.spec.data != "binary":
+        raise in_context(data_mismatch(ctx.spec, feedback), f"training data (stage {ctx.spec.stage})")
     try:
         examples = ctx.sampler.check(ctx.task) if hasattr(ctx.sampler, "check") else None
         if examples is not None:

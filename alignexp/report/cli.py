@@ -14,6 +14,8 @@ folder. Runs that differ only by ``seed`` are replicates of one configuration. W
   Figure 2, left), the reference at KL 0 and best-of-N at its analytic KL;
 * ``win_rate_vs_temperature.png`` (the DPO paper's Figure 2, right) and ``metrics_vs_<param>.png``
   for every swept numeric hyper-parameter (never ``seed``);
+* Optuna studies (``hydra/sweeper=optuna_resume``, alignexp/tuning.py): each study's trials with their
+  parameters, objective and state, and its best trial, in ``results.md`` and ``trials.csv``;
 * prompting baselines (``python -m alignexp.evaluate mode=prompting``) as rows of the tables, lines of
   the win-rate plot and dashed lines (no KL) on the frontier; benchmark scores (``mode=benchmarks``) in
   their own table and ``benchmarks.csv``: reference, policy and their paired difference per benchmark.
@@ -110,6 +112,12 @@ def write_report(folder: str | Path, out: str | Path | None = None, kls: Sequenc
     else:
         sections.append(f"## Paired comparisons\n\n{COMPARISONS_NOTE}\n\n" + tables.comparisons_markdown(comparisons))
     sections.append("## Runs\n\nEvery run, ± its standard error over prompts.\n\n" + tables.runs_markdown(rows, params, metrics))
+    from alignexp.report.tuning import studies_markdown, trials_csv
+    from alignexp.tuning import find_studies
+
+    studies = find_studies(folder)
+    if studies:
+        sections.append(studies_markdown(studies))
     if benchmark_rows:
         sections.append(f"## Benchmarks\n\n{BENCHMARKS_NOTE}\n\n" + tables.benchmarks_markdown(benchmark_rows))
     markdown = "\n".join(sections)
@@ -117,6 +125,8 @@ def write_report(folder: str | Path, out: str | Path | None = None, kls: Sequenc
     written = {"results.md": markdown, "results.csv": tables.points_csv(points, params, metrics),
                "runs.csv": tables.runs_csv(rows, params, metrics),
                "comparisons.csv": tables.comparisons_csv(comparisons)}
+    if studies:
+        written["trials.csv"] = trials_csv(studies)
     if benchmark_rows:
         written["benchmarks.csv"] = tables.benchmarks_csv(benchmark_rows)
     if fronts:

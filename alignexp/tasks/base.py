@@ -22,7 +22,7 @@ Text = Union[str, list[Message]]
 
 @dataclass
 class RankedExample:
-    """One prompt and its n >= 1 responses, ranked best first.
+    """One prompt and its n >= 1 responses, ranked best first; or, with ``label``, one response judged on its own.
 
     Attributes:
         prompt: a string, or a list of chat messages ``{"role", "content"}``.
@@ -30,6 +30,10 @@ class RankedExample:
         scores: optional n floats aligned with ``responses`` (non-increasing); equal scores are ties.
         target: optional reference response for SFT terms (SLiC's y_ref, TL;DR's human summary).
         meta: free-form provenance (source file, record index, ids); never used by losses.
+        label: binary feedback (TRL's unpaired preference ``{prompt, completion, label}``): True where the one
+            response is desirable, False where it is not; None (the default) for a ranking. An example with a
+            label has exactly one response and no scores; only a loss that reads ``binary`` data (KTO) trains
+            on it, and :func:`binary_feedback` turns rankings into it.
     """
 
     prompt: Text
@@ -37,6 +41,7 @@ class RankedExample:
     scores: list[float] | None = None
     target: Text | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    label: bool | None = None
 
     @property
     def n(self) -> int:
@@ -155,7 +160,12 @@ def validate_example(example: RankedExample, source: str, index: int | None,
     _check_text(example.prompt, source, index, "prompt")
     if not isinstance(example.responses, list):
         raise DataError(source, index, "responses", "expected a list")
-    if len(example.responses) < min_responses:
+    if example.label is not None:  # binary feedback: one response, desirable or not
+        if not isinstance(example.label, bool):
+            raise DataError(source, index, "label", f"expected true or false, got {example.label!r}")
+        if len(example.responses) != 1 or example.scores is not None:
+            raise DataError(source, index, "label", "binary feedback has one response and no scores")
+    elif len(example.responses) < min_responses:
         raise DataError(source, index, "responses",
                         f"{len(example.responses)} responses, the loss needs at least {min_responses}")
     for j, response in enumerate(example.responses):
@@ -303,6 +313,61 @@ def truncate_rankings(examples: list[RankedExample], ranking_length: int | None)
             responses=[ex.responses[i] for i in keep],
             scores=None if ex.scores is None else [ex.scores[i] for i in keep],
             target=ex.target, meta=dict(ex.meta)))
+    return out
+
+
+def binary_feedback(examples: list[RankedExample], rule: str | float = "best") -> list[RankedExample]:
+    """Binary feedback (one response each, ``label`` set) from rankings, for a loss that reads ``binary`` data.
+
+    ``rule``: ``"best"``: the best response of each ranking is desirable and the rest are not (responses whose
+    score ties the best's are desirable too); a number: a response whose score is at least it is desirable,
+    which needs scores (a ranking without them is an error naming its record). Examples that already carry
+    a label pass through. Each keeps the ranking's ``meta`` with ``meta["rank"]``, its position there.
+    """
+    out = []
+    for position, ex in enumerate(examples):
+        if ex.label is not None:
+            out.append(ex)
+            continue
+        if rule == "best":
+            labels = [k == 0 or (ex.scores is not None and ex.scores[k] == ex.scores[0]) for k in range(ex.n)]
+        else:
+            if ex.scores is None:
+                meta = ex.meta or {}
+                raise DataError(str(meta.get("source", "rankings")), meta.get("index", position), "scores",
+                                f"binary={rule}: labelling by a score threshold needs scores, and this ranking "
+                                "has none (use binary=best)")
+            labels = [score >= float(rule) for score in ex.scores]
+        for k, (response, label) in enumerate(zip(ex.responses, labels)):
+            out.append(RankedExample(ex.prompt, [response], None, ex.target, {**ex.meta, "rank": k}, label=label))
+    return out
+
+
+def with_mismatched_responses(examples: list[RankedExample], rng) -> list[RankedExample]:
+    """Each binary-feedback example with a second response: that of another example whose prompt differs (KTO's
+    mismatched pair for its KL reference point, :func:`alignexp.losses.kto.kto_loss`). The examples are put in
+    an order drawn from ``rng``, and each takes the response of the nearest example before it (cyclically)
+    with another prompt, as TRL's collator cycles a batch's completions by one. Scores become
+    ``[label, label]`` (1.0 desirable, 0.0 not): the loss reads the label from them.
+    """
+    import json
+
+    keys = [json.dumps(ex.prompt, sort_keys=True) for ex in examples]
+    if len(set(keys)) < 2:
+        raise DataError("binary feedback", None, "prompt",
+                        f"KTO's KL reference point pairs each prompt with another prompt's response, and the "
+                        f"{len(examples)} examples have {len(set(keys))} distinct prompt(s): give at least two")
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    out: list[RankedExample | None] = [None] * len(examples)
+    for position, i in enumerate(order):
+        step = 1
+        while keys[order[(position - step) % len(order)]] == keys[i]:
+            step += 1
+        j = order[(position - step) % len(order)]
+        ex, label = examples[i], 1.0 if examples[i].label else 0.0
+        out[i] = RankedExample(ex.prompt, [ex.responses[0], examples[j].responses[0]], [label, label], ex.target,
+                               {**ex.meta, "mismatched_response_of": j})
     return out
 
 

@@ -11,6 +11,9 @@ Formats (``task.format``; ``auto`` detects each file's format from its first rec
   score (equal scores are ties and keep their order).
 * ``sft``: ``{prompt, completion}`` (strings or message lists) or ``{messages}`` (one example per
   assistant turn, so that only assistant tokens are trained on).
+* ``binary``: ``{prompt, completion, label}``, TRL's unpaired preference format: one completion judged
+  desirable (``label: true``) or not (``false``). Only a loss that reads binary feedback (``loss=kto``)
+  trains on it; its desirable completions are the SFT demonstrations and the evaluation references.
 
 A response given as a message list is reduced to its text where it is one assistant message.
 ``sft_examples`` on preference data uses the best response; ``preference_examples`` needs preference
@@ -24,6 +27,7 @@ from typing import Any
 
 from alignexp.tasks.base import (
     DataError,
+    LeftOut,
     RankedExample,
     Text,
     assistant_turn_examples,
@@ -34,7 +38,7 @@ from alignexp.tasks.base import (
 )
 from alignexp.tasks.loading import DataUnavailable, RecordTask, record_sources
 
-FORMATS = ("auto", "preference", "listwise", "sft")
+FORMATS = ("auto", "preference", "listwise", "sft", "binary")
 
 
 def detect_format(record: Any, source: str, index: int) -> str:
@@ -43,11 +47,14 @@ def detect_format(record: Any, source: str, index: int) -> str:
             return "preference"
         if "responses" in record or "scores" in record:
             return "listwise"
+        if "label" in record:
+            return "binary"
         if "completion" in record or "messages" in record:
             return "sft"
     keys = sorted(record) if isinstance(record, dict) else type(record).__name__
     raise DataError(source, index, "<record>", "cannot tell the format: expected chosen/rejected (preference), "
-                    f"responses/scores (listwise), or completion/messages (sft); found {keys}. Set task.format")
+                    f"responses/scores (listwise), completion/label (binary) or completion/messages (sft); found "
+                    f"{keys}. Set task.format")
 
 
 class CustomTask(RecordTask):
@@ -75,6 +82,13 @@ class CustomTask(RecordTask):
                                 "preferences: give chosen/rejected or responses/scores")
             if fmt == "sft":
                 return parse_sft(record, index, source)
+            if fmt == "binary":
+                example = parse_binary(record, index, source)
+                if stage == "preference":
+                    return example
+                if not example.label:  # an undesirable completion is neither a demonstration nor a reference
+                    return LeftOut("binary feedback labelled undesirable (not a demonstration)")
+                return RankedExample(example.prompt, example.responses, meta=example.meta)
             example = parse_preference(record, index, source) if fmt == "preference" else \
                 parse_listwise(record, index, source)
             if stage != "preference":
@@ -192,3 +206,13 @@ def parse_sft(record: Any, index: int, source: str) -> RankedExample | list[Rank
     prompt = _text_or_messages(get_field(record, "prompt", source, index), source, index, "prompt")
     completion = _text_or_messages(get_field(record, "completion", source, index), source, index, "completion")
     return RankedExample(prompt, [_as_response(completion)], meta={"source": source, "index": index})
+
+
+def parse_binary(record: Any, index: int, source: str) -> RankedExample:
+    """``{prompt, completion, label}`` (TRL's unpaired preference format): binary feedback on one completion."""
+    prompt = _text_or_messages(get_field(record, "prompt", source, index), source, index, "prompt")
+    completion = _text_or_messages(get_field(record, "completion", source, index), source, index, "completion")
+    label = get_field(record, "label", source, index)
+    if not isinstance(label, bool):
+        raise DataError(source, index, "label", f"expected true (desirable) or false (undesirable), got {label!r}")
+    return RankedExample(prompt, [_as_response(completion)], meta={"source": source, "index": index}, label=label)

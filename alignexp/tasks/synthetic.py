@@ -17,7 +17,8 @@ It stands in for the DPO paper's IMDb controlled-sentiment task, on CPU, in minu
   ``r*/tau`` (Gumbel-max: sort by ``r* + tau * G``; ``tau`` is label noise, 0 gives the exact
   order, equal rewards then being ties). Each example's ``scores`` are the annotator's perturbed
   utilities ``r* + tau * G`` (the exact rewards when tau = 0), so they agree with the ranking;
-  the exact rewards are kept in ``meta["gold_rewards"]``.
+  the exact rewards are kept in ``meta["gold_rewards"]``. With ``binary_threshold`` set, each sample
+  is judged alone instead (binary feedback for KTO): desirable where r*(x, y) >= the threshold.
 * **Evaluation.** ``n_eval_prompts`` held-out prompts drawn from a separate stream.
 """
 
@@ -49,7 +50,8 @@ class SyntheticTask(Task):
                  min_len: int = 8, max_len: int = 16, concentration: float = 0.3,
                  n_sft: int = 4096, n_train_prompts: int = 512, n_eval_prompts: int = 128,
                  n_val_prompts: int = 128, n_responses: int = 4, tau: float = 0.05,
-                 ranking_length: int | None = None, skip_invalid: bool = False, eval_split: str = "eval"):
+                 ranking_length: int | None = None, skip_invalid: bool = False, eval_split: str = "eval",
+                 binary_threshold: float | None = None):
         if not 2 <= alphabet_size <= 26:
             raise ValueError(f"task.alphabet_size must be in [2, 26], got {alphabet_size}")
         if prompt_len < 1:
@@ -70,6 +72,10 @@ class SyntheticTask(Task):
         self.prompt_len, self.min_len, self.max_len = prompt_len, min_len, max_len
         self.n_sft, self.n_train_prompts, self.n_eval_prompts = n_sft, n_train_prompts, n_eval_prompts
         self.n_responses, self.tau = n_responses, tau
+        if binary_threshold is not None and (isinstance(binary_threshold, bool)
+                                             or not isinstance(binary_threshold, (int, float))):
+            raise ValueError(f"task.binary_threshold must be a number or null, got {binary_threshold!r}")
+        self.binary_threshold = binary_threshold
         rng = random.Random(f"{seed}/chain")
         self.initial = _dirichlet(rng, alphabet_size, concentration)
         self.transitions = [_dirichlet(rng, alphabet_size, concentration) for _ in range(alphabet_size)]
@@ -127,15 +133,31 @@ class SyntheticTask(Task):
 
     def preference_examples(self, split: str = "train", sample_fn: SampleFn | None = None,
                             n_responses: int | None = None) -> list[RankedExample]:
-        """n responses per prompt sampled with ``sample_fn`` (the SFT policy), ranked by Plackett-Luce."""
+        """n responses per prompt sampled with ``sample_fn`` (the SFT policy), ranked by Plackett-Luce; with
+        ``binary_threshold`` set, each of them alone instead, labelled by its gold reward (:meth:`judge_alone`)."""
         if sample_fn is None:
             raise ValueError("the synthetic task samples its preference data from a policy: pass sample_fn")
         n = n_responses or self.n_responses
         prompts = self.prompts(split)
         samples = sample_fn(prompts, n)
+        if self.binary_threshold is not None:
+            return [self.judge_alone(prompt, y, index=i) for i, (prompt, responses) in enumerate(zip(prompts, samples))
+                    for y in responses]
         rng = random.Random(f"{self.seed}/labels/{split}")
         return [self.rank(prompt, responses, rng, index=i)
                 for i, (prompt, responses) in enumerate(zip(prompts, samples))]
+
+    @property
+    def feedback(self) -> str:
+        """What :meth:`preference_examples` gives: ``binary`` feedback where ``binary_threshold`` is set, else rankings."""
+        return "binary" if self.binary_threshold is not None else "rankings"
+
+    def judge_alone(self, prompt: str, response: str, index: int = 0) -> RankedExample:
+        """Binary feedback on one sample: desirable where its gold reward r*(x, y) is at least ``binary_threshold``
+        (the exact reward: no label noise)."""
+        gold = self.gold_reward(prompt, response)
+        return RankedExample(prompt=prompt, responses=[response], label=gold >= self.binary_threshold,
+                             meta={"source": "synthetic", "index": index, "gold_rewards": [gold]})
 
     def rank(self, prompt: str, responses: Sequence[str], rng: random.Random, index: int = 0) -> RankedExample:
         """A Plackett-Luce draw on r*/tau (Gumbel-max); ties under tau = 0 keep their sampled order."""

@@ -30,6 +30,12 @@ RUNS = REPO / "multirun" / "study"
 KL_BUDGET = 2.0
 MARGIN = 0.01  # a difference in gold reward smaller than this is not worth claiming (the refutation margin)
 
+# The methods added to the frontier part after its first run (issue 24), each against DPO, and ranked SimPO
+# against SimPO.
+NEW_METHODS = [f"{m}:dpo" for m in ("simpo", "ranked_simpo", "cpo", "orpo", "rpo", "apo_zero", "apo_down", "nca", "exo",
+                                    "robust", "bco", "sppo_hard", "discopop", "aot", "dpo_norm", "dpo_forward_kl",
+                                    "dpo_js", "dpo_alpha", "dpo_sft_mix", "kto", "kto_gold")] + ["ranked_simpo:simpo"]
+
 # Per part: the KL points (nats) and the comparisons (first:second), fixed before the runs (README).
 PLAN: dict[str, dict] = {
     "controls": {"kl": [0.25, 0.5, 1.0], "compare": ["dpo:dpo_32_prompts", "dpo:preferred_ft"]},
@@ -40,7 +46,10 @@ PLAN: dict[str, dict] = {
                  # RAFT's runs are named by its loss and sampler (its run_name is its loss's name)
                  "compare": [f"{m}:dpo" for m in ("preferred_ft", "cdpo", "ipo", "slic", "rrhf", "pro", "lipo",
                                                   "ranked_dpo", "rso", "raft (raft)", "ppo", "ppo_reward_model",
-                                                  "best_of_n")]},
+                                                  "best_of_n")] + NEW_METHODS,
+                 # the methods added later (issue 24) are a Holm family of their own, so that adding them leaves the
+                 # adjusted p-values of the comparisons planned first as they were
+                 "families": [NEW_METHODS]},
     "ranking": {"kl": [1.0, 2.0, 4.0],
                 "compare": [f"ranked_dpo_k{k}_{b}:dpo_{p}_k{k}_{b}" for k in (3, 4, 6, 8) for b in ("prompts", "labels")
                             for p in ("best_worst", "adjacent", "all")]},
@@ -130,10 +139,19 @@ def analyse(runs: Path, part: str, plan: dict, out: Path) -> list[dict]:
     rows = [r for r in read_csv(out / "comparisons.csv") if r["where"] == "matched KL"]
     control = best_of_n_control(runs) if part == "controls" else None
     rows += [control] if control else []
-    adjusted = holm([float(r["p_value"]) for r in rows])
-    for row, p in zip(rows, adjusted):
-        row.update(part=part, p_holm=p, family=len(rows),
-                   verdict=verdict(float(row["difference"]), float(row["ci_low"]), float(row["ci_high"]), p))
+    # Holm within each family: the plan's "families" (lists of comparisons), the rest of the part one family
+    families = [set(f) for f in plan.get("families", [])]
+
+    def family_of(row: dict) -> int:
+        pair = f"{row['first']}:{row['second']}"
+        return next((i for i, f in enumerate(families) if pair in f), len(families))
+
+    for index in sorted({family_of(r) for r in rows}):
+        members = [r for r in rows if family_of(r) == index]
+        adjusted = holm([float(r["p_value"]) for r in members])
+        for row, p in zip(members, adjusted):
+            row.update(part=part, p_holm=p, family=len(members),
+                       verdict=verdict(float(row["difference"]), float(row["ci_low"]), float(row["ci_high"]), p))
     return rows
 
 

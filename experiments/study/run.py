@@ -43,7 +43,31 @@ METHODS: dict[str, list[str]] = {
     "lipo": ["loss=lipo"],
     "ranked_dpo": ["loss=ranked_dpo"],
     "rso": ["sampler=rso", "loss=dpo", "pairs=first_round"],
-    "raft": ["sampler=raft", "loss=raft", "sampler.iterations=2", "train.max_steps=4,8,16,32,64"],
+    "raft": ["sampler=raft", "loss=raft", "sampler.iterations=2", "train.max_steps=4,8,16,32,64,2"],
+    # The methods of issue 24 (docs/methods.md), each at its defaults (conf/loss/), its learning rate chosen as above.
+    "simpo": ["loss=simpo"],
+    "ranked_simpo": ["loss=ranked_simpo"],
+    "cpo": ["loss=cpo"],
+    "orpo": ["loss=orpo"],
+    "rpo": ["loss=rpo"],
+    "apo_zero": ["loss=apo_zero"],
+    "apo_down": ["loss=apo_down"],
+    "nca": ["loss=nca"],
+    "exo": ["loss=exo"],
+    "robust": ["loss=robust"],
+    "bco": ["loss=bco"],
+    "sppo_hard": ["loss=sppo_hard"],
+    "discopop": ["loss=discopop"],
+    "aot": ["loss=aot"],
+    "dpo_norm": ["loss=dpo", "loss.length_normalize=true"],
+    "dpo_forward_kl": ["loss=dpo", "loss.f_divergence=forward_kl"],
+    "dpo_js": ["loss=dpo", "loss.f_divergence=js_divergence"],
+    "dpo_alpha": ["loss=dpo", "loss.f_divergence=alpha_divergence"],
+    "dpo_sft_mix": ["loss=mix"],  # dpo 0.8 + sft 0.2
+    # KTO on binary labels made from the same samples: each ranking's best desirable, the rest not; and each
+    # sample judged alone, desirable at a gold reward >= 0.07 (the SFT policy's mean)
+    "kto": ["loss=kto"],
+    "kto_gold": ["loss=kto", "task.binary_threshold=0.07"],
 }
 TUNED = [name for name in METHODS]
 # Variants of the synthetic task tried for the positive controls (README "The proving ground").

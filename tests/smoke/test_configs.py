@@ -16,7 +16,7 @@ from tests.conftest import TINY_RUN
 CONF = Path(CONF_DIR)
 ALL_YAML = sorted(p.relative_to(CONF).as_posix() for p in CONF.rglob("*.yaml"))
 # Update this count when a config file is added: the tests below must then compose it too.
-EXPECTED_YAML_FILES = 79
+EXPECTED_YAML_FILES = 97
 ENTRY_CONFIGS = sorted(p for p in ALL_YAML if "/" not in p)
 HYDRA_OPTIONS = sorted(p for p in ALL_YAML if p.startswith("hydra/"))
 # Parts that are not options of their own: bases other options inherit (task/common/), and the task-specific
@@ -54,12 +54,14 @@ def test_entry_config_composes(compose, name):
 
 @pytest.mark.parametrize("path", GROUP_OPTIONS)
 def test_group_option_composes_and_validates(compose, path):
+    skip_without_optuna(path)
     group, name = option(path)
     validate(compose(f"{group}={name}"))
 
 
 @pytest.mark.parametrize("path", HYDRA_OPTIONS)
 def test_hydra_option_composes(compose, path):
+    skip_without_optuna(path)
     group, name = path[: -len(".yaml")].rsplit("/", 1)
     cfg = compose(f"{group}={name}", return_hydra_config=True)
     assert cfg.hydra.launcher is not None
@@ -80,14 +82,35 @@ def test_each_loss_trains_a_few_steps(compose, loss):
         assert (out / "policy" / "config.json").exists()
 
 
+@pytest.mark.parametrize("option", ["loss.length_normalize=true", "loss.f_divergence=forward_kl",
+                                    "loss.f_divergence=js_divergence", "loss.f_divergence=alpha_divergence"])
+def test_dpo_options_train_a_few_steps(compose, option):
+    """DPO's rows of the methods table that are options, not files: length-normalised DPO and f-DPO."""
+    cfg = compose("loss=dpo", option, *TINY_RUN)
+    record = run(cfg)
+    assert record["hparams"][option.split("=")[0].split(".")[1]] == OmegaConf.select(cfg, option.split("=")[0])
+
+
 def sweep_first_values(cfg) -> list[str]:
-    """A sweep experiment's first job: the first value of each of its ``hydra.sweeper.params``."""
+    """A sweep experiment's first job: the first value of each of its ``hydra.sweeper.params``; a parameter an
+    Optuna sweeper searches over a distribution (``interval(...)``, ``tag(log, ...)``) keeps its config value."""
     params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
-    return [f"{key}={str(values).split(',')[0].strip()}" for key, values in params.items()]
+    return [f"{key}={str(values).split(',')[0].strip()}" for key, values in params.items()
+            if "interval(" not in str(values) and not str(values).startswith("tag(")]
+
+
+# Options that extend hydra-optuna-sweeper's config (the `tune` extra): composed where it is installed.
+NEEDS_OPTUNA = ("hydra/sweeper/optuna_resume.yaml", "experiment/tune.yaml")
+
+
+def skip_without_optuna(path: str) -> None:
+    if path in NEEDS_OPTUNA:
+        pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the tune extra is not installed")
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_each_experiment_runs_a_step(compose, experiment):
+    skip_without_optuna(f"experiment/{experiment}.yaml")
     first = sweep_first_values(compose(f"experiment={experiment}", return_hydra_config=True))
     cfg = compose(f"experiment={experiment}", *first, *TINY_RUN)
     record = run(cfg)

@@ -44,6 +44,14 @@ EXPECTED = {  # name: (needs_reference, needs_rewards, listwise, min_responses, 
     "lipo": (True, False, True, 2, True), "reward": (False, False, True, 2, True),
     "sft": (False, False, False, 1, False), "preferred_ft": (False, False, False, 1, False),
     "raft": (False, False, False, 1, False), "ppo": (True, True, False, 1, False),
+    "simpo": (False, False, False, 2, False), "ranked_simpo": (False, False, True, 2, True),
+    "cpo": (False, False, False, 2, False), "orpo": (False, False, False, 2, False),
+    "rpo": (True, False, False, 2, False), "kto": (True, True, False, 1, False),
+    "apo_zero": (True, False, False, 2, False), "apo_down": (True, False, False, 2, False),
+    "nca": (True, False, False, 2, False), "exo": (True, False, False, 2, False),
+    "robust": (True, False, False, 2, False), "bco": (True, False, False, 2, False),
+    "sppo_hard": (True, False, False, 2, False), "discopop": (True, False, False, 2, False),
+    "aot": (True, False, False, 2, False), "mix": (True, False, False, 2, False),
 }
 
 
@@ -55,7 +63,9 @@ def test_every_loss_is_registered_with_what_it_needs():
                 spec.uses_scores) == flags, name
 
 
-@pytest.mark.parametrize("name", ["dpo", "ipo", "hinge", "slic", "rrhf", "pro", "ranked_dpo", "lipo"])
+@pytest.mark.parametrize("name", ["dpo", "ipo", "hinge", "slic", "rrhf", "pro", "ranked_dpo", "lipo", "simpo",
+                                  "ranked_simpo", "cpo", "orpo", "rpo", "kto", "apo_zero", "apo_down", "nca", "exo",
+                                  "robust", "bco", "sppo_hard", "discopop", "aot", "mix"])
 def test_each_loss_documents_its_equation_and_source(name):
     fn = get_loss(name).fn
     doc = (fn.__doc__ or "") + (importlib.import_module(fn.__module__).__doc__ or "")
@@ -77,7 +87,8 @@ def test_yaml_keys_are_the_function_hparams_and_valid(name):
     assert all(config.pop(k) is None for k in shared)  # declared for cross-loss sweeps, null
     assert set(config) == set(get_loss(name).hparams)
     check_hparams(name, config)
-    check_hparams(name, get_loss(name).hparams)  # the defaults are valid too
+    if name != "mix":  # a mix has no default terms: its YAML gives them
+        check_hparams(name, get_loss(name).hparams)  # the defaults are valid too
 
 
 @pytest.mark.parametrize("name, hparams, message", [
@@ -91,7 +102,7 @@ def test_yaml_keys_are_the_function_hparams_and_valid(name):
     ("ranked_dpo", {"sft_weight": -1}, "loss.sft_weight must be >= 0"),
     ("rrhf", {"rank_weight": -2}, "loss.rank_weight must be >= 0"),
     ("dpo", {"margin": 1.0}, "loss.margin is not a hyper-parameter of loss 'dpo'"),
-    ("dpo", {"bet": 0.1}, "loss.bet is not a hyper-parameter of loss 'dpo' .*beta, label_smoothing"),
+    ("dpo", {"bet": 0.1}, "loss.bet is not a hyper-parameter of loss 'dpo' .*beta, f_alpha, f_divergence, label_smoothing"),
     ("sft", {"margin": 0.1}, "loss.margin is not a hyper-parameter of loss 'sft'"),
     ("dpo", {"target_logps": 1.0}, "loss.target_logps is not a hyper-parameter"),
     ("dpo", {"beta": "0.1"}, "loss.beta must be a number, got '0.1'"),

@@ -31,7 +31,7 @@ def test_every_subpackage_is_listed():
     without_init = sorted(str(f.relative_to(REPO)) for f in folders if not (f / "__init__.py").exists())
     assert without_init == [], "folders of modules without __init__.py"
     found = {".".join(f.relative_to(REPO).parts) for f in folders}
-    assert sorted(SETUPTOOLS["packages"]) == sorted(found | {"alignexp.conf"}), \
+    assert sorted(SETUPTOOLS["packages"]) == sorted(found | {"alignexp.conf", "hydra_plugins.alignexp_optuna"}), \
         "pyproject.toml [tool.setuptools] packages must list every package of alignexp/"
     assert SETUPTOOLS["package-dir"] == {"alignexp.conf": "conf"}
 
@@ -85,7 +85,7 @@ def test_the_wheel_holds_every_module_and_config_file(tmp_path):
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
-    for name in ("alignexp", "conf"):
+    for name in ("alignexp", "conf", "hydra_plugins"):
         shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "--no-index", "-q",
                     "-w", str(tmp_path / "dist"), str(source)], check=True, capture_output=True, timeout=300)

@@ -112,9 +112,14 @@ def build_task(config: Mapping[str, Any]):
     return instantiate_target(config, "task")
 
 
-def setup_runtime(seed: int, threads: int | None) -> None:
-    """Seeds and thread counts, set explicitly by the entry point (never at import)."""
+def setup_runtime(seed: int, threads: int | None, verbose: bool = False) -> None:
+    """Seeds, thread counts and what libraries print (:func:`alignexp.logs.quiet_libraries`; ``verbose``:
+    everything), set explicitly by the entry point (never at import)."""
     import torch
+
+    from alignexp.logs import quiet_libraries
+
+    quiet_libraries(verbose)
 
     random.seed(seed)
     torch.manual_seed(seed)

@@ -42,6 +42,7 @@ from alignexp.evaluation.prompting import PromptingArgs, evaluate_prompting
 from alignexp.evaluation.results import format_agreement, format_table, write_eval_json
 from alignexp.files import atomic_write_json, atomic_write_text
 from alignexp.judges import build_judge
+from alignexp.logs import emit
 from alignexp.metrics.preference import pairs_from_rankings
 from alignexp.metrics.winrate import Judge
 from alignexp.models.backbone import build_model, build_tokenizer
@@ -126,7 +127,7 @@ def _policy_mode(task: Task, judge: Judge | None, args: EvaluateArgs, loaded: tu
                              policy_path=str(args.policy), init_from=str(args.reference),
                              reference_source=args.reference_source, hparams={"beta": args.eval.beta},
                              provenance=provenance())
-    print(format_table(result), flush=True)
+    emit(format_table(result))
     print(f"[alignexp] eval.json: {path}", flush=True)
     return record
 
@@ -142,7 +143,7 @@ def _prompting_mode(task: Task, judge: Judge | None, args: EvaluateArgs) -> dict
                              init_from=str(args.reference) if args.reference else None,
                              reference_source=args.reference_source if args.reference else None,
                              provenance=provenance())
-    print(format_table(result), flush=True)
+    emit(format_table(result))
     print(f"[alignexp] eval.json: {path}", flush=True)
     return record
 
@@ -239,7 +240,7 @@ def run(cfg: DictConfig) -> dict:
     if args.policy is not None or args.reference is not None:
         print(f"[alignexp] policy: {args.policy or '-'}; reference: {args.reference or '-'}"
               + (f" (from {args.reference_source})" if args.reference else ""), flush=True)
-    setup_runtime(args.seed, args.hardware.threads)
+    setup_runtime(args.seed, args.hardware.threads, verbose=bool(cfg.get("verbose", False)))
     if args.mode == "benchmarks":  # the tasks are checked (and the harness found) before any model loads
         preflight_evaluate(args, None, wants_judge=False)  # the folders, the hardware, the output folder
         manager = task_manager(args.benchmarks)

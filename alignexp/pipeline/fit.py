@@ -152,6 +152,29 @@ class FinalCheckpoint(L.Callback):
         trainer.save_checkpoint(self.path)
 
 
+def progress_bar(stage: str) -> L.Callback:
+    """Lightning's own progress bar (Rich where it imports, else tqdm: steps, rate, ETA) titled with the stage,
+    without the logger's version number (``v_num``), which names nothing a reader needs."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+    from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+    class StageProgressBar(RichProgressBar if _RICH_AVAILABLE else TQDMProgressBar):
+        def get_metrics(self, trainer, pl_module):
+            metrics = super().get_metrics(trainer, pl_module)
+            metrics.pop("v_num", None)
+            return metrics
+
+        def _get_train_description(self, current_epoch: int) -> str:  # Rich's title of the bar
+            return f"{stage} · {super()._get_train_description(current_epoch)}"
+
+        def on_train_epoch_start(self, trainer, *args) -> None:  # tqdm's title of the bar
+            super().on_train_epoch_start(trainer, *args)
+            if not _RICH_AVAILABLE and self.train_progress_bar is not None:
+                self.train_progress_bar.set_description(f"{stage} · epoch {trainer.current_epoch}")
+
+    return StageProgressBar()
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
     """The newest checkpoint in ``folder`` (``last.ckpt``, or a SLURM preemption's ``hpc_ckpt_<n>.ckpt``)."""
     found = [p for p in [folder / "last.ckpt", *folder.glob("hpc_ckpt_*.ckpt")] if p.exists()]
@@ -184,6 +207,8 @@ def fit(module: L.LightningModule, loader, *, hw: HardwareArgs, logger: Mapping[
     preemption = Preemption(folder / "last.ckpt")
     callbacks: list[L.Callback] = [DataPosition(), preemption, *([gather] if gather else []),
                                    *settings.pop("callbacks", [])]
+    if settings.get("enable_progress_bar", True):
+        callbacks.append(progress_bar(stage))
     if checkpoint_every:
         from lightning.pytorch.callbacks import ModelCheckpoint
 

@@ -32,6 +32,7 @@ from alignexp.args import (
     instantiate_target,
 )
 from alignexp.errors import ConfigError
+from alignexp.files import register_user_modules
 from alignexp.losses import get_loss
 from alignexp.losses.registry import check_hparams, loss_kwargs
 
@@ -50,6 +51,7 @@ def import_user_modules(names: list[str] | None) -> None:
         except ImportError as error:
             raise ConfigError(f"imports: cannot import {name!r} ({error}); the module must be installed, on "
                               f"PYTHONPATH, or in the working folder (under `python -m`)") from None
+    register_user_modules([str(name) for name in names or []])  # their source keys every cache entry
 
 
 def _section(container: dict, key: str) -> dict:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from alignexp.disk import check_free_space
 from alignexp.errors import AlignexpError, ConfigError
 from alignexp.inputs import (
     check_accelerator,
@@ -95,6 +96,7 @@ def preflight_train(args: Any, task: Any) -> None:
 
     flight = Preflight("train")
     _common(flight, args.hardware, {"paths.output_dir": args.output_dir, "paths.cache_dir": args.cache_dir})
+    flight.check(check_free_space, args, task)
     spec = get_loss(args.loss.name)
     ctx = RunContext(args=args, task=task, spec=spec, sampler=instantiate_target(args.sampler, "sampler"))
     for name in plan(spec, ctx.sampler):

@@ -21,7 +21,7 @@ from alignexp.provenance import provenance
                                     "wait at a barrier")
 def save(ctx: RunContext) -> None:
     """The trained policy as <run>/policy (Hugging Face format, with its tokenizer; LoRA merged)."""
-    folder = save_policy(ctx.policy, ctx.tokenizer, ctx.out / "policy")
+    folder = save_policy(ctx.policy, ctx.tokenizer, ctx.out / "policy", ctx.out / "checkpoints")
     if is_main():
         print(f"[alignexp] trained policy (Hugging Face format): {folder}", flush=True)
 

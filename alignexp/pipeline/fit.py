@@ -258,9 +258,39 @@ def write_policy(model, tokenizer, folder: Path) -> Path:
     return folder
 
 
-def save_policy(model, tokenizer, folder: Path) -> Path:
-    """:func:`write_policy` by rank 0 alone; the other ranks wait for it (every rank calls this)."""
+def save_policy(model, tokenizer, folder: Path, checkpoints: Path | None = None) -> Path:
+    """:func:`write_policy` by rank 0 alone, into a temporary folder renamed to ``folder`` when whole, so that
+    ``folder`` is never a partial model; the other ranks wait for it (every rank calls this). A failed write
+    (a full disk) leaves nothing at ``folder`` and raises an error that says where the trained weights still
+    are (the newest checkpoint of any stage under ``checkpoints``, if any) and how to save them again."""
+    from alignexp.distributed import broadcast
+    from alignexp.files import atomic_folder
+
+    failure = None
     if is_main():
-        write_policy(model, tokenizer, folder)
-    barrier()
+        try:
+            with atomic_folder(folder) as tmp:
+                write_policy(model, tokenizer, tmp)
+        except OSError as error:
+            failure = error.strerror or str(error)
+    failure = broadcast(failure if is_main() else None)
+    if failure is not None:
+        found = [c for stage in sorted(checkpoints.glob("*")) if (c := latest_checkpoint(stage))] if checkpoints else []
+        raise PolicyNotSaved(folder, failure, max(found, key=lambda c: c.stat().st_mtime) if found else None)
     return folder
+
+
+class PolicyNotSaved(AlignexpError):
+    """The trained policy could not be written (nothing partial was left); the message says what to do."""
+
+    def __init__(self, folder: Path, reason: str, checkpoint: Path | None):
+        run = folder.parent
+        if checkpoint is not None:
+            where = (f"the trained weights are in the checkpoint {checkpoint}: free some space, then "
+                     f"`python -m alignexp.train resume={run}` saves them (the fit has nothing left to train) and "
+                     f"evaluates")
+        else:
+            where = ("no checkpoint holds the trained weights (train.checkpoint_every=0), so they are lost with this "
+                     "process: free some space and run again, with train.checkpoint_every=<steps> to keep them")
+        super().__init__(f"the trained policy could not be saved to {folder} ({reason}); nothing partial was left "
+                         f"there. {where}")

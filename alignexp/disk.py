@@ -45,20 +45,29 @@ def model_bytes(model: Any) -> int | None:
     path = Path(str(model.path)).expanduser() if model.path else None
     if path is not None and path.is_dir():
         stored_bytes = sum(f.stat().st_size for pattern in WEIGHT_FILES for f in path.glob(pattern))
-        config = path / "config.json"
-        stored = json.loads(config.read_text()).get("torch_dtype") or json.loads(config.read_text()).get("dtype") \
-            if config.is_file() else None
+        config = json.loads((path / "config.json").read_text()) if (path / "config.json").is_file() else {}
+        stored = config.get("torch_dtype") or config.get("dtype")
         return int(stored_bytes * target / DTYPE_BYTES.get(str(stored), target)) if stored_bytes else None
-    if not model.arch:
-        return None
-    from alignexp.plan_memory import count_parameters
+    return arch_bytes(model.arch, target)
 
-    arch = dict(model.arch)
-    arch.setdefault("vocab_size", 512)  # the byte tokenizer's size order where the preset leaves it to the tokenizer
+
+def arch_bytes(arch: dict[str, Any], dtype_bytes: int) -> int | None:
+    """The parameters of a Llama/Mistral-type ``arch`` (the presets' and the tiny model's) times
+    ``dtype_bytes``, in closed form (:func:`alignexp.plan_memory.llama_counts`: nothing imported or built);
+    None for another architecture or one the mapping does not spell out."""
+    from alignexp.plan_memory import ANALYTIC_TYPES, llama_counts
+
     try:
-        return count_parameters(arch).total * target
-    except (ValueError, TypeError, KeyError):
+        if arch.get("model_type", "llama") not in ANALYTIC_TYPES:
+            return None
+        h, heads = int(arch["hidden_size"]), int(arch["num_attention_heads"])
+        total = llama_counts(h, int(arch["intermediate_size"]), heads, int(arch.get("num_key_value_heads") or heads),
+                             int(arch.get("head_dim") or h // heads), int(arch.get("vocab_size", 512)),
+                             int(arch["num_hidden_layers"]), bool(arch.get("tie_word_embeddings", False)),
+                             bool(arch.get("attention_bias", False)), bool(arch.get("mlp_bias", False)))[0]
+    except (KeyError, TypeError, ValueError):
         return None
+    return total * dtype_bytes
 
 
 def planned_writes(args: Any, task: Any) -> list[tuple[Path, str, int]]:

@@ -64,9 +64,11 @@ class Preflight:
             return None
 
     def add(self, error: BaseException) -> None:
-        """Keep ``error``, unless it repeats one already kept (two stages reading one bad file)."""
-        text = str(error)
-        if not any(text.endswith(str(p)) or str(p).endswith(text) for p in self.problems):
+        """Keep ``error``, unless it repeats one already kept (two stages reading one bad file: the training
+        and the evaluation data of one file give one problem, in the context where it was found first)."""
+        text = getattr(error, "core", str(error))
+        if not any(text == getattr(p, "core", None) or str(p).endswith(text) or text.endswith(str(p))
+                   for p in self.problems):
             self.problems.append(error)
 
     def finish(self) -> None:

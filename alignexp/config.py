@@ -71,6 +71,11 @@ def validate(cfg: DictConfig) -> RunArgs:
     name = str(loss.pop("name", None))
     try:
         get_loss(name)
+    except KeyError as error:  # its YAML composed (conf/loss/<name>.yaml was found), so only the code is missing
+        raise ConfigError(f"loss.name: {error.args[0]}. A config names loss '{name}' but no imported module "
+                          f"registers it: add imports=[<your module>] (the module with @register_loss(\"{name}\")), "
+                          f"importable from the working folder or PYTHONPATH") from None
+    try:
         check_hparams(name, loss)
     except (KeyError, ValueError) as error:
         message = str(error.args[0])

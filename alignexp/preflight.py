@@ -105,6 +105,20 @@ def preflight_train(args: Any, task: Any) -> None:
         for check in get_stage(name).checks:
             flight.check(check, ctx)
     flight.finish()
+    for warning in setup_warnings(args, task):
+        log.warning(warning)
+
+
+def setup_warnings(args: Any, task: Any) -> list[str]:
+    """What runs but is likely a mistake, each with the key that fixes it: a randomly initialised model
+    trained on a dataset task's text, and the task's own warnings (evaluating on the training data)."""
+    warnings = []
+    if not args.init_from and not args.model.path and not task.trains_sft_policy:
+        warnings.append(f"model={args.model.name} has no weights (model.path=null, init_from=null): a randomly "
+                        f"initialised model will be trained on task {task.name}'s data and evaluated as it is. Set "
+                        f"model.path=<a pretrained model's folder or hub id> (or model=smollm2_135m after `make "
+                        f"assets`), or init_from=<a run's policy>")
+    return warnings + list(task.setup_warnings())
 
 
 def preflight_sample(args: Any, task: Any, policy: str | None, split: str, output: Path) -> str | None:

@@ -266,6 +266,11 @@ class Task:
     def eval_examples(self) -> list[RankedExample]:
         raise NotImplementedError(f"task '{self.name}' has no evaluation data")
 
+    def setup_warnings(self) -> list[str]:
+        """What the task's settings make likely to be a mistake (evaluating on the training data), each with the
+        key that fixes it; a training run logs them as warnings after its preflight."""
+        return []
+
     def gold_reward(self, prompt: Text, response: Text) -> float:
         raise NotImplementedError(f"task '{self.name}' has no gold reward")
 

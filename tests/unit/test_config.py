@@ -91,3 +91,19 @@ def test_the_users_command_fails_fast_offline_and_says_how_to_fix_it():
     assert "model.path=mistralai/Mistral-7B-v0.1" in result.stderr and "model.path=/some/folder" in result.stderr
     assert "Traceback" not in result.stderr
     assert elapsed < 90  # dominated by importing torch and transformers on 2 busy cores
+
+
+def test_likely_mistakes_are_warned_with_the_key_that_fixes_them(compose):
+    """task=custom on one file with the tiny model's random weights: two warnings, each naming its fix; the
+    default experiment (the synthetic task trains its own SFT policy) has none."""
+    from alignexp.config import build_task
+    from alignexp.preflight import setup_warnings
+
+    data = REPO / "tests" / "fixtures" / "custom" / "pref_standard.jsonl"
+    args = validate(compose("task=custom", f"task.path={data}", "loss=dpo"))
+    warnings = setup_warnings(args, build_task(args.task))
+    assert len(warnings) == 2
+    assert warnings[0].startswith("model=tiny has no weights") and "Set model.path=" in warnings[0]
+    assert warnings[1].startswith(f"task.eval_path=null: evaluation reads task.path={data}, the training data")
+    args = validate(compose())
+    assert setup_warnings(args, build_task(args.task)) == []

@@ -90,19 +90,12 @@ test -s report/results.md || fail "alignexp-report wrote no results.md"
 step "the README's own loss and experiment, in a folder outside the package, by the README's commands"
 mkdir "$WORK/research"
 cd "$WORK/research"
-# The README's files: each fenced block whose first line is `# <path>` (my_losses.py, conf/...), written here.
-quiet "$WORK/readme.log" "$V/python" - "$REPO/README.md" <<'EOF'
-import re
-import sys
-from pathlib import Path
-
-blocks = re.findall(r"^```(?:python|yaml)\n# ([\w./]+)\n(.*?)^```", Path(sys.argv[1]).read_text(), re.M | re.S)
-paths = {path for path, _ in blocks}
-assert {"my_losses.py", "conf/loss/my_loss.yaml", "conf/experiment/my_study.yaml"} <= paths, paths
-for path, text in blocks:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(text)
-EOF
+# The README's files: each block that the README shows as a whole file (my_losses.py, conf/...), written here
+# exactly as shown, first line included (tests/fixtures/doc_files.py finds them).
+quiet "$WORK/readme.log" "$V/python" "$REPO/tests/fixtures/doc_files.py" "$REPO/README.md"
+for path in my_losses.py conf/loss/my_loss.yaml conf/experiment/my_study.yaml; do
+    [ -f "$path" ] || fail "the README shows no file block for $path"
+done
 # The cache of the first run, named by ALIGNEXP_CACHE_DIR: its SFT policy is reused, nothing is cached here.
 export ALIGNEXP_CACHE_DIR="$WORK/run/.cache/alignexp"
 # Under `python -m` the working folder is on the path.

@@ -44,7 +44,11 @@ def instantiate_target(config: Mapping[str, Any], key: str, **kwargs: Any) -> An
         if isinstance(cause, AlignexpError):  # it names its key, file or model already
             raise cause from None
         reason = cause if isinstance(cause, (ValueError, TypeError)) else error
-        raise ConfigError(f"{key}: {reason}") from None
+        hint = ""
+        if isinstance(cause, ImportError) or "Error locating target" in str(error):
+            hint = (f"; the module of {key}._target_={config['_target_']} must be importable: add it to imports=[...] "
+                    "and make it importable from the working folder or PYTHONPATH")
+        raise ConfigError(f"{key}: {reason}{hint}") from None
 
 
 def _fail(key: str, requirement: str, value: Any) -> None:

@@ -32,6 +32,7 @@ from alignexp.args import (
     instantiate_target,
 )
 from alignexp.errors import ConfigError
+from alignexp.files import register_user_modules
 from alignexp.losses import get_loss
 from alignexp.losses.registry import check_hparams, loss_kwargs
 
@@ -50,6 +51,7 @@ def import_user_modules(names: list[str] | None) -> None:
         except ImportError as error:
             raise ConfigError(f"imports: cannot import {name!r} ({error}); the module must be installed, on "
                               f"PYTHONPATH, or in the working folder (under `python -m`)") from None
+    register_user_modules([str(name) for name in names or []])  # their source keys every cache entry
 
 
 def _section(container: dict, key: str) -> dict:
@@ -69,6 +71,11 @@ def validate(cfg: DictConfig) -> RunArgs:
     name = str(loss.pop("name", None))
     try:
         get_loss(name)
+    except KeyError as error:  # its YAML composed (conf/loss/<name>.yaml was found), so only the code is missing
+        raise ConfigError(f"loss.name: {error.args[0]}. A config names loss '{name}' but no imported module "
+                          f"registers it: add imports=[<your module>] (the module with @register_loss(\"{name}\")), "
+                          f"importable from the working folder or PYTHONPATH") from None
+    try:
         check_hparams(name, loss)
     except (KeyError, ValueError) as error:
         message = str(error.args[0])
@@ -113,9 +120,14 @@ def build_task(config: Mapping[str, Any]):
     return instantiate_target(config, "task")
 
 
-def setup_runtime(seed: int, threads: int | None) -> None:
-    """Seeds and thread counts, set explicitly by the entry point (never at import)."""
+def setup_runtime(seed: int, threads: int | None, verbose: bool = False) -> None:
+    """Seeds, thread counts and what libraries print (:func:`alignexp.logs.quiet_libraries`; ``verbose``:
+    everything), set explicitly by the entry point (never at import)."""
     import torch
+
+    from alignexp.logs import quiet_libraries
+
+    quiet_libraries(verbose)
 
     random.seed(seed)
     torch.manual_seed(seed)

@@ -132,10 +132,7 @@ def run(cfg: DictConfig) -> int:
     try:
         stage, split, examples = load_stage(task, cfg.stage, settings)
     except DataError as error:
-        if "another task's schema" in error.reason:
-            raise
-        raise DataError(error.source, error.index, error.field_name,
-                        f"{error.reason}\n(set task.skip_invalid=true to skip and count invalid records)") from None
+        raise error.with_skip_hint() from None
     if not examples:  # record tasks raise NoExamples themselves, naming their filters
         raise NoExamples(f"task {task.name}: no {stage} examples (split {split}); check the task's settings")
     summary = summarize(examples, task.last_report, task.name, stage, split)

@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import torch.distributed as dist
 
-from alignexp.files import file_lock
+from alignexp.files import entries_of_other_code, file_lock, move_aside, verify_entry, write_manifest
 
 T = TypeVar("T")
 
@@ -135,24 +135,58 @@ def on_main(fn: Callable[[], T]) -> T:
 
 
 def shared_cache(path: Path, compute: Callable[[], T], save: Callable[[T, Path], None], load: Callable[[Path], T],
-                 exists: Callable[[Path], bool] = Path.exists) -> T:
+                 exists: Callable[[Path], bool] = Path.exists, what: str = "cache entry") -> T:
     """The value cached at ``path``: loaded by every rank when it is there; otherwise computed by all ranks
     together (``compute`` may shard its work and gather), written by rank 0 alone (``save`` must write
     under a unique temporary name and rename, :mod:`alignexp.files`), and read back by no one.
 
     Rank 0 holds a lock on ``path`` (:func:`alignexp.files.file_lock`) from the check to the write, so a
     concurrent job that needs the same entry waits and then loads it, instead of computing it again or
-    reading half of it.
+    reading half of it. Rank 0 writes the entry's manifest (:func:`alignexp.files.write_manifest`) after it,
+    and checks an entry against it before anyone reads it: an entry that is incomplete, fails its checksum
+    or has no manifest is moved aside and rebuilt (so is one that fails to load in a single process), and
+    ``what`` (``"reference log-probs"``) names it in the log that says why. Where ``path`` is code-keyed
+    (:func:`alignexp.files.code_keyed`) and only other code's entries exist, the log says so.
     """
     for used in _CACHE_RECORDERS:
         used.append(Path(path))
     with file_lock(path) if is_main() else nullcontext():
-        found = broadcast(exists(path) if is_main() else None)
+        found = broadcast(_check_entry(Path(path), exists, what) if is_main() else None)
         if found:
             barrier()
-            return load(path)
+            try:
+                return load(path)
+            except Exception as error:  # noqa: BLE001 - any reader's failure means the entry is bad
+                if world_size() > 1:
+                    raise
+                aside = move_aside(Path(path))
+                log.warning("%s: %s could not be read (%s: %s): moved aside to %s; rebuilding", what, path,
+                            type(error).__name__, error, aside.name)
         value = compute()
         if is_main():
             save(value, path)
+            write_manifest(Path(path))
         barrier()
         return value
+
+
+def _check_entry(path: Path, exists: Callable[[Path], bool], what: str) -> bool:
+    """Rank 0's verdict on the cache entry ``path``: True where it is there and whole; else False, with a
+    partial or unverifiable entry moved aside and the reason logged."""
+    if exists(path):
+        problem = verify_entry(path)
+        if problem is None:
+            return True
+        aside = move_aside(path)
+        log.warning("%s: %s failed verification (%s): moved aside to %s; rebuilding", what, path, problem, aside.name)
+        return False
+    if path.exists():  # a folder without what makes it an entry: an interrupted copy
+        aside = move_aside(path)
+        log.warning("%s: %s is incomplete: moved aside to %s; rebuilding", what, path, aside.name)
+        return False
+    others = entries_of_other_code(path)
+    if others:
+        newest = max(others, key=lambda p: p.stat().st_mtime)
+        log.info("%s: the cached %s was made by other code (a module that shapes it changed): building %s",
+                 what, newest.name, path.name)
+    return False

@@ -42,10 +42,12 @@ from alignexp.evaluation.prompting import PromptingArgs, evaluate_prompting
 from alignexp.evaluation.results import format_agreement, format_table, write_eval_json
 from alignexp.files import atomic_write_json, atomic_write_text
 from alignexp.judges import build_judge
+from alignexp.logs import emit
 from alignexp.metrics.preference import pairs_from_rankings
 from alignexp.metrics.winrate import Judge
 from alignexp.models.backbone import build_model, build_tokenizer
 from alignexp.preflight import preflight_evaluate
+from alignexp.provenance import provenance
 from alignexp.tasks.base import Task
 
 MODES = ("policy", "prompting", "benchmarks", "agreement", "export")
@@ -73,6 +75,7 @@ class EvaluateArgs:
     seed: int
     output_dir: Path
     hparams: dict
+    reference_source: str = "reference="  # where the reference came from, printed and in eval.json
 
     def check_inputs(self) -> None:
         """What the mode needs, checked before anything is built."""
@@ -122,8 +125,9 @@ def _policy_mode(task: Task, judge: Judge | None, args: EvaluateArgs, loaded: tu
     path = args.output_dir / "eval.json"
     record = write_eval_json(path, task=task.name, loss=args.loss, model=args.model.name, result=result,
                              policy_path=str(args.policy), init_from=str(args.reference),
-                             hparams={"beta": args.eval.beta})
-    print(format_table(result), flush=True)
+                             reference_source=args.reference_source, hparams={"beta": args.eval.beta},
+                             provenance=provenance())
+    emit(format_table(result))
     print(f"[alignexp] eval.json: {path}", flush=True)
     return record
 
@@ -136,8 +140,10 @@ def _prompting_mode(task: Task, judge: Judge | None, args: EvaluateArgs) -> dict
     path = args.output_dir / "eval.json"
     record = write_eval_json(path, task=task.name, loss="prompting", model=args.model.name, result=result,
                              method=args.prompting.method, model_path=args.model.path,
-                             init_from=str(args.reference) if args.reference else None)
-    print(format_table(result), flush=True)
+                             init_from=str(args.reference) if args.reference else None,
+                             reference_source=args.reference_source if args.reference else None,
+                             provenance=provenance())
+    emit(format_table(result))
     print(f"[alignexp] eval.json: {path}", flush=True)
     return record
 
@@ -149,7 +155,8 @@ def _benchmarks_mode(args: EvaluateArgs, manager: Any) -> dict:
     record = write_eval_json(path, task="benchmarks", loss=args.loss, model=args.model.name,
                              result={"n_prompts": 0, "policy": {}, "reference": {}, "comparisons": {}},
                              benchmarks=section, policy_path=str(args.policy), init_from=str(args.reference),
-                             hparams=args.hparams)
+                             reference_source=args.reference_source, hparams=args.hparams,
+                             provenance=provenance())
     print(format_benchmarks(section), flush=True)
     print(f"[alignexp] eval.json: {path}", flush=True)
     return record
@@ -221,14 +228,19 @@ def parse(cfg: DictConfig) -> EvaluateArgs:
         task=dict(container["task"]), judge=dict(container["judge"]), policy=policy,
         reference=container["reference"] or run_record.get("init_from"),
         loss=loss.get("name", run_record.get("loss", "unknown")), seed=container["seed"],
-        output_dir=Path(container["paths"]["output_dir"]), hparams=dict(run_record.get("hparams") or {}))
+        output_dir=Path(container["paths"]["output_dir"]), hparams=dict(run_record.get("hparams") or {}),
+        reference_source="reference=" if container["reference"] or not run_record.get("init_from")
+        else f"init_from of {policy.parent / 'eval.json'}")
 
 
 def run(cfg: DictConfig) -> dict:
     """The mode's work for a composed config (the only function here that sees it); returns what it wrote."""
     args = parse(cfg)
     args.check_inputs()
-    setup_runtime(args.seed, args.hardware.threads)
+    if args.policy is not None or args.reference is not None:
+        print(f"[alignexp] policy: {args.policy or '-'}; reference: {args.reference or '-'}"
+              + (f" (from {args.reference_source})" if args.reference else ""), flush=True)
+    setup_runtime(args.seed, args.hardware.threads, verbose=bool(cfg.get("verbose", False)))
     if args.mode == "benchmarks":  # the tasks are checked (and the harness found) before any model loads
         preflight_evaluate(args, None, wants_judge=False)  # the folders, the hardware, the output folder
         manager = task_manager(args.benchmarks)

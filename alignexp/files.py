@@ -84,3 +84,129 @@ def file_lock(path: str | Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --- cache entries keyed by the code that made them, verified on read ------------------------------------
+#
+# A cache entry's name ends in ``.c<code>`` (before its suffix), the digest of alignexp's version and the
+# source of the modules that shape it, and of the user's ``imports=`` modules: other code gives another name,
+# so an entry is never read by code that would not have written it. Beside each entry, rank 0 writes
+# ``.<name>.manifest.json``: the sha256 and size of every file of the entry. An entry whose manifest is missing
+# or whose files do not match it (a full disk, a partial copy, a shared file system) is moved aside and
+# rebuilt, and the log says why.
+
+_USER_MODULES: list[str] = []
+
+
+def register_user_modules(names: list[str]) -> None:
+    """The user's ``imports=`` modules, which may change anything: every cache key includes their source."""
+    for name in names:
+        if name not in _USER_MODULES:
+            _USER_MODULES.append(name)
+
+
+def _module_source(name: str) -> bytes:
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    origin = getattr(spec, "origin", None)
+    if not origin or not Path(origin).is_file():
+        return name.encode()
+    return Path(origin).read_bytes()
+
+
+def code_digest(modules: list[str] | tuple[str, ...]) -> str:
+    """12 hex digits: alignexp's version and the source of ``modules`` and of the user's ``imports=``."""
+    from alignexp import __version__
+
+    hasher = hashlib.sha256(__version__.encode())
+    for name in [*sorted(modules), *_USER_MODULES]:
+        hasher.update(name.encode() + b"\0" + _module_source(name) + b"\0")
+    return hasher.hexdigest()[:12]
+
+
+def code_keyed(path: str | Path, modules: list[str] | tuple[str, ...]) -> Path:
+    """``path`` with ``.c<code digest>`` before its suffix: ``ref/abc.pt`` -> ``ref/abc.c1a2b3c4d5e6.pt``."""
+    path = Path(path)
+    suffix = path.suffix if path.suffix in (".pt", ".jsonl", ".json") else ""
+    stem = path.name[:-len(suffix)] if suffix else path.name
+    return path.with_name(f"{stem}.c{code_digest(modules)}{suffix}")
+
+
+def _code_free(path: Path) -> tuple[str, str] | None:
+    """(stem, suffix) of a code-keyed name, None for a name without a code digest."""
+    import re
+
+    found = re.fullmatch(r"(.*)\.c[0-9a-f]{12}(\.pt|\.jsonl|\.json)?", path.name)
+    return (found.group(1), found.group(2) or "") if found else None
+
+
+def entries_of_other_code(path: Path) -> list[Path]:
+    """Entries for the same settings as ``path`` made by other code (another ``.c<digest>``)."""
+    parts = _code_free(path)
+    if parts is None or not path.parent.is_dir():
+        return []
+    stem, suffix = parts
+    return sorted(p for p in path.parent.glob(f"{glob_escape(stem)}.c*{suffix}") if p != path and _code_free(p) == parts)
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[]" else c for c in text)
+
+
+def manifest_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.manifest.json")
+
+
+def _files_of(path: Path) -> list[Path]:
+    return sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+
+
+def file_sha256(path: Path) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+def write_manifest(path: Path) -> Path:
+    """``.<name>.manifest.json`` beside the entry ``path`` (a file or a folder): each file's sha256 and size."""
+    path = Path(path)
+    files = {(p.relative_to(path).as_posix() if path.is_dir() else p.name): {"sha256": file_sha256(p),
+                                                                           "bytes": p.stat().st_size}
+             for p in _files_of(path)}
+    return atomic_write_json(manifest_path(path), {"entry": path.name, "files": files})
+
+
+def verify_entry(path: Path) -> str | None:
+    """None where the entry ``path`` matches its manifest; else why not (no manifest, a file missing, of
+    another size or checksum)."""
+    path = Path(path)
+    manifest = manifest_path(path)
+    if not manifest.is_file():
+        return f"no manifest ({manifest.name}): a partial copy, or written by older code"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return f"its manifest {manifest.name} is unreadable ({error})"
+    for name, expected in files.items():
+        found = path / name if path.is_dir() else path
+        if not found.is_file():
+            return f"{name} is missing"
+        if found.stat().st_size != expected["bytes"]:
+            return f"{name} has {found.stat().st_size} bytes, its manifest {expected['bytes']} (truncated?)"
+        if file_sha256(found) != expected["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a bad entry (and its manifest) to ``.<name>.bad-<time>``, out of the cache's way, for inspection."""
+    import time
+
+    path = Path(path)
+    target = path.with_name(f".{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}")
+    os.replace(path, target)
+    manifest_path(path).unlink(missing_ok=True)
+    return target

@@ -278,4 +278,5 @@ def in_context(error: Exception, context: str) -> Exception:
     framed = type(error).__new__(type(error))
     framed.__dict__.update(error.__dict__)
     framed.args = (f"{context}: {error}",)
+    framed.core = getattr(error, "core", str(error))  # the problem itself, whatever context frames it
     return framed

@@ -70,6 +70,17 @@ def _meta_counts(arch_json: str) -> tuple[int, int, int]:
 ANALYTIC_TYPES = ("llama", "mistral")
 
 
+def llama_counts(h: int, i: int, heads: int, kv: int, d: int, vocab: int, n_layers: int, tied: bool,
+                 attn_bias: bool = False, mlp_bias: bool = False) -> tuple[int, int, int, int]:
+    """(total, largest module, one layer, outside the layers) of a Llama/Mistral decoder in closed form (see
+    :func:`count_parameters`); plain arithmetic, so preflight can use it without importing transformers."""
+    attention = h * (heads + 2 * kv) * d + heads * d * h + (attn_bias * ((heads + 2 * kv) * d + h))
+    layer = attention + 3 * h * i + mlp_bias * (2 * i + h) + 2 * h
+    embedding = vocab * h
+    outside = embedding + h + (0 if tied else embedding)
+    return n_layers * layer + outside, max(embedding, h * i + mlp_bias * i, heads * d * h), layer, outside
+
+
 def count_parameters(arch: dict[str, Any], lora: LoraArgs | None = None) -> ModelCounts:
     """Parameter counts of the causal LM that ``arch`` (a ``conf/model`` ``arch`` mapping) describes.
 
@@ -85,14 +96,9 @@ def count_parameters(arch: dict[str, Any], lora: LoraArgs | None = None) -> Mode
     vocab, n_layers = config.vocab_size, config.num_hidden_layers
     tied = bool(getattr(config, "tie_word_embeddings", False))
     if config.model_type in ANALYTIC_TYPES:
-        attn_bias = bool(getattr(config, "attention_bias", False))
-        mlp_bias = bool(getattr(config, "mlp_bias", False))
-        attention = h * (heads + 2 * kv) * d + heads * d * h + (attn_bias * ((heads + 2 * kv) * d + h))
-        layer = attention + 3 * h * i + mlp_bias * (2 * i + h) + 2 * h
-        embedding = vocab * h
-        outside = embedding + h + (0 if tied else embedding)
-        total = n_layers * layer + outside
-        largest = max(embedding, h * i + mlp_bias * i, heads * d * h)
+        total, largest, layer, outside = llama_counts(
+            h, i, heads, kv, d, vocab, n_layers, tied, bool(getattr(config, "attention_bias", False)),
+            bool(getattr(config, "mlp_bias", False)))
     else:
         total, largest, layer = _meta_counts(json.dumps(dict(arch), sort_keys=True))
         outside = total - n_layers * layer

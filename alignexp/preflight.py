@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from alignexp.disk import check_free_space
 from alignexp.errors import AlignexpError, ConfigError
 from alignexp.inputs import (
     check_accelerator,
@@ -63,9 +64,11 @@ class Preflight:
             return None
 
     def add(self, error: BaseException) -> None:
-        """Keep ``error``, unless it repeats one already kept (two stages reading one bad file)."""
-        text = str(error)
-        if not any(text.endswith(str(p)) or str(p).endswith(text) for p in self.problems):
+        """Keep ``error``, unless it repeats one already kept (two stages reading one bad file: the training
+        and the evaluation data of one file give one problem, in the context where it was found first)."""
+        text = getattr(error, "core", str(error))
+        if not any(text == getattr(p, "core", None) or str(p).endswith(text) or text.endswith(str(p))
+                   for p in self.problems):
             self.problems.append(error)
 
     def finish(self) -> None:
@@ -95,12 +98,27 @@ def preflight_train(args: Any, task: Any) -> None:
 
     flight = Preflight("train")
     _common(flight, args.hardware, {"paths.output_dir": args.output_dir, "paths.cache_dir": args.cache_dir})
+    flight.check(check_free_space, args, task)
     spec = get_loss(args.loss.name)
     ctx = RunContext(args=args, task=task, spec=spec, sampler=instantiate_target(args.sampler, "sampler"))
     for name in plan(spec, ctx.sampler):
         for check in get_stage(name).checks:
             flight.check(check, ctx)
     flight.finish()
+    for warning in setup_warnings(args, task):
+        log.warning(warning)
+
+
+def setup_warnings(args: Any, task: Any) -> list[str]:
+    """What runs but is likely a mistake, each with the key that fixes it: a randomly initialised model
+    trained on a dataset task's text, and the task's own warnings (evaluating on the training data)."""
+    warnings = []
+    if not args.init_from and not args.model.path and not task.trains_sft_policy:
+        warnings.append(f"model={args.model.name} has no weights (model.path=null, init_from=null): a randomly "
+                        f"initialised model will be trained on task {task.name}'s data and evaluated as it is. Set "
+                        f"model.path=<a pretrained model's folder or hub id> (or model=smollm2_135m after `make "
+                        f"assets`), or init_from=<a run's policy>")
+    return warnings + list(task.setup_warnings())
 
 
 def preflight_sample(args: Any, task: Any, policy: str | None, split: str, output: Path) -> str | None:

@@ -191,7 +191,7 @@ def run(cfg: DictConfig) -> Path:
     from alignexp.preflight import preflight_sample
 
     args = resolve_auto(validate(cfg), single_process=True)  # one process: the CPU or one GPU
-    setup_runtime(args.seed, args.hardware.threads)
+    setup_runtime(args.seed, args.hardware.threads, verbose=bool(cfg.get("verbose", False)))
     if cfg.split not in ("train", "eval"):
         raise SampleError(f"split must be train or eval, got {cfg.split!r}")
     sample_args = SampleArgs(n=cfg.n, chunk_size=cfg.chunk_size, batch_size=cfg.batch_size, seed=args.seed,

@@ -53,7 +53,7 @@ def run(cfg: DictConfig) -> dict:
     args = resolve_auto(validate(cfg))
     task = build_task(args.task)
     preflight_train(args, task)
-    setup_runtime(args.seed, args.hardware.threads)
+    setup_runtime(args.seed, args.hardware.threads, verbose=bool(cfg.get("verbose", False)))
     with launched(args.hardware):
         if is_main():
             args.output_dir.mkdir(parents=True, exist_ok=True)

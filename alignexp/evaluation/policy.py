@@ -220,7 +220,11 @@ def measure(judge: Judge | None, task: Task, prompts: Sequence[Text], samples: S
     result["comparisons"] = comparisons
     result["examples"] = [{"prompt": p, **{who: texts[i] for who, (texts, _) in samples.items()}}
                           for i, p in enumerate(prompts[:args.n_examples])]
-    result["per_prompt"] = [{"index": i, **{name: values[i] for name, values in columns.items()}}
+    # each row names its prompt and, where the task has one, its reference text (``target``), so that the file
+    # reads on its own
+    result["per_prompt"] = [{"index": i, "prompt": prompts[i],
+                             **({"target": references[i]} if references is not None else {}),
+                             **{name: values[i] for name, values in columns.items()}}
                             for i in range(len(prompts))]
     return result
 

@@ -27,11 +27,13 @@ HEADLINE_METRICS: tuple[tuple[str, str, str], ...] = (
 )
 """(column, section of eval.json, key): the headline metrics, in the order tables show them."""
 
-LABELS = {"gold_reward": "gold reward", "judge_score": "judge score", "kl": "KL to reference",
-          "win_rate": "win rate vs reference", "lc_win_rate": "length-controlled win rate", "preference_accuracy": "preference accuracy", "bleu": "BLEU",
-          "chrf": "chrF", "ter": "TER", "rouge_l": "ROUGE-L", "response_tokens": "response tokens",
+LABELS = {"gold_reward": "gold reward", "judge_score": "judge score", "kl": "KL to reference (nats)",
+          "win_rate": "win rate vs reference", "lc_win_rate": "length-controlled win rate",
+          "preference_accuracy": "preference accuracy", "bleu": "BLEU (0-100)", "chrf": "chrF (0-100)",
+          "ter": "TER (0-100, lower better)", "rouge_l": "ROUGE-L F (0-100)", "response_tokens": "response tokens",
           "win_rate_vs_dataset": "win rate vs dataset"}
-"""Printed names of the headline columns (and of the per-model win rate against the dataset)."""
+"""Printed names of the headline columns (and of the per-model win rate against the dataset), each with its
+scale where it is not evident: win rates and accuracies are proportions in [0, 1]."""
 
 
 def write_eval_json(path: str | Path, *, task: str, loss: str, model: str, result: dict, **extra) -> dict:
@@ -75,13 +77,17 @@ def format_table(result: dict) -> str:
                      f"{comparisons['win_rate_vs_reference_lc_ci_high']:.3f})")
     by_temperature = result.get("by_temperature", {})
     if len(by_temperature) > 1:
+        lines.append("  per temperature (the reference's figure, then the policy's, each at that temperature):")
         for t, entry in by_temperature.items():
             row = f"  T={t:<5}"
-            for label, key, source in (("win", "win_rate_vs_reference", entry["comparisons"]),
-                                       ("lc", "win_rate_vs_reference_lc", entry["comparisons"]),
-                                       ("gold", "gold_reward", entry["policy"]), ("kl", "kl", entry["policy"])):
-                if key in source:
-                    row += f"  {label} {_cell(source, key)}"
+            for label, key in (("gold", "gold_reward"), ("judge", "judge_score")):
+                if key in entry["policy"]:
+                    row += f"  {label} {_cell(entry.get('reference') or {}, key)} -> {_cell(entry['policy'], key)}"
+            if "kl" in entry["policy"]:
+                row += f"  kl {_cell(entry['policy'], 'kl')}"
+            for label, key in (("win", "win_rate_vs_reference"), ("lc", "win_rate_vs_reference_lc")):
+                if key in entry["comparisons"]:
+                    row += f"  {label} {_cell(entry['comparisons'], key)}"
             lines.append(row)
     for entry in result.get("best_of_n", []):
         lines.append(f"  best-of-{entry['n']:<4} KL {entry['kl']:.3f}  gold {_cell(entry, 'gold_reward')}")

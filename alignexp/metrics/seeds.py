@@ -40,6 +40,21 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> Interval:
     return Interval(mean, mean - half, mean + half, n, stderr)
 
 
+def proportion_t_interval(values: Sequence[float], level: float = 0.95) -> Interval:
+    """:func:`t_interval` for proportions (win rates, accuracies: each value in [0, 1]), the interval
+    intersected with [0, 1].
+
+    The mean of a proportion lies in [0, 1], so cutting the interval to [0, 1] removes only values the mean
+    cannot take: the interval still covers the true mean whenever the t-interval does (the same coverage),
+    and no printed bound is an impossible one. Example: (0.95, 0.99, 1.00) give mean 0.98, stderr 0.015275,
+    t-interval 0.98 ± 4.302653 x 0.015275 = [0.914, 1.046], printed [0.914, 1.000].
+    """
+    interval = t_interval(values, level)
+    if math.isnan(interval.low):
+        return interval
+    return Interval(interval.mean, max(0.0, interval.low), min(1.0, interval.high), interval.n, interval.stderr)
+
+
 @dataclass(frozen=True)
 class PairedTest:
     """A paired comparison: the mean difference a - b, its interval, and the two-sided p-value."""

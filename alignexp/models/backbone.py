@@ -11,6 +11,7 @@ import torch
 from alignexp.args import ModelArgs
 from alignexp.hub import ensure_offline_if_unreachable
 from alignexp.inputs import ModelUnavailable, looks_local, missing_model_message
+from alignexp.logs import log_once
 from alignexp.models.tokenizer import build_byte_tokenizer, ensure_chat_template
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def build_model(args: ModelArgs, tokenizer, device_type: str = "cpu"):
         model = _from_pretrained(AutoModelForCausalLM.from_pretrained, args.path, "model",
                                  dtype=dtype, attn_implementation=attn)
         _check_arch(args, model.config)
-    log.info("attention: %s", _describe_attention(attn, args.attn_implementation, device_type))
+    log_once(log, "attention: %s", _describe_attention(attn, args.attn_implementation, device_type))
     if args.gradient_checkpointing:
         # Non-reentrant checkpointing: gradients reach LoRA adapters behind frozen embeddings too.
         kwargs = {"use_reentrant": False}

@@ -19,11 +19,15 @@ import torch
 from torch import Tensor
 
 from alignexp.distributed import shard_batches, shared_cache
-from alignexp.files import atomic_write
+from alignexp.files import atomic_write, code_keyed
 from alignexp.models.batched import map_batches
 from alignexp.models.logprobs import EncodedExample, PackedBatch, sequence_logps
 
 log = logging.getLogger(__name__)
+
+# The modules whose code shapes cached reference log-probs: a change to one recomputes them.
+REFERENCE_CODE = ("alignexp.models.reference", "alignexp.models.logprobs", "alignexp.models.attention",
+                  "alignexp.models.batched")
 
 
 def model_fingerprint(model) -> str:
@@ -66,7 +70,8 @@ def _summed_logps(model, batch: PackedBatch) -> Tensor:
 def cached_ref_logps(model, encoded: Sequence[EncodedExample], pad_id: int, cache_dir: str | Path,
                      batch_size: int = 32) -> list[Tensor]:
     """:func:`response_logps` of the reference, read from ``cache_dir/reference/<model>-<data>.pt`` when present."""
-    path = Path(cache_dir) / "reference" / f"{model_fingerprint(model)}-{data_fingerprint(encoded)}.pt"
+    path = code_keyed(Path(cache_dir) / "reference" / f"{model_fingerprint(model)}-{data_fingerprint(encoded)}.pt",
+                      REFERENCE_CODE)
 
     def load(found: Path) -> list[Tensor]:
         log.info("reference log-probs: read from %s", found)
@@ -77,4 +82,4 @@ def cached_ref_logps(model, encoded: Sequence[EncodedExample], pad_id: int, cach
         log.info("reference log-probs: computed for %d examples, cached at %s", len(rows), target)
 
     return shared_cache(path, lambda: response_logps(model, encoded, pad_id, batch_size, desc="reference log-probs"),
-                        save, load)
+                        save, load, what="reference log-probs")

@@ -10,6 +10,7 @@ from alignexp.evaluation.policy import evaluate_policy
 from alignexp.evaluation.results import format_table, write_eval_json
 from alignexp.inputs import check_eval_data, check_judge
 from alignexp.judges import build_judge
+from alignexp.logs import emit
 from alignexp.pipeline.context import RunContext, register_stage
 from alignexp.pipeline.fit import save_policy
 from alignexp.pipeline.preference import sampler_context
@@ -20,7 +21,7 @@ from alignexp.provenance import provenance
                                     "wait at a barrier")
 def save(ctx: RunContext) -> None:
     """The trained policy as <run>/policy (Hugging Face format, with its tokenizer; LoRA merged)."""
-    folder = save_policy(ctx.policy, ctx.tokenizer, ctx.out / "policy")
+    folder = save_policy(ctx.policy, ctx.tokenizer, ctx.out / "policy", ctx.out / "checkpoints")
     if is_main():
         print(f"[alignexp] trained policy (Hugging Face format): {folder}", flush=True)
 
@@ -31,7 +32,7 @@ def _finish(ctx: RunContext, result: dict, loss: str, **extra) -> None:
         record = write_eval_json(ctx.out / "eval.json", task=ctx.task.name, loss=loss, model=ctx.args.model.name,
                                  result=result, **extra, **ctx.record_extra, init_from=ctx.init,
                                  provenance=provenance({f"{p.parent.name}/{p.name}": str(p) for p in ctx.caches}))
-        print(format_table(result), flush=True)
+        emit(format_table(result))
         print(f"[alignexp] eval.json: {ctx.out / 'eval.json'}", flush=True)
         return record
 

@@ -152,6 +152,29 @@ class FinalCheckpoint(L.Callback):
         trainer.save_checkpoint(self.path)
 
 
+def progress_bar(stage: str) -> L.Callback:
+    """Lightning's own progress bar (Rich where it imports, else tqdm: steps, rate, ETA) titled with the stage,
+    without the logger's version number (``v_num``), which names nothing a reader needs."""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+    from lightning.pytorch.utilities.imports import _RICH_AVAILABLE
+
+    class StageProgressBar(RichProgressBar if _RICH_AVAILABLE else TQDMProgressBar):
+        def get_metrics(self, trainer, pl_module):
+            metrics = super().get_metrics(trainer, pl_module)
+            metrics.pop("v_num", None)
+            return metrics
+
+        def _get_train_description(self, current_epoch: int) -> str:  # Rich's title of the bar
+            return f"{stage} · {super()._get_train_description(current_epoch)}"
+
+        def on_train_epoch_start(self, trainer, *args) -> None:  # tqdm's title of the bar
+            super().on_train_epoch_start(trainer, *args)
+            if not _RICH_AVAILABLE and self.train_progress_bar is not None:
+                self.train_progress_bar.set_description(f"{stage} · epoch {trainer.current_epoch}")
+
+    return StageProgressBar()
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
     """The newest checkpoint in ``folder`` (``last.ckpt``, or a SLURM preemption's ``hpc_ckpt_<n>.ckpt``)."""
     found = [p for p in [folder / "last.ckpt", *folder.glob("hpc_ckpt_*.ckpt")] if p.exists()]
@@ -184,6 +207,8 @@ def fit(module: L.LightningModule, loader, *, hw: HardwareArgs, logger: Mapping[
     preemption = Preemption(folder / "last.ckpt")
     callbacks: list[L.Callback] = [DataPosition(), preemption, *([gather] if gather else []),
                                    *settings.pop("callbacks", [])]
+    if settings.get("enable_progress_bar", True):
+        callbacks.append(progress_bar(stage))
     if checkpoint_every:
         from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -233,9 +258,39 @@ def write_policy(model, tokenizer, folder: Path) -> Path:
     return folder
 
 
-def save_policy(model, tokenizer, folder: Path) -> Path:
-    """:func:`write_policy` by rank 0 alone; the other ranks wait for it (every rank calls this)."""
+def save_policy(model, tokenizer, folder: Path, checkpoints: Path | None = None) -> Path:
+    """:func:`write_policy` by rank 0 alone, into a temporary folder renamed to ``folder`` when whole, so that
+    ``folder`` is never a partial model; the other ranks wait for it (every rank calls this). A failed write
+    (a full disk) leaves nothing at ``folder`` and raises an error that says where the trained weights still
+    are (the newest checkpoint of any stage under ``checkpoints``, if any) and how to save them again."""
+    from alignexp.distributed import broadcast
+    from alignexp.files import atomic_folder
+
+    failure = None
     if is_main():
-        write_policy(model, tokenizer, folder)
-    barrier()
+        try:
+            with atomic_folder(folder) as tmp:
+                write_policy(model, tokenizer, tmp)
+        except OSError as error:
+            failure = error.strerror or str(error)
+    failure = broadcast(failure if is_main() else None)
+    if failure is not None:
+        found = [c for stage in sorted(checkpoints.glob("*")) if (c := latest_checkpoint(stage))] if checkpoints else []
+        raise PolicyNotSaved(folder, failure, max(found, key=lambda c: c.stat().st_mtime) if found else None)
     return folder
+
+
+class PolicyNotSaved(AlignexpError):
+    """The trained policy could not be written (nothing partial was left); the message says what to do."""
+
+    def __init__(self, folder: Path, reason: str, checkpoint: Path | None):
+        run = folder.parent
+        if checkpoint is not None:
+            where = (f"the trained weights are in the checkpoint {checkpoint}: free some space, then "
+                     f"`python -m alignexp.train resume={run}` saves them (the fit has nothing left to train) and "
+                     f"evaluates")
+        else:
+            where = ("no checkpoint holds the trained weights (train.checkpoint_every=0), so they are lost with this "
+                     "process: free some space and run again, with train.checkpoint_every=<steps> to keep them")
+        super().__init__(f"the trained policy could not be saved to {folder} ({reason}); nothing partial was left "
+                         f"there. {where}")

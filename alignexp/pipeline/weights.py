@@ -16,7 +16,7 @@ from pathlib import Path
 from alignexp.args import HardwareArgs, ModelArgs, OptimArgs, RunArgs
 from alignexp.distributed import is_main, shared_cache, world_size
 from alignexp.errors import ConfigError
-from alignexp.files import atomic_folder, digest
+from alignexp.files import atomic_folder, code_keyed, digest
 from alignexp.inputs import check_model_source, check_writable
 from alignexp.models.backbone import build_model, build_tokenizer
 from alignexp.pipeline.context import RunContext
@@ -24,6 +24,11 @@ from alignexp.tasks.base import Task
 from alignexp.tasks.loading import NoExamples
 
 log = logging.getLogger(__name__)
+
+# The modules (besides the task's own) whose code shapes a cached SFT policy: a change to one rebuilds it.
+SFT_CODE = ("alignexp.modules.sft", "alignexp.modules.optim", "alignexp.modules.datamodule", "alignexp.models.backbone",
+            "alignexp.models.tokenizer", "alignexp.models.logprobs", "alignexp.models.attention",
+            "alignexp.pipeline.weights")
 
 
 def resolve_weights(explicit: str | None, model: ModelArgs, task: Task, wants_sft_policy: bool,
@@ -71,7 +76,7 @@ def sft_policy_folder(args: RunArgs, task: Task) -> Path:
     """Where the task's SFT policy for this model and schedule is cached (keyed by what it depends on)."""
     model = {k: v for k, v in dataclasses.asdict(args.model).items() if k != "lora"}  # LoRA applies after it
     key = digest(model, task.sft_key(), dataclasses.asdict(args.sft))
-    return args.cache_dir / "sft" / f"{task.name}-{args.model.name}-{key}"
+    return code_keyed(args.cache_dir / "sft" / f"{task.name}-{args.model.name}-{key}", (type(task).__module__, *SFT_CODE))
 
 
 def per_device_batch(global_batch: int, key: str) -> int:
@@ -119,5 +124,5 @@ def ensure_sft_policy(args: RunArgs, task: Task) -> Path:
         log.info("SFT policy: cached at %s", found)
         return found
 
-    shared_cache(folder, train, save, cached, exists=lambda path: (path / "config.json").exists())
+    shared_cache(folder, train, save, cached, exists=lambda path: (path / "config.json").exists(), what="SFT policy")
     return folder

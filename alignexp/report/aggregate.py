@@ -18,9 +18,10 @@ from alignexp.metrics.seeds import (
     bootstrap_mean_band,
     interpolate,
     paired_t_test,
+    proportion_t_interval,
     t_interval,
 )
-from alignexp.report.runs import METRICS, Run, seed_order, value_of
+from alignexp.report.runs import METRICS, PROPORTION_KEYS, Run, seed_order, value_of
 
 LEVEL = 0.95
 NAN = float("nan")
@@ -51,20 +52,26 @@ class Point:
         return {seed: sum(v) / len(v) for seed, v in values.items()}
 
     def summary(self, section: str, key: str) -> Interval | None:
-        """Mean and 95% t-interval over the runs; for a single run, its value and its own stderr (over
-        prompts) with no interval. None where no run has the metric."""
+        """Mean and 95% t-interval over the runs (kept inside [0, 1] for a proportion); for a single run, its
+        value and its own stderr (over prompts) with no interval. None where no run has the metric."""
         values = [v for v, _ in (r.metric(section, key) for r in self.runs) if v is not None]
         if not values:
             return None
         if len(values) == 1:
             stderr = next(s for v, s in (r.metric(section, key) for r in self.runs) if v is not None)
             return Interval(values[0], NAN, NAN, 1, NAN if stderr is None else stderr)
-        return t_interval(values, LEVEL)
+        return interval_over_seeds(key, values)
 
     def describe(self, params: Sequence[str] | None = None) -> str:
         """``beta=0.1, ranking_length=4``: the swept values, short names, unset ones left out."""
         keys = [k for k in (params or self.params) if not (self.method == "best_of_n" and k.startswith("loss."))]
         return ", ".join(f"{k.split('.')[-1]}={self.params[k]}" for k in keys if self.params.get(k) is not None)
+
+
+def interval_over_seeds(key: str, values: Sequence[float]) -> Interval:
+    """The mean of one metric over replicate runs with its 95% t-interval, cut to [0, 1] where the metric
+    (an eval.json key) is a proportion."""
+    return (proportion_t_interval if key in PROPORTION_KEYS else t_interval)(values, LEVEL)
 
 
 def group_points(runs: Sequence[Run], params: Sequence[str]) -> list[Point]:

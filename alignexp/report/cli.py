@@ -20,6 +20,10 @@ folder. Runs that differ only by ``seed`` are replicates of one configuration. W
   the win-rate plot and dashed lines (no KL) on the frontier; benchmark scores (``mode=benchmarks``) in
   their own table and ``benchmarks.csv``: reference, policy and their paired difference per benchmark.
 
+Runs composed with ``debug=`` (``debug=fast``: a few steps on little data) are flagged at the top of the
+report, and left out of the paired comparisons unless ``--allow-debug`` (their differences are noise or
+identical runs, not findings).
+
 ``--kl``: the KL values (nats) to compare methods at (default: three inside the range every method's
 frontier covers). ``--compare A:B``: the pairs to compare, A - B (default: every method against
 ``--baseline``, which defaults to ``dpo`` where a run has it). docs/statistics.md explains the statistics.
@@ -50,6 +54,7 @@ from alignexp.report.runs import (
     reward_key,
     seed_order,
     swept_parameters,
+    varied_keys,
 )
 
 CONFIGURATIONS_NOTE = (
@@ -69,9 +74,23 @@ COMPARISONS_NOTE = (
     "metrics of two configurations whose shared hyper-parameters agree.")
 
 
+def debug_note(runs: Sequence[Any]) -> str | None:
+    """The warning a report opens with where any run was composed with ``debug=``; None where none was."""
+    flagged = [r for r in runs if r.debug]
+    if not flagged:
+        return None
+    options = ", ".join(sorted({f"debug={r.debug}" for r in flagged}))
+    which = "every run" if len(flagged) == len(runs) else f"{len(flagged)} of {len(runs)} runs"
+    kind = "A DEBUG SWEEP" if len(flagged) == len(runs) else "DEBUG RUNS INCLUDED"
+    return (f"> **{kind}**: {which} ran under {options} (a few steps on little data, to check that things run): "
+            "its figures are not results.")
+
+
 def write_report(folder: str | Path, out: str | Path | None = None, kls: Sequence[float] | None = None,
-                 compare: Sequence[str] | None = None, baseline: str | None = None) -> dict[str, Any]:
-    """Find the runs below ``folder`` and write the tables and plots; returns what was written."""
+                 compare: Sequence[str] | None = None, baseline: str | None = None,
+                 allow_debug: bool = False) -> dict[str, Any]:
+    """Find the runs below ``folder`` and write the tables and plots; returns what was written. Paired
+    comparisons leave out runs composed with ``debug=`` unless ``allow_debug``."""
     found = find_runs(folder)
     if not found:
         raise FileNotFoundError(f"{folder}: no eval.json at or below this folder (a run writes one at its end)")
@@ -89,14 +108,23 @@ def write_report(folder: str | Path, out: str | Path | None = None, kls: Sequenc
     fronts = frontiers(runs, reward[0]) if reward is not None else []
     kl_source = "from --kl" if kls is not None else "chosen inside the range every method covers"
     kls = sorted(set(kls)) if kls is not None else default_kl_points(fronts)
-    comparisons = (matched_kl_comparisons(fronts, pairs, kls, reward[0]) if reward is not None else [])
-    comparisons += point_comparisons(points, pairs, [m[0] for m in metrics])
+    warning = debug_note(runs)
+    refused = warning is not None and not allow_debug
+    if refused:  # compare only what real runs there are
+        real = [r for r in runs if not r.debug]
+        compared_points = group_points(real, params)
+        compared_fronts = frontiers(real, reward[0]) if reward is not None and real else []
+    else:
+        compared_points, compared_fronts = points, fronts
+    comparisons = (matched_kl_comparisons(compared_fronts, pairs, kls, reward[0]) if reward is not None else [])
+    comparisons += point_comparisons(compared_points, pairs, [m[0] for m in metrics])
     rows = tables.run_rows(runs, params, metrics)
 
     seeds = sorted({r.seed for r in runs}, key=seed_order)
+    swept = varied_keys(runs, params)
     sections = [f"# Results\n\n{len(runs)} runs in {len(points)} configurations; methods: "
                 f"{', '.join(sorted({p.method for p in points}))}; seeds: {tables.seeds_text(seeds)}; swept: "
-                f"{', '.join(params) or 'nothing'}.\n",
+                f"{', '.join(swept) or 'nothing'}.\n" + (f"\n{warning}\n" if warning else ""),
                 f"## Configurations\n\n{CONFIGURATIONS_NOTE}\n\n" + tables.points_markdown(points, params, metrics)]
     if not fronts:
         sections.append("## Reward at matched KL\n\n(no run has both a KL and a gold reward or judge score)\n")
@@ -104,7 +132,10 @@ def write_report(folder: str | Path, out: str | Path | None = None, kls: Sequenc
         note = MATCHED_KL_NOTE.format(label=reward[1], kls=", ".join(f"{k:g}" for k in kls) or "none",
                                       source=kl_source if kls else "no range common to every method: name them with --kl")
         sections.append(f"## {reward[1].capitalize()} at matched KL\n\n{note}\n\n" + tables.matched_kl_markdown(fronts, kls))
-    if not pairs:
+    if refused and not comparisons:
+        sections.append("## Paired comparisons\n\n(not made: the runs ran under debug=, so their differences "
+                        "are not findings; --allow-debug compares them anyway)\n")
+    elif not pairs:
         sections.append("## Paired comparisons\n\n(one method: nothing to compare)\n")
     elif not comparisons:
         sections.append("## Paired comparisons\n\n(fewer than two seeds in common, so no paired test, for "
@@ -140,7 +171,8 @@ def write_report(folder: str | Path, out: str | Path | None = None, kls: Sequenc
                                        else len(PLOTTED_PARAM_ORDER), p))
     for param in numeric_params:
         plots.append(plot_against(points, param, [m[0] for m in metrics], out / f"metrics_vs_{param.replace('.', '_')}.png"))
-    return {"runs": len(found), "parameters": params, "markdown": markdown, "folder": out, "points": points,
+    return {"runs": len(found), "parameters": params, "swept": swept, "debug": warning is not None,
+            "markdown": markdown, "folder": out, "points": points,
             "frontiers": fronts, "kls": kls, "comparisons": comparisons,
             "files": [out / name for name in written] + [p for p in plots if p is not None]}
 
@@ -156,14 +188,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="method pairs to compare, A - B (default: every method against --baseline)")
     parser.add_argument("--baseline", default=None, help="the method the others are compared with (default: dpo "
                                                          "where present, else the first method)")
+    parser.add_argument("--allow-debug", action="store_true",
+                        help="make the paired comparisons with runs composed with debug= too (left out by default)")
     args = parser.parse_args(argv)
     try:
-        written = write_report(args.folder, args.out, args.kl, args.compare, args.baseline)
+        written = write_report(args.folder, args.out, args.kl, args.compare, args.baseline, args.allow_debug)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(written["markdown"])
-    print(f"[alignexp] {written['runs']} runs; swept: {', '.join(written['parameters']) or 'nothing'}")
+    print(f"[alignexp] {written['runs']} runs; swept: {', '.join(written['swept']) or 'nothing'}"
+          + ("; DEBUG runs (debug=): not results" if written["debug"] else ""))
     for path in written["files"]:
         print(f"[alignexp] wrote {path}")
     return 0

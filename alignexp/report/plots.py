@@ -10,8 +10,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from alignexp.metrics.seeds import Interval, t_interval
-from alignexp.report.aggregate import LEVEL, Frontier, Point
+from alignexp.metrics.seeds import Interval
+from alignexp.report.aggregate import LEVEL, Frontier, Point, interval_over_seeds
 from alignexp.report.runs import METRICS, Run, numeric
 
 
@@ -25,9 +25,12 @@ def _pyplot() -> Any:
 
 
 def _finish(fig, ax, path: Path, legend_size: int) -> Path:
-    """Grid and legend on ``ax``, then write the figure as a PNG and close it."""
+    """Grid and legend on ``ax`` (one entry per label: configurations of one method share its colour and
+    marker), then write the figure as a PNG and close it."""
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=legend_size, loc="best")
+    handles, labels = ax.get_legend_handles_labels()
+    first = {label: handle for handle, label in zip(handles, labels) if label and not label.startswith("_")}
+    ax.legend(list(first.values()), list(first), fontsize=legend_size, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     _pyplot().close(fig)
@@ -43,6 +46,13 @@ def _colours(methods: Sequence[str]) -> dict[str, Any]:
 
 
 MARKERS = "osD^vP*Xph<>"  # with the colour, one marker per method, for plots read in grey or with many methods
+
+
+def _marker_style(i: int, count: int) -> dict[str, Any]:
+    """Method ``i`` of ``count``: its marker, hollow, and larger the earlier it is drawn, so that methods
+    whose points coincide (equal runs, a debug sweep) show as nested outlines instead of hiding each other."""
+    return {"fmt": MARKERS[i % len(MARKERS)], "markersize": 5 + 3 * (count - 1 - i), "markerfacecolor": "none",
+            "markeredgewidth": 1.5}
 
 
 def _errors(intervals: Sequence[Interval]) -> list[list[float]]:
@@ -75,8 +85,8 @@ def plot_frontier(runs: Sequence[Run], points: Sequence[Point], fronts: Sequence
     for i, method in enumerate(sorted(colours)):
         mine = [(kl, value) for p, kl, value in placed if p.method == method]
         ax.errorbar([kl.mean for kl, _ in mine], [v.mean for _, v in mine], xerr=_errors([kl for kl, _ in mine]),
-                    yerr=_errors([v for _, v in mine]), fmt=MARKERS[i % len(MARKERS)], color=colours[method],
-                    label=method, capsize=3, markersize=6, alpha=0.85)
+                    yerr=_errors([v for _, v in mine]), color=colours[method], label=method, capsize=3, alpha=0.85,
+                    **_marker_style(i, len(colours)))
     banded = 0
     for front in fronts:
         grid, mean, low, high = front.band()
@@ -170,7 +180,7 @@ def _temperature_series(point: Point) -> list[tuple[float, Interval]]:
     out = []
     for t, values in sorted(by_t.items()):
         if len(values) > 1:
-            out.append((t, t_interval([v for v, _ in values], LEVEL)))
+            out.append((t, interval_over_seeds("win_rate_vs_reference", [v for v, _ in values])))
         else:
             out.append((t, Interval(values[0][0], math.nan, math.nan, 1, values[0][1])))
     return out
@@ -183,22 +193,35 @@ def plot_win_rate(points: Sequence[Point], params: Sequence[str], path: Path) ->
         return None
     plt = _pyplot()
     colours = _colours([p.method for p, _ in series])
-    styles = ["-", "--", ":", "-."]
+    methods = sorted(colours)
+    temperatures = sorted({t for _, values in series for t, _ in values})
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    seen: dict[str, int] = {}
-    for point, values in series:
-        k = seen[point.method] = seen.get(point.method, -1) + 1
-        ax.errorbar([t for t, _ in values], [iv.mean for _, iv in values], yerr=_errors([iv for _, iv in values]),
-                    fmt="o" + styles[k % len(styles)], color=colours[point.method], capsize=3,
-                    label=_label(point, params) if len(series) <= 12 else (point.method if k == 0 else None))
+    if len(temperatures) == 1:  # one temperature: one point per configuration, side by side, not one dot on a T axis
+        for x, (point, values) in enumerate(series):
+            i = methods.index(point.method)
+            ax.errorbar([x], [values[0][1].mean], yerr=_errors([values[0][1]]), color=colours[point.method],
+                        capsize=3, label=point.method,
+                        **_marker_style(i, len(methods)))
+        ax.set_xticks(range(len(series)), [_label(p, params) for p, _ in series], rotation=30, ha="right",
+                      fontsize=7)
+        ax.set_xlim(-0.6, len(series) - 0.4)
+    else:
+        styles = ["-", "--", ":", "-."]
+        seen: dict[str, int] = {}
+        for point, values in series:
+            k = seen[point.method] = seen.get(point.method, -1) + 1
+            ax.errorbar([t for t, _ in values], [iv.mean for _, iv in values], yerr=_errors([iv for _, iv in values]),
+                        fmt="o" + styles[k % len(styles)], color=colours[point.method], capsize=3,
+                        label=_label(point, params) if len(series) <= 12 else (point.method if k == 0 else None))
     ax.axhline(0.5, color="black", linewidth=0.8, alpha=0.5)
     entries = [e.get("comparisons") or {} for p, _ in series for r in p.runs
                for e in (r.record.get("by_temperature") or {}).values()]
     judges = {e.get("judge") for e in entries} - {None}
     baselines = {e.get("baseline") for e in entries} - {None}
-    ax.set_xlabel("sampling temperature")
+    ax.set_xlabel("configuration" if len(temperatures) == 1 else "sampling temperature")
     ax.set_ylabel("win rate vs baseline")
-    ax.set_title(f"Win rate (judge: {', '.join(sorted(judges)) or '?'}; baseline: "
+    at = f"T={temperatures[0]:g}; " if len(temperatures) == 1 else ""
+    ax.set_title(f"Win rate ({at}judge: {', '.join(sorted(judges)) or '?'}; baseline: "
                  f"{', '.join(sorted(baselines)) or '?'}; mean over seeds)", fontsize=9)
     ax.set_ylim(-0.02, 1.02)
     return _finish(fig, ax, path, legend_size=7)

@@ -23,6 +23,9 @@ IGNORED_KEYS = {"policy", "reference", "mode", "init_from", "model.path", "loss"
 # The headline metrics a table shows, in order, where at least one run has them: (column, section, key).
 METRICS = HEADLINE_METRICS
 PLOTTED_PARAM_ORDER = ("loss.beta", "loss.margin", "task.ranking_length")
+# eval.json keys that are proportions (in [0, 1]): their intervals over seeds are kept inside [0, 1].
+PROPORTION_KEYS = frozenset({"win_rate_vs_reference", "win_rate_vs_reference_lc", "win_rate_vs_dataset",
+                             "preference_accuracy", "truncated_fraction"})
 
 
 @dataclass
@@ -34,6 +37,7 @@ class Run:
     record: dict[str, Any]
     config: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, str] = field(default_factory=dict)
+    choices: dict[str, Any] = field(default_factory=dict)  # Hydra's config-group choices (.hydra/hydra.yaml)
 
     @property
     def method(self) -> str:
@@ -76,6 +80,13 @@ class Run:
                 break
         short = "/".join(parts)
         return short if len(short) <= 48 else "..." + short[-45:]
+
+    @property
+    def debug(self) -> str | None:
+        """The ``debug`` option the run was composed with (``fast``: a few steps on little data, for tests and a
+        first look, not a result), from Hydra's group choices or the command line; None for a real run."""
+        value = self.choices.get("debug", self.overrides.get("debug", self.record.get("debug")))
+        return None if value in (None, "", "null", "None") else str(value)
 
     @property
     def is_baseline(self) -> bool:
@@ -151,8 +162,17 @@ def find_runs(folder: str | Path) -> list[Run]:
         for key, value in (record.get("hparams") or {}).items():  # the loss's, as eval.json records them
             config.setdefault(f"loss.{key}", value)
         name = run.relative_to(root).as_posix() if run != root else run.name
-        runs.append(Run(run, name, record, config, _overrides(run / ".hydra" / "overrides.yaml")))
+        runs.append(Run(run, name, record, config, _overrides(run / ".hydra" / "overrides.yaml"),
+                        _choices(run / ".hydra" / "hydra.yaml")))
     return runs
+
+
+def _choices(path: Path) -> dict[str, Any]:
+    """Hydra's config-group choices of a run (``{"debug": "fast", "loss": "dpo", ...}``); {} without the file."""
+    if not path.exists():
+        return {}
+    hydra = (_read_yaml(path) or {}).get("hydra") or {}
+    return dict((hydra.get("runtime") or {}).get("choices") or {})
 
 
 def _natural(path: Path) -> list:
@@ -189,6 +209,21 @@ def swept_parameters(runs: Sequence[Run]) -> list[str]:
         if len(values) > 1:
             swept.append(key)
     return swept
+
+
+def varied_keys(runs: Sequence[Run], params: Sequence[str]) -> list[str]:
+    """Everything that differs between the runs, for the report's "swept" line: the method (``loss``, and
+    ``sampler`` or ``run_name`` where those differ), ``seed``, then the swept hyper-parameters ``params``."""
+    runs = [r for r in runs if not r.is_baseline] or list(runs)
+    varied = []
+    for key, value in (("loss", lambda r: r.config.get("loss.name", r.record.get("loss"))),
+                       ("sampler", lambda r: r.config.get("sampler.name")), ("run_name", lambda r: r.method),
+                       ("seed", lambda r: r.seed)):
+        if len({json.dumps(value(r), sort_keys=True, default=str) for r in runs}) > 1:
+            varied.append(key)
+    if "loss" in varied or "sampler" in varied:  # the method's name follows from them
+        varied = [k for k in varied if k != "run_name"]
+    return varied + [p for p in params if p not in varied]
 
 
 def value_of(run: Run, key: str) -> Any:

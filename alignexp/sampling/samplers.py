@@ -41,7 +41,7 @@ from typing import Any
 
 from alignexp.distributed import on_main, shard_map, shared_cache, world_size
 from alignexp.errors import ConfigError
-from alignexp.files import atomic_write_text, digest
+from alignexp.files import atomic_write_text, code_keyed, digest
 from alignexp.inputs import check_judge
 from alignexp.judges import build_judge
 from alignexp.judges.base import Judge, ranked_example
@@ -52,6 +52,10 @@ from alignexp.tasks.base import RankedExample, SampledText, Task, Text
 from alignexp.tasks.loading import NoExamples
 
 log = logging.getLogger(__name__)
+
+# The modules (besides the task's own) whose code shapes cached samples and preference data.
+SAMPLING_CODE = ("alignexp.sampling.engine", "alignexp.sampling.samplers", "alignexp.sampling.text",
+                 "alignexp.tasks.base")
 
 
 @dataclass
@@ -152,7 +156,7 @@ class OfflineSampler:
         # Keyed by everything the content depends on: the reference, the task's settings, the seed of the
         # sampling streams, and the engine that drew them.
         key = digest(ctx.reference_key, ctx.task_config, ctx.seed, sampling_tag(ctx.backend))
-        path = ctx.cache_dir / "preferences" / f"{task.name}-{key}.jsonl"
+        path = code_keyed(ctx.cache_dir / "preferences" / f"{task.name}-{key}.jsonl", (type(task).__module__, *SAMPLING_CODE))
         params = SamplingParams(temperature=1.0, max_new_tokens=ctx.max_response_len)
 
         def sample_fn(prompts, n):
@@ -169,7 +173,8 @@ class OfflineSampler:
                      len(examples), time.time() - start, target)
 
         start = time.time()
-        return shared_cache(path, lambda: task.preference_examples("train", sample_fn=sample_fn), save, load)
+        return shared_cache(path, lambda: task.preference_examples("train", sample_fn=sample_fn), save, load,
+                            what="preference data")
 
 
 def _mean(values: list[float]) -> float:
@@ -246,14 +251,15 @@ class JudgedSampler:
         the runs of a sweep that share them sample once."""
         key = digest(ctx.reference_key, list(prompts), ctx.seed, self.name, stream, n, self.temperature, self.top_k,
                      self.top_p, self.max_new_tokens or ctx.max_response_len, sampling_tag(ctx.backend))
-        path = ctx.cache_dir / "samples" / f"{ctx.task.name}-{self.name}-{key}.jsonl"
+        path = code_keyed(ctx.cache_dir / "samples" / f"{ctx.task.name}-{self.name}-{key}.jsonl",
+                          (type(ctx.task).__module__, *SAMPLING_CODE))
 
         def compute() -> list[RankedExample]:
             rows = self.sample(ctx.reference, ctx, prompts, n, stream)
             return [RankedExample(prompt, list(row)) for prompt, row in zip(prompts, rows)]
 
         cached = shared_cache(path, compute, lambda value, target: write_jsonl_examples(target, value),
-                              read_jsonl_examples)
+                              read_jsonl_examples, what=f"{self.name} samples")
         return [list(ex.responses) for ex in cached]
 
     def record(self, round_index: int, **figures: float) -> None:

@@ -49,12 +49,20 @@ class RankedExample:
 
 
 class DataError(AlignexpError, ValueError):
-    """Bad input: names the source, the record index and the field."""
+    """Bad input: names the source, the record index (records are numbered from 0, blank lines of a JSONL
+    file not counted) and the field."""
 
     def __init__(self, source: str, index: int | None, field_name: str, reason: str):
         self.source, self.index, self.field_name, self.reason = source, index, field_name, reason
-        where = f"{source}, record {index}" if index is not None else source
+        where = f"{source}, record {index} (numbered from 0)" if index is not None else source
         super().__init__(f"{where}, field '{field_name}': {reason}")
+
+    def with_skip_hint(self) -> DataError:
+        """This error, its message ending with how to skip such records instead (``task.skip_invalid``), unless
+        the record is of another schema (skipping every record would leave nothing)."""
+        if "another task's schema" not in self.reason and "task.skip_invalid" not in self.args[0]:
+            self.args = (f"{self.args[0]}\n(set task.skip_invalid=true to skip and count invalid records)",)
+        return self
 
 
 @dataclass
@@ -221,7 +229,7 @@ class Validator:
                     validate_example(example, self.report.source, index, self.min_responses)
             except DataError as error:
                 if not self.skip_invalid:
-                    raise
+                    raise error.with_skip_hint() from None
                 self.report.skipped[f"{error.field_name.split('[')[0]}: {error.reason}"] += 1
                 continue
             self.report.examples += len(examples)
@@ -267,6 +275,11 @@ class Task:
 
     def eval_examples(self) -> list[RankedExample]:
         raise NotImplementedError(f"task '{self.name}' has no evaluation data")
+
+    def setup_warnings(self) -> list[str]:
+        """What the task's settings make likely to be a mistake (evaluating on the training data), each with the
+        key that fixes it; a training run logs them as warnings after its preflight."""
+        return []
 
     def gold_reward(self, prompt: Text, response: Text) -> float:
         raise NotImplementedError(f"task '{self.name}' has no gold reward")

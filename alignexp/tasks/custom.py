@@ -23,6 +23,7 @@ response as the reference.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from alignexp.tasks.base import (
@@ -105,6 +106,13 @@ class CustomTask(RecordTask):
 
     def sft_examples(self, split: str | None = None) -> list[RankedExample]:
         return self._examples(self.path, self.resolve_split(split, self.split), "sft")
+
+    def setup_warnings(self) -> list[str]:
+        """A single file read with no ``eval_path``: evaluation reads the training records themselves."""
+        if self.eval_path is None and self.path and Path(self.path).expanduser().is_file():
+            return [f"task.eval_path=null: evaluation reads task.path={self.path}, the training data itself, so its "
+                    "figures are on data the policy was trained on. Set task.eval_path=<held-out records>"]
+        return []
 
     def eval_examples(self) -> list[RankedExample]:
         path_key = "task.eval_path" if self.eval_path else "task.path"

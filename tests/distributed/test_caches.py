@@ -44,7 +44,7 @@ def test_concurrent_jobs_compute_a_cache_entry_once_and_all_read_it(tmp_path):
     assert len(computed) == 1
     winner = computed[0].split()[-1]
     assert results.read_text().splitlines() == [f"value of {winner}"] * 3
-    assert sorted(p.name for p in entry.parent.iterdir()) == [".entry.txt.lock", "entry.txt"]
+    assert sorted(p.name for p in entry.parent.iterdir()) == [".entry.txt.lock", ".entry.txt.manifest.json", "entry.txt"]
 
 
 @pytest.mark.slow

@@ -101,6 +101,15 @@ def test_eval_json_on_the_synthetic_task(models, tmp_path):
     assert comparisons["win_rate_vs_reference_lc_ci_low"] <= comparisons["win_rate_vs_reference_lc"] \
         <= comparisons["win_rate_vs_reference_lc_ci_high"]
     assert [r["policy_gold_reward"] for r in at_1] == [task.gold_reward(None, r["policy_text"]) for r in at_1]
+    # each row names its prompt and the task's reference text, so the file reads without the task
+    examples = task.eval_examples()
+    assert [r["prompt"] for r in at_1] == [ex.prompt for ex in examples]
+    assert [r["target"] for r in at_1] == [ex.target if ex.target is not None else ex.responses[0] for ex in examples]
+    table = format_table(result)
+    t0 = next(line for line in table.splitlines() if line.strip().startswith("T=0"))
+    by_t0 = loaded["by_temperature"]["0"]
+    assert f"gold {by_t0['reference']['gold_reward']:.3f} ± {by_t0['reference']['gold_reward_stderr']:.3f} -> " \
+           f"{by_t0['policy']['gold_reward']:.3f}" in t0  # the reference beside the policy at each temperature
     assert sum(r["policy_log_ratio"] for r in at_1) / 6 == pytest.approx(loaded["policy"]["kl"])
 
 
@@ -205,7 +214,7 @@ def test_gold_judge_needs_a_gold_reward(saved_models, tmp_path):
     assert not (tmp_path / "config.yaml").exists()  # nothing was written
 
 
-def test_cli_mode_policy_finds_the_reference_of_a_training_run(saved_models, tmp_path):
+def test_cli_mode_policy_finds_the_reference_of_a_training_run(saved_models, tmp_path, capsys):
     cfg = compose_evaluate(tmp_path, f"policy={saved_models / 'run' / 'policy'}", "eval.temperatures=[1.0]",
                            "task.n_eval_prompts=4", "task.n_responses=2", "task.prompt_len=4", "task.min_len=2",
                            "task.max_len=3")
@@ -213,6 +222,11 @@ def test_cli_mode_policy_finds_the_reference_of_a_training_run(saved_models, tmp
     written = json.loads((tmp_path / "eval.json").read_text())
     assert written["loss"] == "dpo" and written["init_from"] == str(saved_models / "sft")
     assert written["n_prompts"] == 4 and record["policy"]["kl"] == written["policy"]["kl"]
+    # it says which reference it used and where that came from, and records what produced the result
+    source = f"init_from of {saved_models / 'run' / 'eval.json'}"
+    assert f"reference: {saved_models / 'sft'} (from {source})" in capsys.readouterr().out
+    assert written["reference_source"] == source
+    assert set(written["provenance"]) == {"commit", "packages", "caches"} and "torch" in written["provenance"]["packages"]
 
 
 def test_cli_mode_agreement_on_human_comparisons(tmp_path):

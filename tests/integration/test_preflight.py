@@ -86,7 +86,7 @@ def table(folders: dict) -> dict[str, Row]:
         "empty_data_file": (train, ["task=hh", f"task.path={FIXTURES}/empty/empty.jsonl"], 1,
                             ["hh preferences (task.path=", "no records in", "empty.jsonl"], []),
         "another_tasks_schema": (train, ["task=hh", f"task.path={FIXTURES}/tldr/comparisons.jsonl"], 1,
-                                 ["comparisons.jsonl, record 0, field 'chosen': missing field",
+                                 ["comparisons.jsonl, record 0 (numbered from 0), field 'chosen': missing field",
                                   "'info', 'split', 'summaries'", "data of another task's schema? (task=hh reads it)"],
                                  []),
         "reward_judge_on_a_policy": (train, ["judge=reward_model", f"judge.path={policy}"], 2,

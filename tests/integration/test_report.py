@@ -130,7 +130,7 @@ def test_swept_parameters_ignore_paths_and_a_method_s_own_constant_keys(multirun
 def test_report_cli(multirun, capsys):
     assert main([str(multirun)]) == 0
     printed = capsys.readouterr().out
-    assert "4 runs; swept: loss.beta, task.ranking_length" in printed
+    assert "4 runs; swept: loss, sampler, loss.beta, task.ranking_length" in printed
     assert (multirun / "report" / "results.md").exists()
     assert find_runs(multirun)[0].name == "0_loss.beta=0.1,loss=dpo"  # the report folder is no run
 

@@ -126,7 +126,7 @@ def test_seeds_are_replicates_with_t_intervals(sweep, tmp_path, capsys):
     gold (0.50, 0.54, 0.52): mean 0.52, s = 0.02, half-width 4.302653 * 0.02 / sqrt 3 = 0.049683."""
     assert main([str(sweep), "--out", str(tmp_path), "--kl", "2", "3", "4", "6"]) == 0
     printed = capsys.readouterr().out
-    assert "12 runs in 4 configurations; methods: dpo, ranked_dpo; seeds: 0 1 2; swept: loss.beta." in printed
+    assert "12 runs in 4 configurations; methods: dpo, ranked_dpo; seeds: 0 1 2; swept: loss, seed, loss.beta." in printed
     assert "| method | task | loss.beta | seeds | gold_reward | kl | win_rate | preference_accuracy |" in printed
     assert cell(*by_hand([0.50, 0.54, 0.52])) == "0.520 [0.470, 0.570]"
     for (loss, beta), values in SWEEP.items():

@@ -31,6 +31,28 @@ def test_bad_values_name_the_key(compose, override, key):
     assert key in str(info.value)
 
 
+def test_a_loss_with_a_config_but_no_registration_suggests_imports(compose, tmp_path):
+    """A user's conf/loss/my_loss.yaml composed (Hydra found it), but the module with @register_loss is not
+    imported: the error says to add it to imports=."""
+    (tmp_path / "loss").mkdir()
+    (tmp_path / "loss" / "my_loss.yaml").write_text("name: my_loss\nbeta: 0.1\n")
+    cfg = compose("loss=my_loss", f"hydra.searchpath=[file://{tmp_path}]")
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    message = str(info.value)
+    assert message.startswith("loss.name: unknown loss 'my_loss'") and "add imports=[<your module>]" in message
+    assert '@register_loss("my_loss")' in message
+
+
+def test_a_target_that_cannot_be_imported_suggests_imports(compose):
+    from alignexp.config import build_task
+
+    cfg = compose("task._target_=my_tasks.MyTask")
+    with pytest.raises(ConfigError) as info:
+        build_task(validate(cfg).task)
+    assert "task._target_=my_tasks.MyTask must be importable: add it to imports=[...]" in str(info.value)
+
+
 def test_missing_required_value_is_named(compose):
     cfg = compose("init_from=???")
     with pytest.raises(ConfigError, match="init_from"):
@@ -69,3 +91,19 @@ def test_the_users_command_fails_fast_offline_and_says_how_to_fix_it():
     assert "model.path=mistralai/Mistral-7B-v0.1" in result.stderr and "model.path=/some/folder" in result.stderr
     assert "Traceback" not in result.stderr
     assert elapsed < 90  # dominated by importing torch and transformers on 2 busy cores
+
+
+def test_likely_mistakes_are_warned_with_the_key_that_fixes_them(compose):
+    """task=custom on one file with the tiny model's random weights: two warnings, each naming its fix; the
+    default experiment (the synthetic task trains its own SFT policy) has none."""
+    from alignexp.config import build_task
+    from alignexp.preflight import setup_warnings
+
+    data = REPO / "tests" / "fixtures" / "custom" / "pref_standard.jsonl"
+    args = validate(compose("task=custom", f"task.path={data}", "loss=dpo"))
+    warnings = setup_warnings(args, build_task(args.task))
+    assert len(warnings) == 2
+    assert warnings[0].startswith("model=tiny has no weights") and "Set model.path=" in warnings[0]
+    assert warnings[1].startswith(f"task.eval_path=null: evaluation reads task.path={data}, the training data")
+    args = validate(compose())
+    assert setup_warnings(args, build_task(args.task)) == []

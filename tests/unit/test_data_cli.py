@@ -45,7 +45,7 @@ def test_bad_records_exit_nonzero_then_skip(tmp_path):
     bad = FIXTURES / "ultrafeedback/raw_bad.jsonl"
     strict = run_cli(tmp_path, "task=ultrafeedback", f"task.path={bad}")
     assert strict.returncode == 1 and strict.stdout == ""
-    assert f"{bad}, record 2, field 'completions[1].response': empty text" in strict.stderr
+    assert f"{bad}, record 2 (numbered from 0), field 'completions[1].response': empty text" in strict.stderr
     assert "Traceback" not in strict.stderr and "skip_invalid=true" in strict.stderr
     summary = summary_of(run_cli(tmp_path, "task=ultrafeedback", f"task.path={bad}", "task.skip_invalid=true"))
     assert (summary["records"], summary["examples"], summary["skipped_total"]) == (6, 2, 4)

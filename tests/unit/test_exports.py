@@ -45,7 +45,7 @@ def test_alpaca_eval_model_outputs_format(tmp_path):
 
 
 def test_alpaca_eval_bad_record_names_file_record_and_field():
-    with pytest.raises(DataError, match=r"alpaca_eval_bad.json, record 1, field 'instruction': missing field"):
+    with pytest.raises(DataError, match=r"alpaca_eval_bad.json, record 1 \(numbered from 0\), field 'instruction': missing field"):
         exports.read_alpaca_eval(FIXTURES / "alpaca_eval_bad.json")
     with pytest.raises(FileNotFoundError, match="no such question file"):
         exports.read_alpaca_eval(FIXTURES / "missing.json")
@@ -80,7 +80,7 @@ def test_mt_bench_answers_are_multi_turn_in_the_answer_file_format(tmp_path):
 
 
 def test_mt_bench_bad_question_names_the_field():
-    with pytest.raises(DataError, match=r"record 1, field 'turns': expected a non-empty list of strings"):
+    with pytest.raises(DataError, match=r"record 1 \(numbered from 0\), field 'turns': expected a non-empty list of strings"):
         exports.read_mt_bench(FIXTURES / "mt_bench_question_bad.jsonl")
 
 

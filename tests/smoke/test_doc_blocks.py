@@ -1,0 +1,67 @@
+"""The docs run as written: every file a doc shows whole is written exactly as shown (first line included)
+and the doc's commands that use them run on them, and every command of every doc is accounted for by a
+test (so that a new one cannot escape): run here, composed and validated (it needs a hub model, a GPU or a
+cluster), or run by CI itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+
+from tests.conftest import REPO
+from tests.fixtures.doc_files import commands, file_blocks
+
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "experiments").glob("*/README.md"))]
+# What runs each command that is not run here: CI's own steps; tests/smoke/test_readme.py and
+# tests/integration/test_evaluate.py, which compose and validate (or run, where nothing is missing) every
+# `python -m alignexp.*` command of the docs; the studies' drivers, whose committed results and README are
+# their record (hours of CPU); and the shell set-up lines of a GPU node (scripts/, run by `make gpu-check`).
+ELSEWHERE = (r"^make [a-z-]+$", r"^pip install ", r"^(srun )?python -m alignexp\.", r"^bash scripts/",
+             r"^rm -rf ", r"^(bash|python) experiments/[\w/]+\.(sh|py)\b", r"^mkdir -p ", r"^pip (download|wheel) ",
+             r"^v\(\) \{")
+
+
+def normalised(command: str) -> str:
+    """A command without its leading environment assignments and virtual environment's folder."""
+    command = re.sub(r"^(\w+=\S+ )+", "", command)
+    return re.sub(r"^\.venv/bin/", "", command)
+
+
+def test_the_readme_s_own_files_train_through_its_own_commands(tmp_path, cache_dir):
+    """my_losses.py, conf/loss/my_loss.yaml and conf/experiment/my_study.yaml, written as the README shows
+    them, trained by the README's two commands (debug=fast added, the only change), in one process."""
+    readme = (REPO / "README.md").read_text()
+    files = file_blocks(readme)
+    assert {"my_losses.py", "conf/loss/my_loss.yaml", "conf/experiment/my_study.yaml"} <= set(files)
+    for path, text in files.items():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(text)
+    assert (tmp_path / "conf/experiment/my_study.yaml").read_text().startswith("# @package _global_\n")
+    shown = [c for c in commands(readme) if "--config-dir ./conf" in c]
+    assert len(shown) == 2, shown
+    rows = []
+    for command in shown:
+        words = shlex.split(command.replace("PYTHONPATH=. ", "").replace("alignexp-train", "python -m alignexp.train"))
+        rows.append(["alignexp.train", [*words[3:], "debug=fast", f"paths.cache_dir={cache_dir}"]])
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}"}
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "fixtures" / "cli_rows.py"), str(tmp_path / "rows.json")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["status"] for r in results] == [0, 0], [r["stderr"][-2000:] for r in results]
+    records = sorted((json.loads(p.read_text()) for p in tmp_path.glob("outputs/synthetic/*/*/eval.json")),
+                     key=lambda r: r["hparams"]["gamma"])
+    assert [(r["loss"], r["hparams"]["gamma"]) for r in records] == [("my_loss", 0.5), ("my_loss", 1.0)]
+
+
+def test_every_command_of_the_docs_is_accounted_for():
+    shown = {c for doc in DOCS for c in commands(doc.read_text())}
+    assert len(shown) >= 20
+    unaccounted = sorted(c for c in shown if "--config-dir ./conf" not in c
+                         and not any(re.match(pattern, normalised(c)) for pattern in ELSEWHERE))
+    assert not unaccounted, f"commands no test runs or checks: {unaccounted}"

@@ -214,6 +214,44 @@ def build_model(args: ModelArgs, tokenizer, device_type: str = "cpu"):
     return model
 
 
+def model_config(args: ModelArgs, source: str | None):
+    """The config of the model :func:`build_model` will build: ``source``'s (a folder or hub id; read, not
+    downloaded) or, where ``source`` is None, the one ``args.arch`` describes."""
+    from transformers import AutoConfig
+
+    if source is None:
+        arch = dict(args.arch)
+        return AutoConfig.for_model(arch.pop("model_type", "llama"), **arch)
+    return AutoConfig.from_pretrained(str(source))
+
+
+def check_architecture(config, strategy: str, key: str) -> None:
+    """Refuse, before anything is built, an architecture that alignexp cannot train exactly on ``strategy``
+    (``hardware.strategy``): not a causal LM, a kind of layer neither log-prob layout implements
+    (chunked attention, ...), bidirectional attention, or tied input and output embeddings under FSDP2.
+    ``key``: the setting that chose the model, for the message."""
+    from alignexp.errors import ConfigError
+    from alignexp.models.attention import architecture_name, layer_windows
+
+    name = architecture_name(config)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if causal_lm_class(config) is None:
+        raise ConfigError(f"{key}: {name} is not a causal language model (AutoModelForCausalLM has no class for "
+                          f"it); alignexp trains decoder-only models such as llama, mistral, qwen2, gemma2, gpt2")
+    try:
+        layer_windows(text)
+    except ValueError as error:
+        raise ConfigError(f"{key}: {error}; use a model whose layers are full or sliding-window attention "
+                          f"(llama, mistral, qwen2, gemma2, ...)") from None
+    if getattr(text, "use_bidirectional_attention", False):
+        raise ConfigError(f"{key}: {name} attends bidirectionally (use_bidirectional_attention=true), which the "
+                          f"log-probs of a causal LM cannot use; use a causal checkpoint of the family")
+    if strategy == "fsdp" and (getattr(config, "tie_word_embeddings", False) or
+                               getattr(text, "tie_word_embeddings", False)):
+        raise ConfigError(f"hardware=fsdp: {key}: {name} ties its output head to its input embeddings, which FSDP2 "
+                          f"cannot shard as separate roots; use hardware=deepspeed_zero3 (or ddp)")
+
+
 def _check_arch(args: ModelArgs, config) -> None:
     """Log the ``model.arch`` entries that the loaded checkpoint's config contradicts."""
     differ = {k: (v, getattr(config, k, None)) for k, v in args.arch.items()

@@ -15,6 +15,8 @@ by the kernel.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -123,7 +125,9 @@ def architecture_name(config) -> str:
 
 def route_block_calls(implementation: str) -> None:
     """Make the ``implementation`` entry of transformers' attention registry send calls that carry a block
-    layout (``block_layout=...``) to :func:`block_attention`; other calls go where they went (idempotent)."""
+    layout (``block_layout=...``) to :func:`block_attention`, and, for SDPA, soft-capped calls to
+    :func:`softcapped_attention_forward` (the padded rows of a model run under SDPA's name); other calls
+    go where they went (idempotent)."""
     from transformers.modeling_utils import AttentionInterface
 
     current = AttentionInterface._global_mapping[implementation]
@@ -133,6 +137,8 @@ def route_block_calls(implementation: str) -> None:
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         if kwargs.get("block_layout") is not None:
             return block_attention(module, query, key, value, attention_mask, *args, **kwargs)
+        if kwargs.get("softcap") is not None and implementation == "sdpa":  # SDPA cannot soft-cap: eager maths
+            return softcapped_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
         return current(module, query, key, value, attention_mask, *args, **kwargs)
 
     attention.routes_block_calls = True
@@ -251,15 +257,23 @@ def flat_forward(decoder, input_ids: Tensor, position_ids: Tensor, layout: FlatL
 def _eager_flat_forward(decoder, input_ids: Tensor, position_ids: Tensor, marker: Tensor, kwargs) -> Tensor:
     """An eager model's padding-free forward: its function is the model's own, outside the registry, so the
     SDPA entry's router serves instead for the duration of the call."""
-    route_block_calls("sdpa")
+    with attention_implementation_as(decoder, "sdpa"):
+        return decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=marker, use_cache=False,
+                       **kwargs).last_hidden_state
+
+
+@contextmanager
+def attention_implementation_as(decoder, implementation: str) -> Iterator[None]:
+    """``decoder`` (each config in it) runs its attention through the registry's ``implementation`` entry for
+    the duration, routed as :func:`route_block_calls` routes it (block layouts, soft-capping)."""
+    route_block_calls(implementation)
     configs = {id(m.config): m.config for m in decoder.modules() if hasattr(getattr(m, "config", None),
                                                                            "_attn_implementation")}
     previous = {key: config._attn_implementation for key, config in configs.items()}
     try:
         for config in configs.values():
-            config._attn_implementation = "sdpa"
-        return decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=marker, use_cache=False,
-                       **kwargs).last_hidden_state
+            config._attn_implementation = implementation
+        yield
     finally:
         for key, config in configs.items():
             config._attn_implementation = previous[key]
@@ -284,6 +298,18 @@ def softcapped_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     weights = torch.nn.functional.dropout(weights, p=dropout, training=training)
     return torch.matmul(weights, value)
+
+
+def softcapped_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                                 scaling: float | None = None, softcap: float | None = None, **kwargs):
+    """transformers' attention-function signature over :func:`alignexp.models.attention.softcapped_attention`
+    (``query`` (B, H, T, D), key/value (B, H_kv, T, D)); returns ((B, T, H, D), None)."""
+    if key.shape[1] != query.shape[1]:
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    mask = attention_mask[:, :, :, :key.shape[-2]] if attention_mask is not None else None
+    out = softcapped_attention(query, key, value, mask, dropout, scaling, softcap, training=dropout > 0)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def block_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,

@@ -11,6 +11,7 @@ import torch
 from alignexp.args import ModelArgs
 from alignexp.hub import ensure_offline_if_unreachable
 from alignexp.inputs import ModelUnavailable, looks_local, missing_model_message
+from alignexp.models.attention import softcapped_attention_forward
 from alignexp.models.tokenizer import build_byte_tokenizer, ensure_chat_template
 
 log = logging.getLogger(__name__)
@@ -108,20 +109,6 @@ def route_block_masks_to_sdpa(implementation: str = "flash_attention_2") -> None
     if getattr(current, "routes_block_masks_to_sdpa", False):
         return
     AttentionInterface.register(implementation, _sdpa_for_block_masks(current, sdpa_attention_forward))
-
-
-def softcapped_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
-                                 scaling: float | None = None, softcap: float | None = None, **kwargs):
-    """transformers' attention-function signature over :func:`alignexp.models.attention.softcapped_attention`
-    (``query`` (B, H, T, D), key/value (B, H_kv, T, D)); returns ((B, T, H, D), None)."""
-    from alignexp.models.attention import softcapped_attention
-
-    if key.shape[1] != query.shape[1]:
-        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
-    mask = attention_mask[:, :, :, :key.shape[-2]] if attention_mask is not None else None
-    out = softcapped_attention(query, key, value, mask, dropout, scaling, softcap, training=dropout > 0)
-    return out.transpose(1, 2).contiguous(), None
 
 
 def _describe_attention(attn: str, requested: str, device_type: str, model_class: type | None = None) -> str:

@@ -32,6 +32,7 @@ final logit soft-capping (Gemma-2, Gemma-3) applies to each chunk, as in its own
 from __future__ import annotations
 
 import array
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ from alignexp.models.attention import (  # noqa: F401  (additive_mask, padding_f
     FlatLayout,
     LayoutNotReached,
     additive_mask,
+    attention_implementation_as,
     flat_forward,
     layer_windows,
     padding_free_supported,
@@ -360,8 +362,10 @@ def response_states(model, batch: PackedBatch) -> Tensor:
             return hidden[0].index_select(0, flat.source)
         except LayoutNotReached as error:
             use_padded_layout(getattr(decoder, "_module", decoder), str(error))
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=padded_masks(decoder, batch, model.dtype),
-                     position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    flex = decoder.config._attn_implementation == "flex_attention"
+    with attention_implementation_as(decoder, "sdpa") if flex else contextlib.nullcontext():
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=padded_masks(decoder, batch, model.dtype),
+                         position_ids=batch.position_ids, use_cache=False).last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.source_index)
 
 
@@ -372,8 +376,9 @@ def padded_masks(decoder, batch: PackedBatch, dtype: torch.dtype) -> Tensor | di
     (:func:`alignexp.models.attention.layer_windows`; such models take the mapping as given).
 
     Bool (True = may attend) for SDPA, which takes a bool mask beside a query of any dtype (under
-    FSDP2's mixed precision ``model.dtype`` is fp32 while the query is bf16); additive in ``dtype``
-    for other implementations (eager adds the mask to its scores)."""
+    FSDP2's mixed precision ``model.dtype`` is fp32 while the query is bf16; a
+    ``flex_attention`` model runs the padded rows through SDPA (FlexAttention takes no dense mask);
+    additive in ``dtype`` for other implementations (eager adds the mask to its scores)."""
     allowed, config = batch.attention_mask, decoder.config
 
     def windowed(window: int | None) -> Tensor:

@@ -17,6 +17,7 @@ reference built after the policy is not probed again. ``model.parity_probe=false
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -30,6 +31,7 @@ from alignexp.errors import AlignexpError
 from alignexp.models.attention import (
     LayoutNotReached,
     architecture_name,
+    attention_implementation_as,
     padding_free_supported,
     use_padded_layout,
 )
@@ -108,7 +110,10 @@ def shrunk_windows(model: torch.nn.Module, window: int) -> Iterator[bool]:
 
 
 def plain_logps(model, examples: list[EncodedExample]) -> Tensor:
-    """Summed response log-probs, each prompt + response through the model's own forward (one batch)."""
+    """Summed response log-probs, each prompt + response through the model's own forward, in one batch (the
+    probe's sequences are of equal length). A FlexAttention model's own forward runs under SDPA (the same
+    causal and windowed attention; FlexAttention's compilation of transformers' own masks fails on the CPU
+    with torch 2.13), so its padding-free layout, under alignexp's BlockMasks, is checked against SDPA."""
     rows, prompt_lens, responses = [], [], []
     for ex in examples:
         for response in ex.response_ids:
@@ -116,8 +121,11 @@ def plain_logps(model, examples: list[EncodedExample]) -> Tensor:
             prompt_lens.append(len(ex.prompt_ids))
             responses.append(response)
     device = next(model.parameters()).device
-    logits = model(input_ids=torch.tensor(rows, device=device), use_cache=False).logits.float()
-    logps = torch.log_softmax(logits, dim=-1)
+    ids = torch.tensor(rows, device=device)
+    flex = model.config._attn_implementation == "flex_attention"
+    with attention_implementation_as(model, "sdpa") if flex else contextlib.nullcontext():
+        logits = model(input_ids=ids, use_cache=False).logits
+    logps = torch.log_softmax(logits.float(), dim=-1)
     out = []
     for i, (p, response) in enumerate(zip(prompt_lens, responses)):
         targets = torch.tensor(response, device=device)

@@ -39,7 +39,14 @@ from alignexp.losses.ppo import (
     whiten,
 )
 from alignexp.models.dropout import disable_dropout
-from alignexp.models.logprobs import EncodedExample, PackedBatch, encode_text, output_logits, pack, response_states
+from alignexp.models.logprobs import (
+    EncodedExample,
+    PackedBatch,
+    encode_text,
+    output_logits,
+    pack,
+    response_states,
+)
 from alignexp.models.value_head import ValueHead
 from alignexp.modules.optim import adamw_with_warmup
 from alignexp.sampling.engine import SamplingParams, generate

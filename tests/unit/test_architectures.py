@@ -12,19 +12,17 @@ layout ignoring it could not pass.
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from test_logprobs import BOS, EOS, PAD, ids
+from test_logprobs import BOS, PAD, ids
 
 from alignexp.losses import get_loss
 from alignexp.models import parity
 from alignexp.models.attention import padding_free_supported
-from alignexp.models.dropout import disable_dropout
 from alignexp.models.backbone import ModelArgs, build_model, build_tokenizer
+from alignexp.models.dropout import disable_dropout
 from alignexp.models.logprobs import EncodedExample, logit_softcap, pack, sequence_logps
 
 WINDOW = 4

@@ -217,12 +217,14 @@ def check_architecture(config, strategy: str, key: str) -> None:
     (``hardware.strategy``): not a causal LM, a kind of layer neither log-prob layout implements
     (chunked attention, ...), bidirectional attention, or tied input and output embeddings under FSDP2.
     ``key``: the setting that chose the model, for the message."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     from alignexp.errors import ConfigError
     from alignexp.models.attention import architecture_name, layer_windows
 
     name = architecture_name(config)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if causal_lm_class(config) is None:
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:  # by name: no modeling code is imported
         raise ConfigError(f"{key}: {name} is not a causal language model (AutoModelForCausalLM has no class for "
                           f"it); alignexp trains decoder-only models such as llama, mistral, qwen2, gemma2, gpt2")
     try:

@@ -300,3 +300,30 @@ def test_preflight_refuses_what_cannot_be_trained_exactly(saved, tokenizer):
     tiny = model_config(ModelArgs(arch={"model_type": "llama", "tie_word_embeddings": True}), None)
     with pytest.raises(ConfigError, match="ties its output head"):
         check_architecture(tiny, "fsdp", "model.arch")
+
+
+@pytest.mark.slow  # about 20 s on 2 busy cores: a whole run
+def test_a_gemma2_folder_trains_end_to_end(tokenizer, tmp_path):
+    """``python -m alignexp.train model.path=<gemma2 folder> debug=fast loss=dpo``: the folder loads (eager
+    attention, chosen by auto), the probe passes both layouts, the run is named after the folder and its
+    checkpoint is not compared with the tiny preset, and it ends with eval.json."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    folder = save_family("gemma2", tmp_path / "gemma2", tokenizer)
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "alignexp.train", f"model.path={folder}", "debug=fast", "loss=dpo",
+                             "eval.progress=false", f"paths.output_dir={out}"], cwd=REPO, capture_output=True,
+                            text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                                 "ALIGNEXP_CACHE_DIR": str(tmp_path / "cache")})
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-4000:]
+    assert "attention: eager (Gemma2ForCausalLM does not support SDPA)" in log
+    assert "parity probe of" in log and "padding-free" in log and "padding-free not used" not in log
+    assert "differs from model.arch" not in log and "model: gemma2;" in log
+    assert json.loads((out / "eval.json").read_text())["model"] == "gemma2"

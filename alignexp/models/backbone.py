@@ -178,11 +178,11 @@ def build_model(args: ModelArgs, tokenizer, device_type: str = "cpu"):
         model = _from_pretrained(AutoModelForCausalLM.from_pretrained, args.path, "model",
                                  config=config, dtype=dtype, attn_implementation=attn)
         _check_arch(args, model.config)
-    log.info("model %s: %s, %d layers, %.1fM parameters, %s; attention: %s", args.name,
+    log.info("model %s: %s, %d layers, %.3gM parameters, %s", args.name,
              f"{args.path} ({model.config.model_type})" if args.path else f"{model.config.model_type} built from "
              f"model.arch", getattr(model.config.get_text_config(), "num_hidden_layers", -1),
-             sum(p.numel() for p in model.parameters()) / 1e6, args.dtype,
-             _describe_attention(attn, args.attn_implementation, device_type, model_class))
+             sum(p.numel() for p in model.parameters()) / 1e6, args.dtype)
+    log.info("attention: %s", _describe_attention(attn, args.attn_implementation, device_type, model_class))
     if args.parity_probe:
         from alignexp.models.parity import check_layouts
 

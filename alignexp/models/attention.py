@@ -6,10 +6,17 @@ over the model's own attention implementation sends such calls to :func:`block_a
 causally, the responses against their block's keys under a mask, blocks of similar length grouped) and
 every other call to the implementation itself. Nothing is switched for the duration of the forward, so
 a layer recomputed in backward (transformers' gradient checkpointing, torch's ``checkpoint_wrapper`` as
-FSDP and Lightning apply it) takes the same path. A sliding window (the ``sliding_window`` the layer
-passes, Mistral-style) is added to the block rule over position ids. Models built with
-``flex_attention`` get a FlexAttention ``BlockMask`` of the same rule instead: empty blocks are skipped
-by the kernel.
+FSDP and Lightning apply it) takes the same path. The layer's own sliding window (the
+``sliding_window`` each layer passes: one for every layer in Mistral, per kind of layer where
+``config.layer_types`` mixes sliding and full layers, as Gemma-2/3 do) is added to the block rule over
+position ids, and the layer's attention soft-capping (Gemma-2's ``softcap``) is computed as its eager
+attention does (:func:`softcapped_attention`). The masks are built in the query's dtype (under FSDP2's
+mixed precision it is bf16 while ``model.dtype`` is fp32). A model whose layers drop the layout's
+keyword arguments (Falcon) never reaches the router: :func:`flat_forward` notices
+(:class:`LayoutNotReached`) and the model takes the padded layout from then on. Models built with
+``flex_attention`` get FlexAttention ``BlockMask`` s of the same rule instead: empty blocks are skipped
+by the kernel. Whether a model's log-probs are exact in each layout is checked at build
+(:mod:`alignexp.models.parity`).
 """
 
 from __future__ import annotations

@@ -327,3 +327,18 @@ def test_a_gemma2_folder_trains_end_to_end(tokenizer, tmp_path):
     assert "parity probe of" in log and "padding-free" in log and "padding-free not used" not in log
     assert "differs from model.arch" not in log and "model: gemma2;" in log
     assert json.loads((out / "eval.json").read_text())["model"] == "gemma2"
+
+
+def test_reward_model_scores_follow_per_layer_windows(tokenizer):
+    """A reward model's packed forward (its padded rows) takes each kind of layer's window as its policy's
+    does: Qwen2 with a full layer then a sliding one, scores equal to each prompt + response alone."""
+    from alignexp.judges.reward_model import build_reward_model, sequence_scores
+
+    arch = {"model_type": "qwen2", "initializer_range": 0.3, **FAMILIES["qwen2"]}
+    model = build_reward_model(ModelArgs(arch=arch, attn_implementation="sdpa"), tokenizer).eval()
+    batch_examples = examples()
+    with torch.no_grad():
+        scores = sequence_scores(model, pack(batch_examples, pad_id=PAD))
+        expected = torch.tensor([[model(input_ids=torch.tensor([ex.prompt_ids + r])).logits[0, 0].item()
+                                  for r in ex.response_ids] for ex in batch_examples])
+    torch.testing.assert_close(scores, expected, atol=1e-4, rtol=0)

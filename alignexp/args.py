@@ -124,6 +124,20 @@ def lora_args(config: Mapping[str, Any] | None) -> LoraArgs | None:
 DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
+BUILT_PRESET = "tiny"
+"""The default ``model`` preset: a model built from its ``arch``, which says nothing of a ``model.path``."""
+
+
+def model_name(path: str | Path) -> str:
+    """How a model loaded from ``path`` is named (logs, eval.json, cache folders): a local folder's name, or
+    the hub id."""
+    text = str(path).rstrip("/")
+    local = Path(text).expanduser()
+    if text.startswith((".", "/", "~")) or local.exists():
+        return local.resolve().name or text
+    return text
+
+
 @dataclass
 class ModelArgs:
     """``model``: ``path`` is a hub id or a local folder; None builds the model from ``arch``."""
@@ -138,10 +152,16 @@ class ModelArgs:
     max_prompt_len: int = 512
     max_response_len: int = 256
     lora: dict | None = None
+    parity_probe: bool = True
 
     def __post_init__(self) -> None:
         check_choice("model.dtype", self.dtype, DTYPE_NAMES)
         check_bool("model.gradient_checkpointing", self.gradient_checkpointing)
+        check_bool("model.parity_probe", self.parity_probe)
+        if self.path is not None and self.name == BUILT_PRESET:
+            # model.path= over the default preset: the preset's arch describes the model it builds, not this
+            # checkpoint (whose own config.json is read); the model is named by its folder or hub id
+            self.name, self.arch = model_name(self.path), {}
         for key in ("max_prompt_len", "max_response_len"):
             check_number(f"model.{key}", getattr(self, key), low=1, integer=True)
         self.arch = dict(self.arch or {})

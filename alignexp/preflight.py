@@ -104,6 +104,9 @@ def preflight_train(args: Any, task: Any) -> None:
     for name in plan(spec, ctx.sampler):
         for check in get_stage(name).checks:
             flight.check(check, ctx)
+    if not flight.problems:  # the weights it starts from are resolved (ctx.init): their architecture
+        given = args.init_from or args.model.path  # else the task's SFT policy, or a model, of model.arch
+        flight.check(check_model, args, ctx.init if given else None, "init_from" if args.init_from else "model.path")
     flight.finish()
     for warning in setup_warnings(args, task):
         log.warning(warning)
@@ -119,6 +122,21 @@ def setup_warnings(args: Any, task: Any) -> list[str]:
                         f"model.path=<a pretrained model's folder or hub id> (or model=smollm2_135m after `make "
                         f"assets`), or init_from=<a run's policy>")
     return warnings + list(task.setup_warnings())
+
+
+def check_model(args: Any, source: Any, key: str) -> None:
+    """The architecture of the model a run will build (``source``: a folder or hub id, or None for
+    ``model.arch``, which the task's SFT policy has too), refused up front where alignexp cannot train it
+    exactly on this hardware (:func:`alignexp.models.backbone.check_architecture`)."""
+    from alignexp.models.backbone import check_architecture, model_config
+
+    if source is None:
+        key = "model.arch"
+    try:
+        config = model_config(args.model, None if source is None else str(source))
+    except (OSError, ValueError, KeyError):
+        return  # unreadable weights are the weights check's to report
+    check_architecture(config, args.hardware.strategy, key)
 
 
 def preflight_sample(args: Any, task: Any, policy: str | None, split: str, output: Path) -> str | None:

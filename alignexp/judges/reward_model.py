@@ -39,7 +39,7 @@ from alignexp.models.backbone import (
     route_block_masks_to_sdpa,
 )
 from alignexp.models.batched import map_batches
-from alignexp.models.logprobs import EncodedExample, PackedBatch, additive_mask, encode_example
+from alignexp.models.logprobs import EncodedExample, PackedBatch, encode_example, padded_masks
 from alignexp.tasks.base import RankedExample, Text
 
 OFFSET_KEY = "reward_offset"
@@ -114,7 +114,7 @@ def sequence_scores(model, batch: PackedBatch) -> Tensor:
     ``config.reward_offset`` (0 until the model is normalised). Masked slots hold 0. One forward, as in
     :func:`alignexp.models.logprobs.sequence_logps`."""
     decoder = model.base_model
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=additive_mask(batch.attention_mask, model.dtype),
+    hidden = decoder(input_ids=batch.input_ids, attention_mask=padded_masks(decoder, batch, model.dtype),
                      position_ids=batch.position_ids, use_cache=False).last_hidden_state
     ends = response_end_index(batch)
     states = hidden.reshape(-1, hidden.shape[-1]).index_select(0, ends.view(-1))

@@ -6,18 +6,30 @@ over the model's own attention implementation sends such calls to :func:`block_a
 causally, the responses against their block's keys under a mask, blocks of similar length grouped) and
 every other call to the implementation itself. Nothing is switched for the duration of the forward, so
 a layer recomputed in backward (transformers' gradient checkpointing, torch's ``checkpoint_wrapper`` as
-FSDP and Lightning apply it) takes the same path. A sliding window (the ``sliding_window`` the layer
-passes, Mistral-style) is added to the block rule over position ids. Models built with
-``flex_attention`` get a FlexAttention ``BlockMask`` of the same rule instead: empty blocks are skipped
-by the kernel.
+FSDP and Lightning apply it) takes the same path. The layer's own sliding window (the
+``sliding_window`` each layer passes: one for every layer in Mistral, per kind of layer where
+``config.layer_types`` mixes sliding and full layers, as Gemma-2/3 do) is added to the block rule over
+position ids, and the layer's attention soft-capping (Gemma-2's ``softcap``) is computed as its eager
+attention does (:func:`softcapped_attention`). The masks are built in the query's dtype (under FSDP2's
+mixed precision it is bf16 while ``model.dtype`` is fp32). A model whose layers drop the layout's
+keyword arguments (Falcon) never reaches the router: :func:`flat_forward` notices
+(:class:`LayoutNotReached`) and the model takes the padded layout from then on. Models built with
+``flex_attention`` get FlexAttention ``BlockMask`` s of the same rule instead: empty blocks are skipped
+by the kernel. Whether a model's log-probs are exact in each layout is checked at build
+(:mod:`alignexp.models.parity`).
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -89,20 +101,40 @@ def _registered(implementation: str) -> bool:
     return implementation in AttentionInterface._global_mapping
 
 
+PADDED_ONLY = "_alignexp_padded_only"
+"""Attribute set on a decoder whose padding-free forward is not exact (its layers drop the layout's keyword
+arguments, or the parity probe of :mod:`alignexp.models.parity` found it off): it takes the padded layout."""
+
+
 def padding_free_supported(decoder) -> bool:
-    """Whether :func:`flat_forward` can run ``decoder``: not with attention soft-capping (Gemma-2-style;
-    :func:`block_attention` does not implement it), nor an eager model that checkpoints activations (the
-    padding-free forward runs an eager model's attention under the SDPA name, which its recomputation in
-    backward would not)."""
-    config = decoder.config
-    if getattr(config, "attn_logit_softcapping", None) is not None:
+    """Whether :func:`flat_forward` can run ``decoder``: not where the parity probe or a forward found the
+    layout does not reach its attention (:data:`PADDED_ONLY`), nor an eager model that checkpoints
+    activations (the padding-free forward runs an eager model's attention under the SDPA name, which its
+    recomputation in backward would not)."""
+    if getattr(decoder, PADDED_ONLY, False):
         return False
-    return _registered(config._attn_implementation) or not activation_checkpointing(decoder)
+    return _registered(decoder.config._attn_implementation) or not activation_checkpointing(decoder)
+
+
+def use_padded_layout(decoder, reason: str) -> None:
+    """Make ``decoder`` take the padded layout from now on, saying why once."""
+    if not getattr(decoder, PADDED_ONLY, False):
+        log.warning("%s: the padding-free layout is not exact for this model (%s); it uses the padded layout",
+                    architecture_name(decoder.config), reason)
+    object.__setattr__(decoder, PADDED_ONLY, True)
+
+
+def architecture_name(config) -> str:
+    """``model_type`` and class, as messages name an architecture: ``falcon (FalconForCausalLM)``."""
+    classes = getattr(config, "architectures", None) or []
+    return f"{getattr(config, 'model_type', '?')}" + (f" ({classes[0]})" if classes else "")
 
 
 def route_block_calls(implementation: str) -> None:
     """Make the ``implementation`` entry of transformers' attention registry send calls that carry a block
-    layout (``block_layout=...``) to :func:`block_attention`; other calls go where they went (idempotent)."""
+    layout (``block_layout=...``) to :func:`block_attention`, and, for SDPA, soft-capped calls to
+    :func:`softcapped_attention_forward` (the padded rows of a model run under SDPA's name); other calls
+    go where they went (idempotent)."""
     from transformers.modeling_utils import AttentionInterface
 
     current = AttentionInterface._global_mapping[implementation]
@@ -112,6 +144,8 @@ def route_block_calls(implementation: str) -> None:
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         if kwargs.get("block_layout") is not None:
             return block_attention(module, query, key, value, attention_mask, *args, **kwargs)
+        if kwargs.get("softcap") is not None and implementation == "sdpa":  # SDPA cannot soft-cap: eager maths
+            return softcapped_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
         return current(module, query, key, value, attention_mask, *args, **kwargs)
 
     attention.routes_block_calls = True
@@ -128,22 +162,50 @@ def sliding_window(config) -> int | None:
     return int(window)
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+"""The per-layer attention kinds (``config.layer_types``) that both layouts implement."""
+
+
+def layer_windows(config) -> dict[str, int | None] | None:
+    """The window of each kind of layer where the model mixes kinds (``config.layer_types``: Gemma-2 and -3
+    alternate sliding and full layers, Qwen2/3 and SmolLM3 slide above ``max_window_layers`` or on their
+    no-RoPE layers): ``{"full_attention": None, "sliding_attention": window}``, the kinds it has. None when
+    every layer is alike (then :func:`sliding_window` is the window of all of them). An unknown kind
+    (chunked attention, ...) raises ValueError naming it."""
+    types = getattr(config, "layer_types", None)
+    if not types:
+        return None
+    unknown = sorted(set(types) - set(LAYER_TYPES))
+    if unknown:
+        raise ValueError(f"{architecture_name(config)}: layer_types {unknown} are not supported by alignexp's "
+                         f"log-prob layouts (only {', '.join(LAYER_TYPES)})")
+    window = getattr(config, "sliding_window", None)
+    return {kind: (int(window) if kind == "sliding_attention" and window is not None else None)
+            for kind in dict.fromkeys(types)}
+
+
 # -- the forward -------------------------------------------------------------------------------------------
 class BucketMasks:
     """Per-window attention masks of a layout's buckets, built once per forward and shared by every layer
-    (and its recomputation). ``masks(window)``: per bucket (prompt mask or None for plain causal,
-    response mask), additive; with a window, key and query positions farther apart than it are masked."""
+    (and its recomputation). ``masks(window, dtype)``: per bucket (prompt mask or None for plain causal,
+    response mask), additive in ``dtype``, the dtype of the query they meet (under FSDP2's mixed precision
+    the parameters, and so ``model.dtype``, are fp32 while attention computes in bf16, and CUDA's
+    memory-efficient kernel refuses a mask of another dtype than the query's); with a window, key and query
+    positions farther apart than it are masked. ``calls`` counts the attention calls that used them: a
+    forward that made none never reached :func:`block_attention` (its layers drop the layout)."""
 
-    def __init__(self, layout: FlatLayout, positions: Tensor, dtype: torch.dtype):
-        self.layout, self.positions, self.dtype = layout, positions, dtype
-        self.built: dict[int | None, list[tuple[Tensor | None, Tensor]]] = {}
+    def __init__(self, layout: FlatLayout, positions: Tensor):
+        self.layout, self.positions = layout, positions
+        self.built: dict[tuple[int | None, torch.dtype], list[tuple[Tensor | None, Tensor]]] = {}
+        self.calls = 0
 
-    def __call__(self, window: int | None) -> list[tuple[Tensor | None, Tensor]]:
-        if window not in self.built:
-            self.built[window] = self._build(window)
-        return self.built[window]
+    def __call__(self, window: int | None, dtype: torch.dtype) -> list[tuple[Tensor | None, Tensor]]:
+        self.calls += 1
+        if (window, dtype) not in self.built:
+            self.built[window, dtype] = self._build(window, dtype)
+        return self.built[window, dtype]
 
-    def _build(self, window: int | None) -> list[tuple[Tensor | None, Tensor]]:
+    def _build(self, window: int | None, dtype: torch.dtype) -> list[tuple[Tensor | None, Tensor]]:
         layout, out = self.layout, []
         keys = self.positions.index_select(0, layout.key_index).split([b.rows * b.width for b in layout.buckets])
         queries = self.positions.index_select(0, layout.query_index).split(
@@ -156,54 +218,122 @@ class BucketMasks:
                 if bucket.prompt > window:  # prompt positions are 0..P-1 in every row: one banded mask
                     at = torch.arange(bucket.prompt, device=mask.device)
                     gap = at[:, None] - at[None, :]
-                    prompt = additive_mask((gap >= 0) & (gap < window), self.dtype)
-            out.append((prompt, additive_mask(mask, self.dtype)))
+                    prompt = additive_mask((gap >= 0) & (gap < window), dtype)
+            out.append((prompt, additive_mask(mask, dtype)))
         return out
 
 
-def flat_forward(decoder, input_ids: Tensor, position_ids: Tensor, layout: FlatLayout, dtype: torch.dtype) -> Tensor:
+class LayoutNotReached(RuntimeError):
+    """The padding-free forward never reached :func:`block_attention`: the model's layers do not pass the
+    layout's keyword arguments on to their attention (Falcon's)."""
+
+
+def flat_forward(decoder, input_ids: Tensor, position_ids: Tensor, layout: FlatLayout) -> Tensor:
     """The decoder's last hidden states ``(1, N, H)`` of one padding-free row (``input_ids``, ``position_ids``
-    (1, N)) whose attention follows ``layout``: through a FlexAttention ``BlockMask`` for ``flex_attention``
-    models, else through :func:`block_attention` (see the module docstring)."""
+    (1, N)) whose attention follows ``layout``: through FlexAttention ``BlockMask``s for ``flex_attention``
+    models, else through :func:`block_attention` (see the module docstring). Raises
+    :class:`LayoutNotReached` when the layers never passed the layout to their attention."""
     implementation = decoder.config._attn_implementation
     if implementation == "flex_attention":
-        mask = flex_block_mask(layout, position_ids[0], sliding_window(decoder.config))
+        kinds = layer_windows(decoder.config)
+        if kinds is None:
+            mask = flex_block_mask(layout, position_ids[0], sliding_window(decoder.config))
+        else:  # one BlockMask per kind of layer (the models with layer_types take a mapping)
+            mask = {kind: flex_block_mask(layout, position_ids[0], window) for kind, window in kinds.items()}
         return decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
                        use_cache=False).last_hidden_state
     marker = torch.zeros((1, 1, 0, 0), dtype=torch.bool, device=input_ids.device)  # a 4D mask: used as given
-    kwargs = {"block_layout": layout, "block_masks": BucketMasks(layout, position_ids[0], dtype)}
-    if _registered(implementation):
-        route_block_calls(implementation)
+    masks = BucketMasks(layout, position_ids[0])
+    kwargs = {"block_layout": layout, "block_masks": masks}
+    try:
+        if _registered(implementation):
+            route_block_calls(implementation)
+            hidden = decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=marker, use_cache=False,
+                             **kwargs).last_hidden_state
+        else:
+            hidden = _eager_flat_forward(decoder, input_ids, position_ids, marker, kwargs)
+    except (RuntimeError, ValueError, TypeError) as error:
+        if masks.calls == 0:
+            raise LayoutNotReached(f"its layers did not pass the block layout to their attention ({error})") from error
+        raise
+    if masks.calls == 0:
+        raise LayoutNotReached("its layers did not pass the block layout to their attention")
+    return hidden
+
+
+def _eager_flat_forward(decoder, input_ids: Tensor, position_ids: Tensor, marker: Tensor, kwargs) -> Tensor:
+    """An eager model's padding-free forward: its function is the model's own, outside the registry, so the
+    SDPA entry's router serves instead for the duration of the call."""
+    with attention_implementation_as(decoder, "sdpa"):
         return decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=marker, use_cache=False,
                        **kwargs).last_hidden_state
-    # eager: its function is the model's own, outside the registry; the SDPA entry's router serves instead
-    route_block_calls("sdpa")
+
+
+@contextmanager
+def attention_implementation_as(decoder, implementation: str) -> Iterator[None]:
+    """``decoder`` (each config in it) runs its attention through the registry's ``implementation`` entry for
+    the duration, routed as :func:`route_block_calls` routes it (block layouts, soft-capping)."""
+    route_block_calls(implementation)
     configs = {id(m.config): m.config for m in decoder.modules() if hasattr(getattr(m, "config", None),
                                                                            "_attn_implementation")}
     previous = {key: config._attn_implementation for key, config in configs.items()}
     try:
         for config in configs.values():
-            config._attn_implementation = "sdpa"
-        return decoder(input_ids=input_ids, position_ids=position_ids, attention_mask=marker, use_cache=False,
-                       **kwargs).last_hidden_state
+            config._attn_implementation = implementation
+        yield
     finally:
         for key, config in configs.items():
             config._attn_implementation = previous[key]
 
 
+def softcapped_attention(query: Tensor, key: Tensor, value: Tensor, mask: Tensor | None, dropout: float = 0.0,
+                         scale: float | None = None, softcap: float | None = None, causal: bool = False,
+                         training: bool = False) -> Tensor:
+    """``softmax(softcap * tanh(q k^T * scale / softcap) + mask) v``, as transformers' eager attention of
+    Gemma-2 computes it (the scores soft-capped before the mask, the softmax in fp32); SDPA has no
+    soft-capping. ``query`` (..., Lq, D), ``key``/``value`` (..., Lk, D) with as many heads; ``mask``:
+    additive or bool (True = may attend), broadcastable to the scores; ``causal``: a causal mask instead."""
+    scale = query.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if causal:
+        mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min) if mask.dtype == torch.bool \
+            else scores + mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=training)
+    return torch.matmul(weights, value)
+
+
+def softcapped_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
+                                 scaling: float | None = None, softcap: float | None = None, **kwargs):
+    """transformers' attention-function signature over :func:`alignexp.models.attention.softcapped_attention`
+    (``query`` (B, H, T, D), key/value (B, H_kv, T, D)); returns ((B, T, H, D), None)."""
+    if key.shape[1] != query.shape[1]:
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    mask = attention_mask[:, :, :, :key.shape[-2]] if attention_mask is not None else None
+    out = softcapped_attention(query, key, value, mask, dropout, scaling, softcap, training=dropout > 0)
+    return out.transpose(1, 2).contiguous(), None
+
+
 def block_attention(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                     dropout: float = 0.0, scaling: float | None = None, block_layout: FlatLayout | None = None,
                     block_masks: BucketMasks | None = None, sliding_window: int | None = None,
-                    **kwargs) -> tuple[Tensor, None]:
+                    softcap: float | None = None, **kwargs) -> tuple[Tensor, None]:
     """Attention of a padding-free row, block by block (transformers' attention-function signature).
 
     ``query`` (1, H, N, D), ``key``/``value`` (1, H_kv, N, D): the N tokens of ``block_layout``. The
     tokens are gathered once into the blocks' key rows (and the responses' query rows); then, per
     bucket (:class:`AttentionBucket`), two SDPA calls: the prompts, causal (``is_causal``, so the
     kernel skips the upper triangle; a banded mask when a ``sliding_window`` is shorter than the
-    prompts), and the response tokens against all the keys of their block under ``block_masks``.
-    Attention so costs about P^2/2 + L*W per block (prompt P, responses L, block W = P + L) instead of
-    the W^2 of a dense mask. The outputs are put back in token order. Returns ((1, N, H, D), None).
+    prompts), and the response tokens against all the keys of their block under ``block_masks`` (built
+    in the query's dtype). Attention so costs about P^2/2 + L*W per block (prompt P, responses L, block
+    W = P + L) instead of the W^2 of a dense mask. The layer's own ``sliding_window`` and ``softcap``
+    (Gemma-2's attention soft-capping, by :func:`softcapped_attention`) apply. The outputs are put back
+    in token order. Returns ((1, N, H, D), None).
     """
     if block_layout is None or block_masks is None:
         raise RuntimeError("block_attention runs only inside alignexp.models.attention.flat_forward, which passes "
@@ -218,20 +348,25 @@ def block_attention(module, query: Tensor, key: Tensor, value: Tensor, attention
     # one gather per tensor for all buckets, then a split (whose backward is one concatenation)
     q_keys, k_keys, v_keys = (t.index_select(1, block_layout.key_index).split(key_sizes, dim=1) for t in (q, k, v))
     q_responses = q.index_select(1, block_layout.query_index).split([b.rows * b.responses for b in buckets], dim=1)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if softcap is None:
+        def attend(q_, k_, v_, mask, causal):
+            return torch.nn.functional.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, dropout_p=dropout,
+                                                                    is_causal=causal, scale=scaling)
+    else:
+        def attend(q_, k_, v_, mask, causal):
+            return softcapped_attention(q_, k_, v_, mask, dropout, scaling, softcap, causal, training=dropout > 0)
     outputs = []
-    for i, (bucket, (prompt_mask, mask)) in enumerate(zip(buckets, block_masks(sliding_window))):
+    for i, (bucket, (prompt_mask, mask)) in enumerate(zip(buckets, block_masks(sliding_window, query.dtype))):
         r, w, p, n = bucket.rows, bucket.width, bucket.prompt, bucket.responses
 
         def rows(t: Tensor, length: int, r: int = r) -> Tensor:  # (H, r * length, D) -> (r, H, length, D)
             return t.view(heads, r, length, dim).transpose(0, 1)
 
         qb, kb, vb = rows(q_keys[i], w), rows(k_keys[i], w), rows(v_keys[i], w)
-        prompts = sdpa(qb[:, :, :p], kb[:, :, :p], vb[:, :, :p], attn_mask=prompt_mask, dropout_p=dropout,
-                       is_causal=prompt_mask is None, scale=scaling)
+        prompts = attend(qb[:, :, :p], kb[:, :, :p], vb[:, :, :p], prompt_mask, prompt_mask is None)
         outputs.append(prompts.transpose(0, 1).reshape(heads, r * p, dim))
         if n > 0:
-            responses = sdpa(rows(q_responses[i], n), kb, vb, attn_mask=mask, dropout_p=dropout, scale=scaling)
+            responses = attend(rows(q_responses[i], n), kb, vb, mask, False)
             outputs.append(responses.transpose(0, 1).reshape(heads, r * n, dim))
     out = torch.cat(outputs, dim=1).index_select(1, block_layout.order)  # (H, N, D) in token order
     return out.transpose(0, 1)[None].contiguous(), None

@@ -4,13 +4,17 @@ RL and preference training compare log-probs across forwards (PPO's ratio agains
 policy against its reference), so dropout noise would enter those differences; the DPO reference code
 and TRL (``disable_dropout_in_model``) train with dropout off. Hugging Face backbones carry dropout
 two ways: ``nn.Dropout`` modules (GPT-2's attention, residual and embedding dropout; LoRA's
-``lora_dropout``), and a float ``attention_dropout`` that Llama-, Mistral- and GPT-NeoX-style attention
-modules pass to the attention function in train mode. Both are set to 0.
+``lora_dropout``), and float rates on the modules (:data:`RATES`: the ``attention_dropout`` that Llama-,
+Mistral- and GPT-NeoX-style attention modules pass to the attention function in train mode, OPT's
+``dropout`` and ``activation_dropout`` for its functional dropout). Both are set to 0.
 """
 
 from __future__ import annotations
 
 from torch import nn
+
+RATES = ("attention_dropout", "dropout", "activation_dropout", "hidden_dropout")
+"""Float attributes of a module that set a functional dropout's probability."""
 
 
 def disable_dropout(model: nn.Module, *, lora: bool = True) -> int:
@@ -27,8 +31,9 @@ def disable_dropout(model: nn.Module, *, lora: bool = True) -> int:
         if isinstance(module, nn.Dropout):
             changed += module.p > 0
             module.p = 0.0
-        rate = getattr(module, "attention_dropout", None)
-        if isinstance(rate, float):
-            changed += rate > 0
-            module.attention_dropout = 0.0
+        for attribute in RATES:
+            rate = module.__dict__.get(attribute)
+            if isinstance(rate, float):
+                changed += rate > 0
+                setattr(module, attribute, 0.0)
     return changed

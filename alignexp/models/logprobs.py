@@ -13,21 +13,26 @@ each token once. Only attention works in rows (``alignexp/models/attention.py``)
 row, the prompts run causally and the response tokens against their block's keys under its mask,
 blocks of similar length grouped into a few calls (:func:`length_buckets`), so attention costs about
 P^2/2 + L*W per block (prompt P, response tokens L, block W) rather than the W^2 of a dense mask. It
-is the path with activation checkpointing and with a sliding window too; only attention soft-capping
-(and eager attention with checkpointing) takes the padded path below.
+is the path with activation checkpointing, sliding windows (per layer where the model mixes sliding
+and full layers) and attention soft-capping too; eager attention with checkpointing, and models whose
+layers do not pass the layout on to their attention (found at build by :mod:`alignexp.models.parity`,
+or at the first forward), take the padded path below.
 
 **Padded layout** (``input_ids``, ``position_ids``, ``attention_mask``: what other modules feed to
 a decoder themselves, and the fallback). The blocks are packed into R <= B rows of T tokens,
 first-fit decreasing, T being the longest block (or ``row_budget``): short examples share a row
-instead of each being padded to the longest one, and blocks in one row never see each other.
+instead of each being padded to the longest one, and blocks in one row never see each other. The
+model's sliding windows are added to the mask, per kind of layer (:func:`padded_masks`).
 
 **Head.** Only the hidden states that predict response tokens go through the output head, in chunks
 of at most :data:`LOGIT_CHUNK` logits (:func:`chunked_token_logps`): the fp32 log-softmax over the
-vocabulary never exists for all response tokens at once, in the forward or the backward.
+vocabulary never exists for all response tokens at once, in the forward or the backward. The model's
+final logit soft-capping (Gemma-2, Gemma-3) applies to each chunk, as in its own forward.
 """
 from __future__ import annotations
 
 import array
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,10 +43,14 @@ from torch.utils.checkpoint import checkpoint
 from alignexp.models.attention import (  # noqa: F401  (additive_mask, padding_free_supported: part of this API)
     AttentionBucket,
     FlatLayout,
+    LayoutNotReached,
     additive_mask,
+    attention_implementation_as,
     flat_forward,
+    layer_windows,
     padding_free_supported,
     sliding_window,
+    use_padded_layout,
 )
 from alignexp.tasks.base import RankedExample, Text
 
@@ -337,24 +346,62 @@ def response_states(model, batch: PackedBatch) -> Tensor:
     token, then the state of the token before. PPO's value head reads these (the value of the state
     before each token is generated). The forward is padding-free when ``batch.flat`` is set and the
     model allows it (see the module docstring), else over the padded rows. Works for any Hugging Face
-    causal LM (also PEFT-wrapped) whose attention takes a 4D additive mask and position ids (SDPA,
-    eager; FlashAttention-2 models route 4D masks to SDPA, see
-    :func:`alignexp.models.backbone.route_block_masks_to_sdpa`).
+    causal LM (also PEFT-wrapped) whose attention takes a 4D mask and position ids (SDPA, eager;
+    FlashAttention-2 models route 4D masks to SDPA, see
+    :func:`alignexp.models.backbone.route_block_masks_to_sdpa`). A model whose layers turn out not to
+    pass the padding-free layout on to their attention (Falcon's) is switched to the padded rows, with
+    a warning (:func:`alignexp.models.attention.use_padded_layout`).
     """
     decoder = model.get_decoder()
     if batch.flat is not None and padding_free_supported(decoder):
         flat = batch.flat
         input_ids = batch.input_ids.view(-1).index_select(0, flat.token_index)[None]
         position_ids = batch.position_ids.view(-1).index_select(0, flat.token_index)[None]
-        hidden = flat_forward(decoder, input_ids, position_ids, flat, model.dtype)
-        return hidden[0].index_select(0, flat.source)
-    allowed, window = batch.attention_mask, sliding_window(decoder.config)
-    if window is not None:  # the model's own window rule, over position ids (they restart per response)
-        allowed = allowed & (batch.position_ids[:, None, :, None] - batch.position_ids[:, None, None, :] < window)
-    hidden = decoder(input_ids=batch.input_ids, attention_mask=additive_mask(allowed, model.dtype),
-                     position_ids=batch.position_ids,
-                     use_cache=False).last_hidden_state
+        try:
+            hidden = flat_forward(decoder, input_ids, position_ids, flat)
+            return hidden[0].index_select(0, flat.source)
+        except LayoutNotReached as error:
+            use_padded_layout(getattr(decoder, "_module", decoder), str(error))
+    flex = decoder.config._attn_implementation == "flex_attention"
+    with attention_implementation_as(decoder, "sdpa") if flex else contextlib.nullcontext():
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=padded_masks(decoder, batch, model.dtype),
+                         position_ids=batch.position_ids, use_cache=False).last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.source_index)
+
+
+def padded_masks(decoder, batch: PackedBatch, dtype: torch.dtype) -> Tensor | dict[str, Tensor]:
+    """The attention mask(s) of ``batch``'s padded rows for ``decoder``: the block rule, with the model's own
+    sliding-window rule over position ids (they restart per response): one mask, or one per kind of layer
+    (``{"full_attention": ..., "sliding_attention": ...}``) for a model that mixes them
+    (:func:`alignexp.models.attention.layer_windows`; such models take the mapping as given).
+
+    Bool (True = may attend) for SDPA, which takes a bool mask beside a query of any dtype (under
+    FSDP2's mixed precision ``model.dtype`` is fp32 while the query is bf16; a
+    ``flex_attention`` model runs the padded rows through SDPA (FlexAttention takes no dense mask);
+    additive in ``dtype`` for other implementations (eager adds the mask to its scores)."""
+    allowed, config = batch.attention_mask, decoder.config
+
+    def windowed(window: int | None) -> Tensor:
+        mask = allowed
+        if window is not None:
+            gap = batch.position_ids[:, None, :, None] - batch.position_ids[:, None, None, :]
+            mask = mask & (gap < window)
+        return mask if _takes_bool_masks(config) else additive_mask(mask, dtype)
+
+    kinds = layer_windows(config)
+    if kinds is None:
+        return windowed(sliding_window(config))
+    return {kind: windowed(window) for kind, window in kinds.items()}
+
+
+def _takes_bool_masks(config) -> bool:
+    """Whether the model's attention is SDPA (or FlashAttention-2, whose 4D masks run through SDPA)."""
+    if config._attn_implementation == "sdpa":
+        return True
+    from transformers.modeling_utils import AttentionInterface
+
+    current = AttentionInterface._global_mapping.get(config._attn_implementation)
+    return getattr(current, "routes_block_masks_to_sdpa", False)
 
 
 def token_logps(model, batch: PackedBatch, states: Tensor | None = None) -> Tensor:
@@ -365,22 +412,49 @@ def token_logps(model, batch: PackedBatch, states: Tensor | None = None) -> Tens
     """
     if states is None:
         states = response_states(model, batch)
-    return chunked_token_logps(model.get_output_embeddings(), states, batch.target_ids)
+    return chunked_token_logps(model.get_output_embeddings(), states, batch.target_ids,
+                               softcap=logit_softcap(model))
+
+
+def logit_softcap(model) -> float | None:
+    """The model's final logit soft-capping c (Gemma-2, Gemma-3: logits = c * tanh(logits / c)), or None."""
+    config = getattr(model, "config", None)
+    if config is None:
+        config = model.get_decoder().config
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    cap = getattr(config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def output_logits(model, states: Tensor) -> Tensor:
+    """The model's logits ``(N, V)`` in fp32 for hidden ``states`` (N, H): its output head, then its final
+    logit soft-capping (:func:`logit_softcap`), as its own forward computes them. For code that needs
+    whole logits (PPO's tempered log-probs); log-probs go through :func:`token_logps`, chunked."""
+    return softcapped(model.get_output_embeddings()(states).float(), logit_softcap(model))
+
+
+def softcapped(logits: Tensor, cap: float | None) -> Tensor:
+    """``cap * tanh(logits / cap)`` (``logits`` unchanged when ``cap`` is None)."""
+    return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
 LOGIT_CHUNK = 2**22
 """Most logits (tokens x vocabulary) the head computes at once: 16 MiB in fp32, 131 tokens at a 32k vocabulary."""
 
 
-def _head_logps(head, states: Tensor, targets: Tensor) -> Tensor:
-    """log softmax(head(states))[i, targets[i]] in fp32: the target's logit minus the log-sum-exp."""
-    logits = head(states).float()
+def _head_logps(head, states: Tensor, targets: Tensor, softcap: float | None = None) -> Tensor:
+    """log softmax(head(states))[i, targets[i]] in fp32: the target's logit minus the log-sum-exp (of the
+    soft-capped logits where the model caps them)."""
+    logits = softcapped(head(states).float(), softcap)
     return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
 
-def chunked_token_logps(head, states: Tensor, targets: Tensor, chunk: int | None = None) -> Tensor:
+def chunked_token_logps(head, states: Tensor, targets: Tensor, chunk: int | None = None,
+                        softcap: float | None = None) -> Tensor:
     """``log softmax(head(states))`` at ``targets`` ``(N,)``, ``chunk // vocabulary`` tokens at a time
-    (``chunk``: :data:`LOGIT_CHUNK` when None).
+    (``chunk``: :data:`LOGIT_CHUNK` when None); ``softcap``: the model's final logit soft-capping
+    (:func:`logit_softcap`), applied to each chunk's logits.
 
     With gradients, each chunk is checkpointed: its logits are freed after the forward and recomputed
     in the backward, one chunk at a time, so neither pass holds the (N, V) logits, their log-softmax or
@@ -390,11 +464,11 @@ def chunked_token_logps(head, states: Tensor, targets: Tensor, chunk: int | None
     vocab = getattr(head, "out_features", None) or getattr(head.weight, "ds_shape", head.weight.shape)[0]
     rows = max(1, (LOGIT_CHUNK if chunk is None else chunk) // vocab)
     if states.shape[0] <= rows:
-        return _head_logps(head, states, targets)
+        return _head_logps(head, states, targets, softcap)
     track = torch.is_grad_enabled() and (states.requires_grad or any(p.requires_grad for p in head.parameters()))
     pieces = []
     for start in range(0, states.shape[0], rows):
-        args = (head, states[start:start + rows], targets[start:start + rows])
+        args = (head, states[start:start + rows], targets[start:start + rows], softcap)
         pieces.append(checkpoint(_head_logps, *args, use_reentrant=False) if track else _head_logps(*args))
     return torch.cat(pieces)
 

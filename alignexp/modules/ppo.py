@@ -50,7 +50,14 @@ from alignexp.losses.ppo import (
     whiten,
 )
 from alignexp.models.dropout import disable_dropout
-from alignexp.models.logprobs import EncodedExample, PackedBatch, encode_text, pack, response_states
+from alignexp.models.logprobs import (
+    EncodedExample,
+    PackedBatch,
+    encode_text,
+    output_logits,
+    pack,
+    response_states,
+)
 from alignexp.models.value_head import ValueHead
 from alignexp.modules.optim import adamw_with_warmup
 from alignexp.sampling.engine import SamplingParams, generate
@@ -69,7 +76,7 @@ def tempered_token_logps(model, batch: PackedBatch, temperature: float, states: 
     from at temperature T (:func:`alignexp.models.logprobs.token_logps` is T = 1); fp32."""
     if states is None:
         states = response_states(model, batch)
-    logits = model.get_output_embeddings()(states).float() / temperature
+    logits = output_logits(model, states) / temperature  # the model's final soft-capping included
     return torch.log_softmax(logits, dim=-1).gather(1, batch.target_ids[:, None]).squeeze(1)
 
 

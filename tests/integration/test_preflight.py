@@ -54,7 +54,18 @@ def folders(policy, tmp_path_factory) -> dict:
     locked = root / "locked"
     locked.mkdir(mode=0o555)
     return {"root": root, "policy": policy, "file": root / "a-file", "locked": locked,
-            "endpoint": f"http://127.0.0.1:{closed_port()}/v1"}
+            "endpoint": f"http://127.0.0.1:{closed_port()}/v1", "tied": tied_embeddings_model(root / "gpt2")}
+
+
+def tied_embeddings_model(folder: Path) -> Path:
+    """A tiny GPT-2 (its output head tied to its input embeddings) saved with the byte tokenizer."""
+    from alignexp.models.backbone import ModelArgs, build_model, build_tokenizer
+
+    tokenizer = build_tokenizer(ModelArgs())
+    arch = {"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2}
+    build_model(ModelArgs(arch=arch, parity_probe=False), tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 Row = tuple[str, list[str], int, list[str], list[str]]
@@ -101,6 +112,11 @@ def table(folders: dict) -> dict[str, Row]:
         "ppo_rollout_batch": (train, ["loss=ppo", "task.n_train_prompts=4", "ppo.rollout_batch_size=8",
                                       "ppo.n_minibatches=2"], 2,
                               ["ppo.rollout_batch_size=8 is more than the task's 4 training prompts"], []),
+        # an architecture the hardware cannot train, refused before sampling and the reference precompute
+        "fsdp_tied_embeddings": (train, [f"model.path={folders['tied']}", "hardware=fsdp", "hardware.accelerator=cpu",
+                                         "hardware.devices=2"], 2,
+                                 ["hardware=fsdp: model.path: gpt2 (GPT2LMHeadModel) ties its output head to its "
+                                  "input embeddings", "use hardware=deepspeed_zero3"], []),
         # several problems: each named, in one message
         "two_problems": (train, ["init_from=/nonexistent/policy", "judge=llm", f"judge.base_url={endpoint}",
                                  "judge.model=gpt-4"], 1,
@@ -126,7 +142,7 @@ def table(folders: dict) -> dict[str, Row]:
 AS_ROOT = os.geteuid() == 0
 NAMES = ["mt_language_pairs", "tldr_eval_data", "gpu_without_cuda", "init_from_missing", "folder_without_model",
          "empty_data_file", "another_tasks_schema", "reward_judge_on_a_policy", "llm_endpoint_refused",
-         "output_under_a_file", "ppo_rollout_batch", "two_problems", "sample_policy_missing",
+         "output_under_a_file", "ppo_rollout_batch", "fsdp_tied_embeddings", "two_problems", "sample_policy_missing",
          "evaluate_folder_without_model", "data_nothing_left", *(["output_in_a_locked_folder"] * (not AS_ROOT))]
 CONTROL = ["alignexp.sample", ["n=1", "max_prompts=1", "sampling.max_new_tokens=2", "hardware.threads=1"]]
 """The last row: sampling from a real policy builds a model, and the record shows it."""

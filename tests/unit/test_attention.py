@@ -15,7 +15,7 @@ from test_logprobs import BOS, PAD, examples, ids, tiny_model
 
 from alignexp.models import attention
 from alignexp.models.attention import activation_checkpointing, flex_block_mask, padding_free_supported
-from alignexp.models.backbone import ModelArgs, build_tokenizer
+from alignexp.models.backbone import ModelArgs, build_model, build_tokenizer
 from alignexp.models.logprobs import EncodedExample, block_mask, chunked_token_logps, pack, sequence_logps
 
 WINDOW = 4  # shorter than most prompts and responses below, so the window matters
@@ -92,6 +92,7 @@ def test_padding_free_with_activation_checkpointing(tokenizer, block_calls, chec
     model = tiny_model(tokenizer, num_key_value_heads=2).train()
     expected, grads = plain_logps_and_grads(model, examples())
     (hf_checkpointing if checkpointing == "transformers" else wrapper_checkpointing)(model)
+    block_calls.clear()  # the parity probe's, at build
     decoder = model.get_decoder()
     assert activation_checkpointing(decoder) and padding_free_supported(decoder)
     assert_packed_equals_plain(model, pack(examples(), pad_id=PAD), expected, grads)
@@ -104,6 +105,7 @@ def test_eager_with_checkpointing_takes_the_padded_forward(tokenizer, block_call
     model = tiny_model(tokenizer, "eager").train()
     expected, grads = plain_logps_and_grads(model, examples())
     wrapper_checkpointing(model)
+    block_calls.clear()  # the parity probe's, at build
     assert not padding_free_supported(model.get_decoder())
     assert_packed_equals_plain(model, pack(examples(), pad_id=PAD), expected, grads)
     assert block_calls == []
@@ -134,13 +136,6 @@ def test_sliding_window(tokenizer, block_calls, layout, checkpointing):
     assert_packed_equals_plain(model, batch if layout == "padding-free" else dataclasses.replace(batch, flat=None),
                                expected, grads)
     assert block_calls == ([WINDOW] * (4 if checkpointing else 2) if layout == "padding-free" else [])
-
-
-def test_softcapping_takes_the_padded_forward(tokenizer):
-    decoder = tiny_model(tokenizer).get_decoder()
-    assert padding_free_supported(decoder)
-    decoder.config.attn_logit_softcapping = 50.0  # Gemma-2-style: block attention does not implement it
-    assert not padding_free_supported(decoder)
 
 
 # -- FlexAttention ----------------------------------------------------------------------------------------
@@ -221,3 +216,147 @@ def test_chunked_head_equals_the_whole_and_never_holds_more_than_a_chunk(tokeniz
         chunked_token_logps(head, states, targets, chunk=3 * vocab)
         hook.remove()
     assert sum(seen) == 17
+
+
+# -- per-layer windows, soft-capping, mask dtypes -------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["padding-free", "padded"])
+def test_layouts_follow_per_layer_windows(tokenizer, block_calls, layout, monkeypatch):
+    """Qwen2 with ``max_window_layers=1``: layer 0 attends fully, layer 1 through a window of 4
+    (``config.layer_types``, as Gemma-2/3 alternate them). Both layouts equal the plain forward (log-probs
+    and gradients); windowing every layer, as the padded layout did, is measurably off."""
+    from alignexp.models import logprobs
+
+    model = tiny_model(tokenizer, model_type="qwen2", use_sliding_window=True, sliding_window=WINDOW,
+                       max_window_layers=1, num_key_value_heads=2).train()
+    assert model.config.layer_types == ["full_attention", "sliding_attention"]
+    batch_examples = window_examples()
+    expected, grads = plain_logps_and_grads(model, batch_examples)
+    batch = pack(batch_examples, pad_id=PAD)
+    batch = batch if layout == "padding-free" else dataclasses.replace(batch, flat=None)
+    block_calls.clear()
+    assert_packed_equals_plain(model, batch, expected, grads)
+    assert block_calls == ([None, WINDOW] if layout == "padding-free" else [])
+    monkeypatch.setattr(logprobs, "layer_windows", lambda config: None)  # one window for every layer
+    with torch.no_grad():
+        assert (sequence_logps(model, dataclasses.replace(batch, flat=None))[0] - expected).abs().max() > 1e-3
+
+
+def test_attention_softcapping_runs_padding_free(tokenizer, block_calls):
+    """Gemma-2's attention soft-capping (the layer passes ``softcap``) is computed by block attention as by
+    the model's eager attention: the padding-free forward serves it (it took the padded one before)."""
+    model = tiny_model(tokenizer, "eager", model_type="gemma2", head_dim=32, num_key_value_heads=2,
+                       attn_logit_softcapping=1.0, final_logit_softcapping=None, sliding_window=WINDOW,
+                       layer_types=["sliding_attention", "full_attention"], initializer_range=0.3).train()
+    assert padding_free_supported(model.get_decoder())
+    batch_examples = window_examples()
+    expected, grads = plain_logps_and_grads(model, batch_examples)
+    block_calls.clear()
+    logps = sequence_logps(model, pack(batch_examples, pad_id=PAD))[0]
+    torch.testing.assert_close(logps.detach(), expected, atol=1e-4, rtol=0)
+    logps.sum().backward()
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-4, rtol=1e-3)
+    assert block_calls == [WINDOW, None]
+    uncapped = tiny_model(tokenizer, "eager", model_type="gemma2", head_dim=32, num_key_value_heads=2,
+                          attn_logit_softcapping=None, final_logit_softcapping=None, sliding_window=WINDOW,
+                          layer_types=["sliding_attention", "full_attention"], initializer_range=0.3)
+    with torch.no_grad():
+        assert (sequence_logps(uncapped, pack(batch_examples, pad_id=PAD))[0] - expected).abs().max() > 1e-2
+
+
+class AttentionSpy:
+    """Records (query dtype, mask dtype) of every ``scaled_dot_product_attention`` call with a mask."""
+
+    def __init__(self, monkeypatch):
+        self.calls: list[tuple[torch.dtype, torch.dtype]] = []
+        real = torch.nn.functional.scaled_dot_product_attention
+
+        def spy(query, key, value, attn_mask=None, *args, **kwargs):
+            if attn_mask is not None:
+                self.calls.append((query.dtype, attn_mask.dtype))
+            return real(query, key, value, attn_mask, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+
+    def assert_query_dtype(self, dtype: torch.dtype) -> None:
+        """Every mask is bool or of the query's dtype, and the queries were of ``dtype``."""
+        assert self.calls and {q for q, _ in self.calls} == {dtype}
+        assert all(m in (torch.bool, q) for q, m in self.calls), self.calls
+
+
+@pytest.mark.parametrize("layout", ["padding-free", "padded"])
+def test_masks_have_the_querys_dtype_under_bf16_autocast(tokenizer, layout, monkeypatch):
+    """fp32 parameters computing in bf16 (autocast here; FSDP2's MixedPrecisionPolicy on a GPU, where
+    ``model.dtype`` stays fp32): the masks reaching SDPA are bool or bf16 like the query (CUDA's
+    memory-efficient kernel refuses a mask of another dtype), in the forward and its recomputation."""
+    model = build_model(ModelArgs(arch={"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4,
+                                        "n_positions": 128}, attn_implementation="sdpa"), tokenizer).train()
+    hf_checkpointing(model)
+    batch = pack(window_examples(), pad_id=PAD)
+    spy = AttentionSpy(monkeypatch)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logps = sequence_logps(model, batch if layout == "padding-free" else dataclasses.replace(batch, flat=None))[0]
+    logps.sum().backward()
+    assert model.dtype == torch.float32 and logps.dtype == torch.float32
+    spy.assert_query_dtype(torch.bfloat16)
+
+
+FSDP_SCRIPT = r"""
+import dataclasses, json, os, sys, tempfile
+import torch, torch.distributed as dist
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+sys.path.insert(0, os.getcwd())
+from alignexp.models.backbone import ModelArgs, build_model, build_tokenizer
+from alignexp.models.logprobs import EncodedExample, pack, sequence_logps
+
+dist.init_process_group("gloo", init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+tokenizer = build_tokenizer(ModelArgs())
+model = build_model(ModelArgs(arch={"model_type": "mistral", "hidden_size": 64, "intermediate_size": 128,
+                                    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                    "sliding_window": 4}, attn_implementation="sdpa"), tokenizer)
+policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+for layer in model.get_decoder().layers:
+    fully_shard(layer, mp_policy=policy)
+fully_shard(model.get_decoder(), mp_policy=policy)
+fully_shard(model.get_output_embeddings(), mp_policy=policy)
+calls = []
+real = torch.nn.functional.scaled_dot_product_attention
+def spy(q, k, v, attn_mask=None, *a, **kw):
+    if attn_mask is not None:
+        calls.append([str(q.dtype), str(attn_mask.dtype)])
+    return real(q, k, v, attn_mask, *a, **kw)
+torch.nn.functional.scaled_dot_product_attention = spy
+g = torch.Generator().manual_seed(0)
+ids = lambda n: torch.randint(0, 256, (n,), generator=g).tolist()
+batch = pack([EncodedExample([257] + ids(9), [ids(7) + [258], ids(3) + [258]]),
+              EncodedExample([257] + ids(5), [ids(6) + [258]])], pad_id=256)
+out = {}
+for layout, b in (("padding-free", batch), ("padded", dataclasses.replace(batch, flat=None))):
+    calls.clear()
+    logps = sequence_logps(model, b)[0]
+    logps.sum().backward()
+    out[layout] = {"calls": list(calls), "logps": str(logps.dtype), "model": str(model.dtype)}
+print("RESULT", json.dumps(out))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow  # a process of its own: about 20 s on a loaded 2-core machine
+def test_masks_have_the_querys_dtype_under_fsdp2_mixed_precision(tmp_path):
+    """The case itself: ``fully_shard`` with a bf16 ``MixedPrecisionPolicy`` (one gloo process): the
+    parameters (and ``model.dtype``) stay fp32, queries are bf16, and every mask reaching SDPA is bool or
+    bf16 on both layouts."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    result = subprocess.run([sys.executable, "-c", FSDP_SCRIPT], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = json.loads(result.stdout.split("RESULT", 1)[1])
+    for layout, seen in out.items():
+        assert seen["model"] == "torch.float32" and seen["logps"] == "torch.float32", layout
+        assert seen["calls"] and all(q == "torch.bfloat16" for q, _ in seen["calls"]), (layout, seen)
+        assert all(m in ("torch.bool", "torch.bfloat16") for _, m in seen["calls"]), (layout, seen)

@@ -285,3 +285,49 @@ def test_rewards_are_packed_by_slot():
     assert batch.rewards[0].tolist() == [3.0, 2.0, 1.0]
     assert batch.rewards[1, 0].item() == 0.5 and batch.rewards[1, 1:].isnan().all()
     assert pack(examples(), pad_id=PAD).rewards is None  # not every example is scored
+
+
+# -- final logit soft-capping (Gemma-2, Gemma-3) ---------------------------------------------------------------
+def softcapped_model(tokenizer, cap: float | None = 5.0):
+    """A 2-layer Gemma-2 whose logits are soft-capped at ``cap`` (wide init, so the cap matters)."""
+    return tiny_model(tokenizer, "eager", model_type="gemma2", head_dim=32, num_key_value_heads=2,
+                      final_logit_softcapping=cap, attn_logit_softcapping=None, sliding_window=64,
+                      layer_types=["full_attention", "full_attention"], initializer_range=0.5)
+
+
+def test_logprobs_apply_the_final_soft_capping_in_every_chunk(tokenizer):
+    """log softmax(c * tanh(logits / c)) at the targets, as the model's own forward computes its logits:
+    by :func:`sequence_logps` on both layouts, and by the chunked head with chunks of 2 tokens."""
+    from alignexp.models.logprobs import chunked_token_logps, logit_softcap
+
+    model = softcapped_model(tokenizer)
+    assert logit_softcap(model) == 5.0 and logit_softcap(softcapped_model(tokenizer, None)) is None
+    batch_examples = examples()
+    with torch.no_grad():
+        expected = expected_logps(model, batch_examples, 3, False)
+        batch = pack(batch_examples, pad_id=PAD)
+        for layout in (batch, padded(batch)):
+            torch.testing.assert_close(sequence_logps(model, layout)[0], expected, atol=1e-4, rtol=0)
+        states = response_states(model, batch)
+        head = model.get_output_embeddings()
+        capped = 5.0 * torch.tanh(head(states) / 5.0)
+        whole = torch.log_softmax(capped, -1).gather(1, batch.target_ids[:, None])[:, 0]
+        chunked = chunked_token_logps(head, states, batch.target_ids, chunk=2 * head.out_features, softcap=5.0)
+        torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=0)
+        uncapped = torch.log_softmax(head(states), -1).gather(1, batch.target_ids[:, None])[:, 0]
+        assert (uncapped - whole).abs().max() > 0.1  # the cap matters for this model
+
+
+def test_ppo_tempered_logprobs_are_of_the_soft_capped_logits(tokenizer):
+    """PPO's log-probs at temperature T are of softmax(capped logits / T), the distribution the engine
+    samples from (the model's own forward caps its logits)."""
+    from alignexp.modules.ppo import tempered_token_logps
+
+    model = softcapped_model(tokenizer)
+    ex = examples()[0]
+    batch = pack([EncodedExample(ex.prompt_ids, [ex.response_ids[0]])], pad_id=PAD)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ex.prompt_ids + ex.response_ids[0]])).logits[0].float()
+        p = len(ex.prompt_ids)
+        expected = torch.log_softmax(logits[p - 1:-1] / 0.7, -1).gather(1, torch.tensor(ex.response_ids[0])[:, None])
+        torch.testing.assert_close(tempered_token_logps(model, batch, 0.7), expected[:, 0], atol=1e-5, rtol=0)

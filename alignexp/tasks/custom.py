@@ -8,7 +8,8 @@ Formats (``task.format``; ``auto`` detects each file's format from its first rec
   prefix, moved back to before a space where the texts part just after one (as TRL's
   ``extract_prompt`` does) (standard).
 * ``listwise``: ``{prompt, responses, scores}``, responses in any order; they are sorted best first by
-  score (equal scores are ties and keep their order).
+  score (equal scores are ties and keep their order). Without ``scores``, ``{prompt, responses}`` is a
+  ranking given best first (a loss that reads scores refuses it, naming the record).
 * ``sft``: ``{prompt, completion}`` (strings or message lists) or ``{messages}`` (one example per
   assistant turn, so that only assistant tokens are trained on).
 * ``binary``: ``{prompt, completion, label}``, TRL's unpaired preference format: one completion judged
@@ -189,13 +190,16 @@ def parse_preference(record: Any, index: int, source: str) -> RankedExample:
 
 
 def parse_listwise(record: Any, index: int, source: str) -> RankedExample:
-    """``{prompt, responses, scores}``, sorted best first by score."""
+    """``{prompt, responses, scores}``, sorted best first by score; ``{prompt, responses}`` without scores is
+    a ranking already best first (no ties), kept in its order."""
     prompt = _text_or_messages(get_field(record, "prompt", source, index), source, index, "prompt")
     responses = get_field(record, "responses", source, index)
     if not isinstance(responses, list):
         raise DataError(source, index, "responses", f"expected a list, got {type(responses).__name__}")
     responses = [_as_response(_text_or_messages(r, source, index, f"responses[{j}]"))
                  for j, r in enumerate(responses)]
+    if isinstance(record, dict) and "scores" not in record:
+        return RankedExample(prompt, responses, meta={"source": source, "index": index})
     scores = get_field(record, "scores", source, index)
     if not isinstance(scores, list):
         raise DataError(source, index, "scores", f"expected a list, got {type(scores).__name__}")

@@ -65,3 +65,32 @@ def test_every_command_of_the_docs_is_accounted_for():
     unaccounted = sorted(c for c in shown if "--config-dir ./conf" not in c
                          and not any(re.match(pattern, normalised(c)) for pattern in ELSEWHERE))
     assert not unaccounted, f"commands no test runs or checks: {unaccounted}"
+
+
+# The loss each of the README's data files trains with, as the README says.
+DATA_FILES = {"pairs.jsonl": "dpo", "ranked.jsonl": "ranked_dpo", "scored.jsonl": "lipo", "chat.jsonl": "dpo",
+              "feedback.jsonl": "kto"}
+
+
+def test_the_readme_s_data_formats_train_as_shown(tmp_path, cache_dir):
+    """Each custom data file the README shows, written exactly as shown, trains under task=custom (a ranked
+    list without scores among them), in one process."""
+    files = file_blocks((REPO / "README.md").read_text())
+    assert set(DATA_FILES) <= set(files)
+    rows = []
+    for name, loss in DATA_FILES.items():
+        (tmp_path / name).write_text(files[name])
+        assert len(files[name].splitlines()) == 5
+        rows.append(["alignexp.train", ["task=custom", f"task.path={tmp_path / name}", f"loss={loss}", "debug=fast",
+                                         "eval.max_new_tokens=4", f"paths.cache_dir={cache_dir}",
+                                         f"hydra.run.dir={tmp_path / 'runs' / name}"]])
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "fixtures" / "cli_rows.py"), str(tmp_path / "rows.json")],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["status"] for r in results] == [0] * len(DATA_FILES), [r["stderr"][-1500:] for r in results]
+    for name, loss in DATA_FILES.items():
+        record = json.loads((tmp_path / "runs" / name / "eval.json").read_text())
+        assert record["loss"] == loss and record["task"] == "custom"

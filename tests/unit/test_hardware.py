@@ -354,6 +354,7 @@ def test_gpu_check_runs_on_cpu_without_hydra_omegaconf_datasets_or_deepspeed(tmp
     parity = record["checks"]["packed_parity"]
     # packed = a plain HF forward, with a sliding window (32) shorter than the sequences (72)
     assert parity["ok"] and parity["max_abs_diff_float32"] <= parity["tolerance"] and parity["window"] == 32
+    assert parity["attention_float32"] == "sdpa"
     assert record["checks"]["zero3"]["skipped"] and 0 < record["attention_flops_share"] < 1
 
 

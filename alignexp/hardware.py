@@ -67,6 +67,11 @@ def build_strategy(hw: HardwareArgs):
                               offload_parameters=hw.offload_parameters, pin_memory=offload,
                               process_group_backend=hw.process_group_backend, exclude_frozen_parameters=True,
                               logging_level=logging.WARNING)
+    # Gradients accumulated over micro-batches and reduced over ranks in fp32, as under DDP and FSDP2 (DeepSpeed's
+    # defaults are the model's dtype for both, bf16 under bf16-mixed): the fp32 master weights are updated with
+    # fp32 gradients.
+    strategy.config.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
+    strategy.config["communication_data_type"] = "fp32"
     if hw.zero_persistence_threshold is not None:
         strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = hw.zero_persistence_threshold
     if hw.offload_optimizer:

@@ -166,6 +166,65 @@ def test_bad_values_name_the_key(compose, override, key):
         _hardware(compose, override)
 
 
+@pytest.mark.parametrize("option", ["deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"])
+def test_deepspeed_accumulates_and_reduces_gradients_in_fp32(compose, option):
+    """DeepSpeed's gradient accumulation and reduction dtypes default to the model's (bf16 under bf16-mixed): the
+    config sets both to fp32, and DeepSpeed 0.19's own config parser reads them so."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    strategy = build_strategy(_hardware(compose, f"hardware={option}"))
+    assert strategy.config["data_types"]["grad_accum_dtype"] == "fp32"
+    assert strategy.config["communication_data_type"] == "fp32"
+    parsed = DeepSpeedConfig({**strategy.config, "train_micro_batch_size_per_gpu": 1,
+                              "gradient_accumulation_steps": 1, "train_batch_size": 1, "bf16": {"enabled": True}})
+    assert parsed.grad_accum_dtype == "fp32" and parsed.communication_data_type == torch.float32
+
+
+def test_fsdp_wraps_the_blocks_each_model_declares():
+    """Per-layer units from the model's own ``_no_split_modules``: GPT-2, GPT-J and GPT-NeoX name their blocks
+    ``GPT2Block``, ``GPTJBlock``, ``GPTNeoXLayer``, which a rule on ``*DecoderLayer`` misses."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    models = {"GPT2Block": GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=3, n_head=2, vocab_size=40)),
+              "GPTJBlock": GPTJForCausalLM(GPTJConfig(n_embd=16, n_layer=3, n_head=2, rotary_dim=4, vocab_size=40)),
+              "GPTNeoXLayer": GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=16, num_hidden_layers=3,
+                                                               num_attention_heads=2, intermediate_size=32,
+                                                               vocab_size=40))}
+    for block, model in models.items():
+        is_layer = DecoderLayers().of(model)
+        assert [type(m).__name__ for m in model.modules() if is_layer(m)] == [block] * 3
+        assert not any(DecoderLayers()(m) for m in model.modules())  # the old rule found none
+    assert DecoderLayers(["GPT2Block"]).of(models["GPTJBlock"]).names == {"GPT2Block"}  # names given win
+
+
+def test_fsdp_cpu_offload_leaves_the_offloaded_parameters_in_host_memory():
+    """After sharding, the model goes to the device, except, under ``cpu_offload``, its parameters: FSDP2's lazy
+    init refuses a CPUOffloadPolicy parameter that is not on the CPU. The device here is ``meta`` (standing in
+    for the GPU), so what moved can be seen on a CPU machine."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alignexp.strategies import FSDP2
+
+    class OnMeta(FSDP2):
+        root_device = torch.device("meta")
+
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2,
+                         num_hidden_layers=1, vocab_size=40)
+    for offload in (True, False):
+        strategy = OnMeta(1, mixed_precision=True, cpu_offload=offload)
+        strategy.model = LlamaForCausalLM(config)
+        moved = []
+        strategy.model_to_device = lambda: moved.append(True)
+        strategy.place_model()
+        buffers = [b.device.type for b in strategy.model.buffers()]
+        if offload:
+            assert not moved and buffers and set(buffers) == {"meta"}
+            assert {p.device.type for p in strategy.model.parameters()} == {"cpu"}
+        else:
+            assert moved == [True]
+
+
 def test_deepspeed_settings_are_checked(compose):
     with pytest.raises(ValueError, match=r"hardware\.zero_stage must be one of 1, 2, 3"):
         _hardware(compose, "hardware=deepspeed_zero3", "hardware.zero_stage=4")

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from alignexp.args import HardwareArgs  # noqa: F401  (the settings of the hardware group)
-from alignexp.launch import devices_per_node
+from alignexp.launch import devices_per_node, slurm_tasks
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,18 @@ def precision_settings(hw: HardwareArgs) -> dict[str, Any]:
 
 
 def trainer_kwargs(hw: HardwareArgs) -> dict[str, Any]:
-    """Keyword arguments for ``lightning.Trainer`` that this hardware option decides."""
-    return {"accelerator": hw.accelerator, "devices": hw.devices, "num_nodes": hw.num_nodes,
-            "strategy": build_strategy(hw), **precision_settings(hw)}
+    """Keyword arguments for ``lightning.Trainer`` that this hardware option decides. Under SLURM tasks (one per
+    process), Lightning's SLURM environment without its own requeue on USR1: the preemption handler of
+    :mod:`alignexp.pipeline.fit` is the one that saves and requeues (two would save twice and requeue twice
+    inside the warning time)."""
+    devices = devices_per_node(hw) if hw.devices in ("auto", -1) and slurm_tasks() > 1 else hw.devices
+    kwargs = {"accelerator": hw.accelerator, "devices": devices, "num_nodes": hw.num_nodes,
+              "strategy": build_strategy(hw), **precision_settings(hw)}
+    if slurm_tasks() and slurm_tasks() == devices_per_node(hw) * hw.num_nodes:
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        kwargs["plugins"] = [*kwargs.get("plugins", []), SLURMEnvironment(auto_requeue=False)]
+    return kwargs
 
 
 def master_weights(hw: HardwareArgs) -> bool:

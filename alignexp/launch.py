@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 
 ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK")
 TIMEOUT = timedelta(minutes=60)
-"""How long a rank waits in a collective (e.g. while another job holds a cache entry's lock)."""
+"""How long a rank waits in one collective (rank 0 saving a 7B policy while the others wait at a barrier). A
+wait for another job's cache lock is not one collective: the ranks agree in short rounds
+(:func:`alignexp.distributed.shared_cache`)."""
 
 
 def slurm_tasks() -> int:

@@ -139,3 +139,51 @@ def test_a_checkpoint_is_marked_complete_only_after_every_rank_saved_it(tmp_path
     with pytest.raises(RuntimeError):
         failing.save_checkpoint(path)  # the old marker went before the overwrite began
     assert not (tmp_path / "last.ckpt.complete").exists()
+
+
+# -- cache locks ----------------------------------------------------------------------------------------------
+def test_the_cache_lock_is_exclusive_and_needs_no_flock(tmp_path, monkeypatch):
+    """``flock`` is node-local or refused (ENOLCK) on some parallel file systems: the lock never calls it."""
+    import fcntl
+
+    from alignexp.files import FileLock, file_lock
+
+    def refused(*args):
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", refused)
+    entry = tmp_path / "entry"
+    first, second = FileLock(entry), FileLock(entry)
+    assert first.try_acquire() and not second.try_acquire()
+    assert first.holder().endswith(f":{__import__('os').getpid()}")
+    first.release()
+    assert second.try_acquire()
+    second.release()
+    with file_lock(entry):
+        assert (tmp_path / ".entry.lock").exists()
+    assert not (tmp_path / ".entry.lock").exists()
+
+
+def test_a_dead_holders_lock_is_broken_and_a_live_one_is_not(tmp_path):
+    """A lock file whose holder stopped touching it (a job killed on another node) is taken after ``stale``
+    seconds without a change; one whose holder's heartbeat runs is never taken."""
+    from alignexp.files import FileLock
+
+    entry = tmp_path / "entry"
+    (tmp_path / ".entry.lock").write_text('{"host": "node7", "pid": 1}')
+    waiter = FileLock(entry, stale=0.3)
+    assert not waiter.try_acquire()
+    time.sleep(0.4)
+    assert waiter.try_acquire()
+    waiter.release()
+
+    live = FileLock(entry, heartbeat=0.05)
+    assert live.try_acquire()
+    other = FileLock(entry, stale=0.3)
+    deadline = time.monotonic() + 1.2
+    while time.monotonic() < deadline:
+        assert not other.try_acquire()
+        time.sleep(0.05)
+    live.release()
+    assert other.try_acquire()
+    other.release()

@@ -78,15 +78,16 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
 
 class FileLock:
     """An exclusive lock for the cache entry ``path`` that holds across the nodes of a shared file system: the
-    lock file ``.<name>.lock`` beside it, created with ``O_CREAT | O_EXCL`` (atomic on local file systems,
+    lock file ``.<name>.xlock`` beside it, created with ``O_CREAT | O_EXCL`` (atomic on local file systems,
     NFSv3+, Lustre and GPFS, where ``flock`` may be node-local or missing). The holder touches it every
     ``heartbeat`` seconds from a thread; a waiter that sees its modification time unchanged for ``stale``
-    seconds of its own clock (no clock is compared across machines) takes the holder for dead and breaks the
-    lock. The file names the holder (host, pid), for the waiter's log."""
+    seconds of its own clock (no clock is compared across machines), or a holder on its own host whose
+    process is gone, takes the holder for dead and breaks the lock. The file names the holder (host, pid)."""
 
     def __init__(self, path: str | Path, heartbeat: float = 30.0, stale: float = 300.0):
         path = Path(path)
-        self.lock = path.with_name(f".{path.name}.lock")
+        # not ".<name>.lock": the flock of earlier versions left such files behind in existing caches
+        self.lock = path.with_name(f".{path.name}.xlock")
         self.heartbeat, self.stale = heartbeat, stale
         self._stop: threading.Event | None = None
         self._seen: tuple[float, float] | None = None  # (the lock's mtime, when this process first saw it)
@@ -123,10 +124,12 @@ class FileLock:
         except FileNotFoundError:
             return True
         now = time.monotonic()
-        if self._seen is None or self._seen[0] != mtime:
+        if self._holder_is_gone():
+            pass
+        elif self._seen is None or self._seen[0] != mtime:
             self._seen = (mtime, now)
             return False
-        if now - self._seen[1] < self.stale:
+        elif now - self._seen[1] < self.stale:
             return False
         broken = self.lock.with_name(f"{self.lock.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.broken")
         try:
@@ -144,6 +147,19 @@ class FileLock:
         log.warning("broke the lock %s of %s: no heartbeat for %.0f s", self.lock, self._describe(broken), self.stale)
         broken.unlink(missing_ok=True)
         return True
+
+    def _holder_is_gone(self) -> bool:
+        """Whether the lock's holder is a process of this host that no longer exists."""
+        try:
+            record = json.loads(self.lock.read_text())
+            if record["host"] != socket.gethostname():
+                return False
+            os.kill(int(record["pid"]), 0)
+        except ProcessLookupError:
+            return True
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return False
 
     @staticmethod
     def _describe(path: Path) -> str:

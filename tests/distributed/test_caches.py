@@ -89,7 +89,7 @@ def test_ranks_wait_for_another_jobs_lock_longer_than_the_collective_timeout(tmp
     context = multiprocessing.get_context("spawn")
     holder = context.Process(target=_holder, args=(str(entry), 8.0))
     holder.start()
-    while not (tmp_path / ".entry.txt.lock").exists():
+    while not (tmp_path / ".entry.txt.xlock").exists():
         time.sleep(0.05)
     ranks = [context.Process(target=_rank, args=(r, port, str(entry), str(results))) for r in range(2)]
     for process in ranks:

@@ -160,8 +160,8 @@ def test_the_cache_lock_is_exclusive_and_needs_no_flock(tmp_path, monkeypatch):
     assert second.try_acquire()
     second.release()
     with file_lock(entry):
-        assert (tmp_path / ".entry.lock").exists()
-    assert not (tmp_path / ".entry.lock").exists()
+        assert (tmp_path / ".entry.xlock").exists()
+    assert not (tmp_path / ".entry.xlock").exists()
 
 
 def test_a_dead_holders_lock_is_broken_and_a_live_one_is_not(tmp_path):
@@ -170,7 +170,7 @@ def test_a_dead_holders_lock_is_broken_and_a_live_one_is_not(tmp_path):
     from alignexp.files import FileLock
 
     entry = tmp_path / "entry"
-    (tmp_path / ".entry.lock").write_text('{"host": "node7", "pid": 1}')
+    (tmp_path / ".entry.xlock").write_text('{"host": "node7", "pid": 1}')
     waiter = FileLock(entry, stale=0.3)
     assert not waiter.try_acquire()
     time.sleep(0.4)
@@ -187,3 +187,21 @@ def test_a_dead_holders_lock_is_broken_and_a_live_one_is_not(tmp_path):
     live.release()
     assert other.try_acquire()
     other.release()
+
+
+def test_a_lock_of_a_dead_process_on_this_host_is_taken_at_once_and_old_lock_files_are_ignored(tmp_path):
+    """A job killed on this node leaves its lock file: its pid is gone, so no wait. The empty ``.<name>.lock``
+    files that the earlier ``flock`` lock left in caches hold nothing."""
+    import socket
+    import subprocess
+    import sys
+
+    from alignexp.files import FileLock
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    entry = tmp_path / "entry"
+    (tmp_path / ".entry.lock").write_text("")  # the earlier scheme's file
+    (tmp_path / ".entry.xlock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout)}))
+    lock = FileLock(entry, stale=3600)
+    assert lock.try_acquire()
+    lock.release()

@@ -84,7 +84,7 @@ class FileLock:
     seconds of its own clock (no clock is compared across machines), or a holder on its own host whose
     process is gone, takes the holder for dead and breaks the lock. The file names the holder (host, pid)."""
 
-    def __init__(self, path: str | Path, heartbeat: float = 30.0, stale: float = 300.0):
+    def __init__(self, path: str | Path, heartbeat: float = 20.0, stale: float = 180.0):
         path = Path(path)
         # not ".<name>.lock": the flock of earlier versions left such files behind in existing caches
         self.lock = path.with_name(f".{path.name}.xlock")

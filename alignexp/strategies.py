@@ -194,7 +194,8 @@ class FSDP2(ModelParallelStrategy):
             if self.activation_checkpointing and trains and hasattr(model, "gradient_checkpointing_enable"):
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             is_layer = self.layers.of(model)
-            for layer in [m for m in model.modules() if is_layer(m)]:
+            # innermost first (a declared class may sit inside another): FSDP2 shards children before parents
+            for layer in reversed([m for m in model.modules() if is_layer(m)]):
                 fully_shard(layer, **settings)
             for unit in called_units(model):
                 fully_shard(unit, **settings)

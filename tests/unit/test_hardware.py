@@ -184,7 +184,14 @@ def test_deepspeed_accumulates_and_reduces_gradients_in_fp32(compose, option):
 def test_fsdp_wraps_the_blocks_each_model_declares():
     """Per-layer units from the model's own ``_no_split_modules``: GPT-2, GPT-J and GPT-NeoX name their blocks
     ``GPT2Block``, ``GPTJBlock``, ``GPTNeoXLayer``, which a rule on ``*DecoderLayer`` misses."""
-    from transformers import GPT2Config, GPT2LMHeadModel, GPTJConfig, GPTJForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTJConfig,
+        GPTJForCausalLM,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+    )
 
     models = {"GPT2Block": GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=3, n_head=2, vocab_size=40)),
               "GPTJBlock": GPTJForCausalLM(GPTJConfig(n_embd=16, n_layer=3, n_head=2, rotary_dim=4, vocab_size=40)),
@@ -215,7 +222,7 @@ def test_fsdp_cpu_offload_leaves_the_offloaded_parameters_in_host_memory():
         strategy = OnMeta(1, mixed_precision=True, cpu_offload=offload)
         strategy.model = LlamaForCausalLM(config)
         moved = []
-        strategy.model_to_device = lambda: moved.append(True)
+        strategy.model_to_device = lambda moved=moved: moved.append(True)
         strategy.place_model()
         buffers = [b.device.type for b in strategy.model.buffers()]
         if offload:

@@ -16,7 +16,6 @@ Each returns a record with ``ok``; the GPU check exits 1 when one is not ok.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -196,9 +195,13 @@ def correctness_checks(base_arch: dict[str, Any], device: str, deepspeed: bool, 
     DeepSpeed's CPU accelerator); the end-to-end ZeRO-3 run on a GPU only (skipped by name on the CPU, where
     tests/distributed/test_sharded.py runs the same experiment on 2 processes)."""
     checks: dict[str, Any] = {"packed_parity": packed_parity(mistral_arch(base_arch, window=window), device)}
-    if device == "cpu":
-        deepspeed = importlib.util.find_spec("deepspeed") is not None
-    if not deepspeed:
+    from alignexp.gpu_setup import REQUIRED_ON_GPU, missing
+
+    lacking = [name for name in missing("cuda") if name in REQUIRED_ON_GPU.values()]
+    if device == "cpu" and lacking:  # on a GPU, gpu_check refuses to start without them
+        checks["zero3"] = {"ok": True, "skipped": f"not importable here: {', '.join(lacking)}"}
+        return checks
+    if not deepspeed and device != "cpu":
         checks["zero3"] = {"ok": True, "skipped": "DeepSpeed is not importable"}
         return checks
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,11 +20,12 @@ import sys
 REQUIRED = {"yaml": "PyYAML", "lightning": "lightning", "transformers": "transformers", "peft": "peft",
             "tokenizers": "tokenizers", "safetensors": "safetensors"}
 """Module -> distribution: what ``alignexp.gpu_check`` imports on every device."""
-REQUIRED_ON_GPU = {"deepspeed": "deepspeed"}
-"""Needed on a GPU as well: the ZeRO-3 checks."""
-OPTIONAL = {"hydra": "hydra-core", "omegaconf": "omegaconf"}
-"""Brought by the setup too: the end-to-end ZeRO-3 check runs ``python -m alignexp.train``, which needs them
-(skipped by name without them). FlashAttention-2 and vLLM are left to the ``gpu`` extra: they are built
+REQUIRED_ON_GPU = {"deepspeed": "deepspeed", "omegaconf": "omegaconf"}
+"""Needed on a GPU as well: the ZeRO-3 checks (DeepSpeed, and alignexp's training pipeline, which reads its
+configs with OmegaConf)."""
+OPTIONAL = {"hydra": "hydra-core"}
+"""Brought by the setup too: the end-to-end ZeRO-3 check runs ``python -m alignexp.train``, which needs it
+(skipped by name without it). FlashAttention-2 and vLLM are left to the ``gpu`` extra: they are built
 against one CUDA and torch, and the check runs without them."""
 NO_WHEELS = ("deepspeed", "antlr4-python3-runtime")
 """Published as source only: ``gpu_setup.sh download`` builds pure-Python wheels of them here."""

@@ -52,7 +52,7 @@ case "$mode" in
       export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
     else
       read -r -a need < <("$PY" -m alignexp.gpu_setup missing cuda; echo)
-      need+=(hydra-core omegaconf)
+      need+=(hydra-core)
       echo "[gpu_setup] installing from the index: ${need[*]}" >&2
       run "$PY" -m pip install -q "${need[@]}"
     fi

@@ -42,12 +42,12 @@ def make_loggers(logger: Mapping[str, Any], out: Path, stage: str) -> list:
     """Lightning loggers from the ``logger`` group: each entry a ``_target_`` config; its ``per_stage``
     mapping gives constructor arguments formatted with ``{stage}`` and ``{run}`` (the run folder's name),
     e.g. ``version: "{stage}"`` for the CSV logger, ``name: "{run}-{stage}"`` for wandb."""
-    from hydra.utils import instantiate
-
     loggers = []
     for entry in logger.values():
         if not isinstance(entry, Mapping) or "_target_" not in entry:
             continue
+        from hydra.utils import instantiate  # only here: no logger, no Hydra (the GPU check runs without it)
+
         entry = copy.deepcopy(dict(entry))
         per_stage = {k: str(v).format(stage=stage, run=out.name) for k, v in (entry.pop("per_stage", None) or {}).items()}
         loggers.append(instantiate(entry, **per_stage))

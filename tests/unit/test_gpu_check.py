@@ -31,12 +31,12 @@ def _blocker(tmp_path: Path, *modules: str) -> Path:
 
 def test_every_missing_dependency_is_named_at_once_before_anything_runs(tmp_path):
     """A GPU machine with torch alone: one message lists them all, exit 2, nothing built or trained."""
-    env = {**os.environ, "PYTHONPATH": f"{_blocker(tmp_path, 'yaml', 'lightning', 'transformers', 'peft', 'deepspeed')}"
-                                       f":{REPO}"}
+    blocked = ("yaml", "lightning", "transformers", "peft", "deepspeed", "omegaconf")
+    env = {**os.environ, "PYTHONPATH": f"{_blocker(tmp_path, *blocked)}:{REPO}"}
     result = subprocess.run([sys.executable, "-m", "alignexp.gpu_check", "--device", "cuda"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "missing: PyYAML, lightning, transformers, peft, deepspeed." in result.stderr
+    assert "missing: PyYAML, lightning, transformers, peft, deepspeed, omegaconf." in result.stderr
     assert "scripts/gpu_setup.sh" in result.stderr and result.stdout == ""
     assert "attention" not in result.stderr  # no model was built
 
@@ -128,10 +128,11 @@ def test_gpu_speed_measures_everything_when_one_part_fails(tmp_path):
 @pytest.mark.slow
 def test_gpu_check_dry_run_with_deepspeed_on_the_cpu(tmp_path):
     """The check's CUDA steps replaced by their CPU equivalents: the ZeRO-3 pipeline (fit, gather, save, reload,
-    generation) under DeepSpeed's CPU accelerator; the end-to-end run skipped by name."""
+    generation) under DeepSpeed's CPU accelerator, without Hydra (as on a GPU machine set up with
+    ``gpu_setup.sh``: OmegaConf is there, Hydra need not be); the end-to-end run skipped by name."""
     pytest.importorskip("deepspeed")
     out = tmp_path / "gpu_check.json"
-    env = {**os.environ, "PYTHONPATH": str(_blocker(tmp_path, "hydra", "omegaconf", "datasets")),
+    env = {**os.environ, "PYTHONPATH": str(_blocker(tmp_path, "hydra", "datasets")),
            "PYTHON": sys.executable, "GPU_CHECK_WHEELS": str(tmp_path)}
     result = subprocess.run(
         ["bash", "scripts/gpu_check.sh", "--device", "cpu", "--size", "tiny", "--layers", "1", "--steps", "1",

@@ -431,3 +431,45 @@ def test_peak_flops_table():
     assert peak_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_flops("NVIDIA H200") == 989e12
     assert peak_flops("some new card") is None
+
+
+@pytest.mark.slow
+def test_zero3_under_bf16_accumulates_and_reduces_in_fp32_in_a_real_engine(tmp_path):
+    """A ZeRO-3 fit under bf16-mixed on DeepSpeed's CPU accelerator: the engine's model dtype is bf16, its
+    gradient accumulation and communication dtypes fp32 (DeepSpeed 0.19's own answers, read at the first step)."""
+    pytest.importorskip("deepspeed")
+    import dataclasses
+
+    from alignexp.args import OptimArgs
+    from alignexp.gpu_pipeline import hardware_option
+    from alignexp.models.backbone import ModelArgs, build_model
+    from alignexp.models.logprobs import EncodedExample
+    from alignexp.models.tokenizer import build_byte_tokenizer
+    from alignexp.modules.datamodule import RankingDataset, make_loader
+    from alignexp.modules.preference import PreferenceModule
+    from alignexp.pipeline.fit import fit
+
+    hw = dataclasses.replace(hardware_option("deepspeed_zero3"), accelerator="cpu", zero_persistence_threshold=0)
+    assert hw.precision == "bf16-mixed"
+    tokenizer = build_byte_tokenizer()
+    arch = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "model" / "tiny.yaml").arch)
+    policy = build_model(ModelArgs(arch=arch, dtype="bfloat16"), tokenizer, "cpu")
+    generator = torch.Generator().manual_seed(0)
+    encoded = [EncodedExample(torch.randint(3, 250, (12,), generator=generator).tolist(),
+                              [torch.randint(3, 250, (6,), generator=generator).tolist() for _ in range(2)])
+               for _ in range(4)]
+    loader = make_loader(RankingDataset(encoded, [torch.tensor([-40.0, -41.0])] * 4), 2, tokenizer.pad_token_id,
+                         shuffle=False)
+    seen = {}
+
+    class Dtypes(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            engine = trainer.strategy.model
+            seen.update(model=engine.get_data_types()[0], accumulate=engine.get_data_types()[1],
+                        communicate=engine.communication_data_type,
+                        optimizer=engine.optimizer.gradient_accumulation_dtype)
+
+    fit(PreferenceModule(policy, "dpo", {"beta": 0.1}, OptimArgs(lr=1e-4)), loader, hw=hw, logger={}, out=tmp_path,
+        stage="train", max_steps=1, max_epochs=1, enable_progress_bar=False, callbacks=[Dtypes()])
+    assert seen == {"model": torch.bfloat16, "accumulate": torch.float32, "communicate": torch.float32,
+                    "optimizer": torch.float32}

@@ -125,9 +125,6 @@ class Preemption(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module) -> None:
         if threading.current_thread() is threading.main_thread():
             self.previous = {sig: signal.signal(sig, self._note) for sig in self.SIGNALS}
-            for sig, handler in self.previous.items():  # Lightning's own SLURM requeue would save and requeue again
-                if _is_lightnings(handler):
-                    self.previous[sig] = signal.SIG_DFL
 
     def _note(self, signum: int, frame) -> None:
         self.received = signum
@@ -140,12 +137,11 @@ class Preemption(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-        # (a handler of Lightning's that was there is not put back: Lightning restores its own at teardown)
 
     def hand_over(self) -> None:
         """After the fit: requeue the job (the previous handler, or ``scontrol requeue`` by rank 0) and stop."""
         handler = self.previous.get(self.received or signal.SIGUSR1)
-        if callable(handler):
+        if callable(handler) and not _is_lightnings(handler):  # Lightning's SLURM requeue would save again
             handler(self.received, None)
         elif is_main() and "SLURM_JOB_ID" in os.environ:
             job = os.environ.get("SLURM_ARRAY_JOB_ID")

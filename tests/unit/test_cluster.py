@@ -77,13 +77,26 @@ def test_one_handler_of_usr1_under_slurm(srun):
         trainer._signal_connector.teardown()
 
 
-def test_a_handler_of_lightnings_is_not_handed_the_preemption():
+def test_a_handler_of_lightnings_is_not_handed_the_preemption(monkeypatch):
+    """Where Lightning's SLURM handler was installed anyway (its environment chosen by Lightning itself), the
+    preemption is not handed to it (it would save its own checkpoint and requeue a second time): one
+    ``scontrol requeue``, and Lightning's handler never runs."""
     from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose
 
-    from alignexp.pipeline.fit import _is_lightnings
+    import alignexp.pipeline.fit as fit_module
+    from alignexp.pipeline.fit import Preempted, Preemption, _is_lightnings
 
-    assert _is_lightnings(_HandlersCompose([lambda *a: None]))
-    assert not _is_lightnings(lambda *a: None) and not _is_lightnings(signal.SIG_DFL)
+    ran, calls = [], []
+    lightnings = _HandlersCompose([lambda *a: ran.append(a)])
+    assert _is_lightnings(lightnings) and not _is_lightnings(lambda *a: None) and not _is_lightnings(signal.SIG_DFL)
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.setattr(fit_module.subprocess, "call", lambda command: calls.append(command))
+    preemption = Preemption(Path("last.ckpt"))
+    preemption.previous, preemption.received = {signal.SIGUSR1: lightnings}, signal.SIGUSR1
+    with pytest.raises(Preempted):
+        preemption.hand_over()
+    assert ran == [] and calls == [["scontrol", "requeue", "77"]]
 
 
 # -- checkpoints ---------------------------------------------------------------------------------------------

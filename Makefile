@@ -12,7 +12,7 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-slow test-wheel lint format bench gpu-check gpu-speed clean
+.PHONY: help setup run test test-slow test-wheel lint format bench gpu-setup gpu-check gpu-speed clean
 
 help: ## List the targets with their purpose
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ format: setup ## Format and fix what ruff can
 bench: setup ## Benchmark step time and peak memory against TRL's DPOTrainer (installs the bench extra)
 	$(PY) -m pip install -q -e ".[dev,bench]"
 	$(PY) -m alignexp.bench
+
+gpu-setup: ## On a GPU machine with only torch: install what gpu-check needs (from .whl/ when there; `bash scripts/gpu_setup.sh download 3.12` fills it elsewhere)
+	bash scripts/gpu_setup.sh
 
 gpu-check: ## One short GPU run: 7B-architecture step (tokens/s, MFU, memory), packed log-prob parity, ZeRO-3 end to end; JSON, exit 1 on a failed check
 	bash scripts/gpu_check.sh

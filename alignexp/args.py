@@ -187,7 +187,7 @@ class HardwareArgs:
     """``hardware``: ``devices`` per node (an int, ``auto``, or a list of device indices), ``num_nodes``,
     ``strategy`` (one of :data:`STRATEGIES`). DeepSpeed: ``zero_stage``, ``offload_optimizer``,
     ``offload_parameters`` (stage 3 only). FSDP: ``sharding_strategy``, ``activation_checkpointing``,
-    ``cpu_offload``, ``wrap_layers`` (decoder-layer class names; None: every ``*DecoderLayer``).
+    ``cpu_offload``, ``wrap_layers`` (decoder-layer class names; None: the model's ``_no_split_modules``).
     ``process_group_backend`` (None: NCCL on GPU, Gloo on CPU), ``find_unused_parameters`` (DDP),
     ``threads`` (intra-op CPU threads), ``gpu_memory_gib`` (read by ``python -m alignexp.plan``),
     ``zero_persistence_threshold`` (ZeRO-3 leaves parameters smaller than this unpartitioned; None:

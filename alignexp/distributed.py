@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
 import torch.distributed as dist
 
-from alignexp.files import entries_of_other_code, file_lock, move_aside, verify_entry, write_manifest
+from alignexp.files import FileLock, entries_of_other_code, file_lock, move_aside, verify_entry, write_manifest
 
 T = TypeVar("T")
 
@@ -134,23 +135,52 @@ def on_main(fn: Callable[[], T]) -> T:
     return broadcast(fn() if is_main() else None)
 
 
+LOCK_POLL_S = 5.0
+"""How often the ranks of a run agree on whether rank 0 has taken a cache entry's lock."""
+
+
+@contextmanager
+def _lock_on_main(path: Path) -> Iterator[None]:
+    """Rank 0 holds ``path``'s :class:`~alignexp.files.FileLock` for the block; every rank waits for it in short
+    rounds (one broadcast each, then a sleep), never in one collective that could time out."""
+    if not is_distributed():
+        with file_lock(path):
+            yield
+        return
+    lock = FileLock(path) if is_main() else None
+    waited = 0.0
+    while not broadcast(lock.try_acquire() if lock is not None else None):
+        time.sleep(LOCK_POLL_S)
+        waited += LOCK_POLL_S
+        if lock is not None and waited % 300 < LOCK_POLL_S:
+            log.info("waiting %.0f s for %s (held by %s)", waited, lock.lock, lock.holder())
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def shared_cache(path: Path, compute: Callable[[], T], save: Callable[[T, Path], None], load: Callable[[Path], T],
                  exists: Callable[[Path], bool] = Path.exists, what: str = "cache entry") -> T:
     """The value cached at ``path``: loaded by every rank when it is there; otherwise computed by all ranks
     together (``compute`` may shard its work and gather), written by rank 0 alone (``save`` must write
     under a unique temporary name and rename, :mod:`alignexp.files`), and read back by no one.
 
-    Rank 0 holds a lock on ``path`` (:func:`alignexp.files.file_lock`) from the check to the write, so a
+    Rank 0 holds a lock on ``path`` (:class:`alignexp.files.FileLock`) from the check to the write, so a
     concurrent job that needs the same entry waits and then loads it, instead of computing it again or
-    reading half of it. Rank 0 writes the entry's manifest (:func:`alignexp.files.write_manifest`) after it,
-    and checks an entry against it before anyone reads it: an entry that is incomplete, fails its checksum
-    or has no manifest is moved aside and rebuilt (so is one that fails to load in a single process), and
-    ``what`` (``"reference log-probs"``) names it in the log that says why. Where ``path`` is code-keyed
-    (:func:`alignexp.files.code_keyed`) and only other code's entries exist, the log says so.
+    reading half of it. While rank 0 waits for another job's lock, no rank sits in a collective: they agree
+    every ``LOCK_POLL_S`` seconds in a short broadcast (:func:`_lock_on_main`), so the wait may last longer
+    than the process group's timeout (another job's first 7B SFT policy takes hours). Rank 0 writes the
+    entry's manifest (:func:`alignexp.files.write_manifest`) after it, and checks an entry against it before
+    anyone reads it: an entry that is incomplete, fails its checksum or has no manifest is moved aside and
+    rebuilt (so is one that fails to load in a single process), and ``what`` (``"reference log-probs"``)
+    names it in the log that says why. Where ``path`` is code-keyed (:func:`alignexp.files.code_keyed`) and
+    only other code's entries exist, the log says so.
     """
     for used in _CACHE_RECORDERS:
         used.append(Path(path))
-    with file_lock(path) if is_main() else nullcontext():
+    with _lock_on_main(path):
         found = broadcast(_check_entry(Path(path), exists, what) if is_main() else None)
         if found:
             barrier()

@@ -312,6 +312,14 @@ def main(argv: list[str] | None = None) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     args = parse_args(argv)
+    from alignexp.gpu_setup import missing
+
+    lacking = missing(args.device)
+    if lacking:  # every one at once, before anything is built
+        print(f"[gpu_check] missing: {', '.join(lacking)}. Install them with `bash scripts/gpu_setup.sh` (make "
+              f"gpu-setup), or carry wheels: docs/scale.md, 'On a GPU machine without our packages'",
+              file=sys.stderr, flush=True)
+        sys.exit(2)
     record = run(args)
     record["ok"] = all(check["ok"] for check in record["checks"].values())
     print_record(record, args.out)

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from alignexp.args import HardwareArgs  # noqa: F401  (the settings of the hardware group)
-from alignexp.launch import devices_per_node
+from alignexp.launch import devices_per_node, slurm_tasks
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,11 @@ def build_strategy(hw: HardwareArgs):
                               offload_parameters=hw.offload_parameters, pin_memory=offload,
                               process_group_backend=hw.process_group_backend, exclude_frozen_parameters=True,
                               logging_level=logging.WARNING)
+    # Gradients accumulated over micro-batches and reduced over ranks in fp32, as under DDP and FSDP2 (DeepSpeed's
+    # defaults are the model's dtype for both, bf16 under bf16-mixed): the fp32 master weights are updated with
+    # fp32 gradients.
+    strategy.config.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
+    strategy.config["communication_data_type"] = "fp32"
     if hw.zero_persistence_threshold is not None:
         strategy.config["zero_optimization"]["stage3_param_persistence_threshold"] = hw.zero_persistence_threshold
     if hw.offload_optimizer:
@@ -92,9 +97,18 @@ def precision_settings(hw: HardwareArgs) -> dict[str, Any]:
 
 
 def trainer_kwargs(hw: HardwareArgs) -> dict[str, Any]:
-    """Keyword arguments for ``lightning.Trainer`` that this hardware option decides."""
-    return {"accelerator": hw.accelerator, "devices": hw.devices, "num_nodes": hw.num_nodes,
-            "strategy": build_strategy(hw), **precision_settings(hw)}
+    """Keyword arguments for ``lightning.Trainer`` that this hardware option decides. Under SLURM tasks (one per
+    process), Lightning's SLURM environment without its own requeue on USR1: the preemption handler of
+    :mod:`alignexp.pipeline.fit` is the one that saves and requeues (two would save twice and requeue twice
+    inside the warning time)."""
+    devices = devices_per_node(hw) if hw.devices in ("auto", -1) and slurm_tasks() > 1 else hw.devices
+    kwargs = {"accelerator": hw.accelerator, "devices": devices, "num_nodes": hw.num_nodes,
+              "strategy": build_strategy(hw), **precision_settings(hw)}
+    if slurm_tasks() and slurm_tasks() == devices_per_node(hw) * hw.num_nodes:
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        kwargs["plugins"] = [*kwargs.get("plugins", []), SLURMEnvironment(auto_requeue=False)]
+    return kwargs
 
 
 def master_weights(hw: HardwareArgs) -> bool:

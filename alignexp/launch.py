@@ -31,20 +31,69 @@ log = logging.getLogger(__name__)
 
 ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "RANK")
 TIMEOUT = timedelta(minutes=60)
-"""How long a rank waits in a collective (e.g. while another job holds a cache entry's lock)."""
+"""How long a rank waits in one collective (rank 0 saving a 7B policy while the others wait at a barrier). A
+wait for another job's cache lock is not one collective: the ranks agree in short rounds
+(:func:`alignexp.distributed.shared_cache`)."""
+
+
+def slurm_tasks() -> int:
+    """The tasks SLURM started for this job step (``srun``, one per process), 0 outside one: Lightning's test
+    (``SLURM_NTASKS`` set, and not an interactive ``bash`` allocation)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return int(os.environ.get("SLURM_NTASKS", "0") or 0) if SLURMEnvironment.detect() else 0
+
+
+def slurm_tasks_per_node() -> int | None:
+    """Tasks per node of this SLURM job step (``SLURM_NTASKS_PER_NODE``, e.g. ``8`` or ``8(x2)``; else tasks over
+    nodes), None outside one."""
+    tasks = slurm_tasks()
+    if tasks <= 1:
+        return None
+    per_node = os.environ.get("SLURM_NTASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
+    if per_node:
+        return int(per_node.split("(")[0].split(",")[0])
+    return max(1, tasks // int(os.environ.get("SLURM_NNODES", "1") or 1))
 
 
 def devices_per_node(hw: HardwareArgs) -> int:
-    """The processes of one node: ``hardware.devices`` (``auto``/-1: every visible GPU, or 1 on the CPU)."""
+    """The processes of one node: ``hardware.devices`` (``auto``/-1: the tasks per node where ``srun`` started one
+    task per process, whatever GPUs each task sees; else every visible GPU, or 1 on the CPU)."""
     if isinstance(hw.devices, list):
         return len(hw.devices)
     if hw.devices in ("auto", -1):
+        per_task = slurm_tasks_per_node()
+        if per_task is not None:
+            return per_task
         if hw.device_type == "cuda":
             import torch
 
             return max(1, torch.cuda.device_count())
         return 1
     return int(hw.devices)
+
+
+def check_slurm_layout(hw: HardwareArgs) -> None:
+    """Under ``srun`` (one task per process): the run's processes must be srun's tasks, and each task must see
+    every GPU of its node (Lightning gives local rank i the node's GPU i). Raises :class:`AlignexpError`
+    naming the settings otherwise, before any process or process group is started."""
+    tasks = slurm_tasks()
+    if tasks <= 1:
+        return
+    per_node = devices_per_node(hw)
+    if per_node * hw.num_nodes != tasks:
+        raise AlignexpError(f"srun started {tasks} tasks, but the run has {per_node * hw.num_nodes} processes "
+                            f"({per_node} per node x {hw.num_nodes} nodes): set hardware.devices and "
+                            f"hardware.num_nodes to srun's tasks per node and nodes (docs/scale.md, SLURM), so that "
+                            f"each task is one process and alignexp starts none of its own")
+    if hw.device_type == "cuda":
+        import torch
+
+        visible = torch.cuda.device_count()
+        if visible < per_node:
+            raise AlignexpError(f"srun started {per_node} tasks per node, but each task sees {visible} GPU(s): "
+                                f"give every task all GPUs of its node (--gpus-per-node={per_node} "
+                                f"--ntasks-per-node={per_node}, without --gpus-per-task or --gpu-bind)")
 
 
 def _cluster(world: int):
@@ -118,6 +167,7 @@ def _watch(children: list[subprocess.Popen]) -> None:
 @contextmanager
 def launched(hw: HardwareArgs) -> Iterator[int]:
     """Run the block on every process of ``hw`` (yields the world size). See the module docstring."""
+    check_slurm_layout(hw)
     per_node = devices_per_node(hw)
     world = per_node * hw.num_nodes
     if world == 1 or is_distributed():

@@ -108,15 +108,35 @@ class OffloadedDeepSpeed(CPUAdamDeepSpeedStrategy, DeepSpeedAnyDevice):
     """ZeRO with the optimizer offloaded: DeepSpeed's CPU Adam (:mod:`alignexp.offload`), on any device."""
 
 
-class DecoderLayers:
-    """True for a module whose class is one of ``names`` (None: any class name ending in ``DecoderLayer``)."""
+def layer_class_names(model: nn.Module) -> frozenset[str]:
+    """The classes of ``model``'s repeated blocks, as the model itself declares them: Hugging Face's
+    ``_no_split_modules`` of every pretrained model inside it (a PEFT wrapper holds one), e.g.
+    ``LlamaDecoderLayer``, ``GPT2Block``, ``GPTJBlock``, ``GPTNeoXLayer``. A model that declares none:
+    every class whose name ends in ``DecoderLayer``."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return frozenset(names)
 
-    def __init__(self, names: list[str] | None = None):
+
+class DecoderLayers:
+    """True for a module whose class is one of ``names``; None: one of the model's own block classes
+    (:func:`layer_class_names`, given with :meth:`of`), or, for a model that declares none, any class name
+    ending in ``DecoderLayer``."""
+
+    def __init__(self, names: list[str] | None = None, declared: frozenset[str] | None = None):
         self.names = frozenset(names) if names else None
+        self.declared = declared or None
+
+    def of(self, model: nn.Module) -> DecoderLayers:
+        """These settings for ``model``: its declared block classes where no names were given."""
+        return self if self.names is not None else DecoderLayers(None, layer_class_names(model))
 
     def __call__(self, module: nn.Module) -> bool:
         name = type(module).__name__
-        return name in self.names if self.names is not None else name.endswith("DecoderLayer")
+        if self.names is not None:
+            return name in self.names
+        return name in self.declared if self.declared else name.endswith("DecoderLayer")
 
 
 def called_units(model: nn.Module) -> list[nn.Module]:
@@ -142,7 +162,7 @@ def called_units(model: nn.Module) -> list[nn.Module]:
 
 class FSDP2(ModelParallelStrategy):
     """FSDP2 on every rank (a 1-D mesh of ``world_size``): in each model of the LightningModule (the policy, a
-    frozen reference) each decoder layer (``wrap_layers``), then the decoder and its heads
+    frozen reference) each decoder layer (``wrap_layers``; None: the model's own ``_no_split_modules``), then the decoder and its heads
     (:func:`called_units`) are ``fully_shard``-ed when the fit starts.
 
     ``mixed_precision``: fp32 parameters (the master weights) sharded, bf16 in forward and backward,
@@ -173,7 +193,9 @@ class FSDP2(ModelParallelStrategy):
             trains = any(p.requires_grad for p in model.parameters())
             if self.activation_checkpointing and trains and hasattr(model, "gradient_checkpointing_enable"):
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            for layer in [m for m in model.modules() if self.layers(m)]:
+            is_layer = self.layers.of(model)
+            # innermost first (a declared class may sit inside another): FSDP2 shards children before parents
+            for layer in reversed([m for m in model.modules() if is_layer(m)]):
                 fully_shard(layer, **settings)
             for unit in called_units(model):
                 fully_shard(unit, **settings)
@@ -186,13 +208,26 @@ class FSDP2(ModelParallelStrategy):
         self.accelerator.setup(trainer)
         self.shard(self.lightning_module)
         self.model = self.precision_plugin.convert_module(self.model)
-        self.model_to_device()
+        self.place_model()
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if trainer.state.fn == TrainerFn.FITTING:
             _optimizers_to_device(self.optimizers, self.root_device)
+
+    def place_model(self) -> None:
+        """The sharded model onto this rank's device; with ``cpu_offload`` only its buffers: the offloaded
+        parameter shards stay in host memory, where FSDP2's lazy init requires them (it refuses a
+        ``CPUOffloadPolicy`` parameter on the GPU) and copies each to the GPU for its forward and backward."""
+        if not self.cpu_offload:
+            self.model_to_device()
+            return
+        device = self.root_device
+        for module in self.model.modules():
+            for name, buffer in module._buffers.items():
+                if buffer is not None:
+                    module._buffers[name] = buffer.to(device)
 
     def shards_parameters(self) -> bool:
         return True

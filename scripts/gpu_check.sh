@@ -7,9 +7,11 @@
 # Arguments go to `python -m alignexp.gpu_check` (e.g. --layers 4 --lora-r 16; --help lists them).
 # See docs/scale.md.
 #
-# Runs from the repository without installing alignexp. Packages the machine lacks (DeepSpeed, and
-# what it needs) can travel as wheels in .whl/ (or $GPU_CHECK_WHEELS): they are installed into
-# /tmp/site, with no index and no network, and put first on PYTHONPATH.
+# Runs from the repository without installing alignexp. A machine with only torch is made ready by
+# `bash scripts/gpu_setup.sh` (make gpu-setup); the check names every package it still lacks, at once,
+# before it runs anything (exit 2). Wheels in .whl/ (or $GPU_CHECK_WHEELS), fetched elsewhere by
+# `bash scripts/gpu_setup.sh download <python version>`, are installed into /tmp/site, with no index and
+# no network, and put first on PYTHONPATH.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -21,10 +23,11 @@ fi
 shopt -s nullglob
 wheels=("${GPU_CHECK_WHEELS:-.whl}"/*.whl)
 if (( ${#wheels[@]} )); then
-  echo "[gpu_check] installing ${#wheels[@]} wheel(s) from ${GPU_CHECK_WHEELS:-.whl} into /tmp/site" >&2
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}"
+  PYTHON="$PY" GPU_SETUP_NO_CHECK=1 bash scripts/gpu_setup.sh install  # the check names what is missing
   export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+# The checkout itself, for the check and the `python -m alignexp.train` it starts (no install needed).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 exec "$PY" -m alignexp.gpu_check "$@"

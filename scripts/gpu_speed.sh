@@ -6,7 +6,9 @@
 #  2. sampled tokens/s of vLLM beside alignexp's HF engine on the same model (python -m alignexp.bench.gpu_sampling;
 #     vLLM's row says "skipped" where it does not import).
 # Prints one JSON line per measurement; with OUT=<folder>, also writes them there. Arguments go to gpu_check.
-set -euo pipefail
+# Every measurement runs even when one fails (a failed check does not stop the others); the script exits 1
+# at the end, naming the failed ones.
+set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${PYTHON:-}"
 if [[ -z "$PY" ]]; then
@@ -14,8 +16,15 @@ if [[ -z "$PY" ]]; then
 fi
 OUT="${OUT:-/tmp/alignexp-gpu-speed}"
 mkdir -p "$OUT"
+failed=()
 for layout in padding-free padded; do
-  bash scripts/gpu_check.sh --checkpointing --layout "$layout" --out "$OUT/step-$layout.json" "$@"
+  bash scripts/gpu_check.sh --checkpointing --layout "$layout" --out "$OUT/step-$layout.json" "$@" \
+    || failed+=("step-$layout")
 done
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
-"$PY" -m alignexp.bench.gpu_sampling --out "$OUT/sampling.json"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -m alignexp.bench.gpu_sampling --out "$OUT/sampling.json" || failed+=(sampling)
+if (( ${#failed[@]} )); then
+  echo "[gpu_speed] FAILED: ${failed[*]} (the others ran; their records are in $OUT)" >&2
+  exit 1
+fi

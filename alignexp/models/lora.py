@@ -162,12 +162,15 @@ def fingerprint_state(model) -> dict[str, Tensor]:
 
 
 def _plain_names(state: dict[str, Tensor], deltas: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``state`` under the plain model's names, each delta added in fp32 and the sum cast once to the base
+    weight's dtype: a bf16 base weight plus a delta rounded to bf16 first would round twice, and lose
+    updates that a single rounding of the exact sum keeps."""
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         if ".lora_" in key:
             continue
         key = key.replace(".base_layer.", ".")
-        out[key] = (value + deltas[key].to(value.dtype)) if key in deltas else value
+        out[key] = (value.float() + deltas[key].float()).to(value.dtype) if key in deltas else value
     return out
 
 
@@ -175,9 +178,10 @@ def merged_state_dict(model) -> dict[str, Tensor]:
     """The policy's weights with its adapters merged in (a plain model: its state dict), out of place.
 
     Unlike PEFT's ``merge_and_unload``, the model itself is not changed, so the base weights (the
-    reference) keep their exact values.
+    reference) keep their exact values. :class:`AdaptersOff` (the reference of a LoRA policy) gives the
+    base weights alone: it holds no weights of its own, so its ``state_dict`` would be empty.
     """
-    return fingerprint_state(model) if is_peft(model) else model.state_dict()
+    return fingerprint_state(model) if is_peft(model) or isinstance(model, AdaptersOff) else model.state_dict()
 
 
 def save_pretrained_merged(model, folder: str | Path) -> None:

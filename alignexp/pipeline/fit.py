@@ -3,8 +3,9 @@ its loggers, and the save.
 
 :func:`fit` is the one way a stage trains, on all ranks together: the global batch is printed;
 checkpoints go to ``<folder>/checkpoints/<stage>/`` every ``train.checkpoint_every`` optimizer steps
-(``last.ckpt``, written atomically) and at a SLURM preemption signal (Lightning's requeue,
-``hpc_ckpt_<n>.ckpt``); the newest one there is resumed from, data order included
+(``last.ckpt``) and at a SLURM preemption signal (:class:`Preemption`), each marked complete once every
+rank has written it (:func:`complete_marked`: DeepSpeed and FSDP2 write folders of shards that no atomic
+rename covers); the newest complete one there is resumed from, data order included
 (:class:`~alignexp.modules.datamodule.EpochBatches`), so a run killed and restarted in its folder
 ends with the weights of an uninterrupted run. Afterwards the module's models are plain modules with
 their trained weights on every rank, whatever the strategy sharded.
@@ -13,11 +14,13 @@ their trained weights on every rank, whatever the strategy sharded.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import signal
 import subprocess
 import threading
+import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,7 +32,7 @@ import torch
 from alignexp.args import HardwareArgs, TrainArgs
 from alignexp.distributed import barrier, is_main, world_size
 from alignexp.errors import AlignexpError, ConfigError
-from alignexp.files import atomic_write
+from alignexp.files import atomic_write, atomic_write_json
 from alignexp.hardware import master_weights, trainer_kwargs
 
 log = logging.getLogger(__name__)
@@ -39,12 +42,12 @@ def make_loggers(logger: Mapping[str, Any], out: Path, stage: str) -> list:
     """Lightning loggers from the ``logger`` group: each entry a ``_target_`` config; its ``per_stage``
     mapping gives constructor arguments formatted with ``{stage}`` and ``{run}`` (the run folder's name),
     e.g. ``version: "{stage}"`` for the CSV logger, ``name: "{run}-{stage}"`` for wandb."""
-    from hydra.utils import instantiate
-
     loggers = []
     for entry in logger.values():
         if not isinstance(entry, Mapping) or "_target_" not in entry:
             continue
+        from hydra.utils import instantiate  # only here: no logger, no Hydra (the GPU check runs without it)
+
         entry = copy.deepcopy(dict(entry))
         per_stage = {k: str(v).format(stage=stage, run=out.name) for k, v in (entry.pop("per_stage", None) or {}).items()}
         loggers.append(instantiate(entry, **per_stage))
@@ -100,6 +103,12 @@ class Preempted(AlignexpError):
     """Training stopped at a preemption signal after saving its checkpoint (the run is requeued, or resumable)."""
 
 
+def _is_lightnings(handler: Any) -> bool:
+    """Whether a signal handler is Lightning's (its SLURM auto-requeue, ``_SignalConnector``)."""
+    owner = getattr(handler, "__self__", handler)
+    return type(owner).__module__.startswith(("lightning.", "pytorch_lightning."))
+
+
 class Preemption(L.Callback):
     """A scheduler's warning before it stops the job (SLURM: ``#SBATCH --signal=USR1@120``, or submitit's
     USR2): the ranks agree at the next step boundary, save ``last.ckpt`` and stop; then the job is handed
@@ -132,7 +141,7 @@ class Preemption(L.Callback):
     def hand_over(self) -> None:
         """After the fit: requeue the job (the previous handler, or ``scontrol requeue`` by rank 0) and stop."""
         handler = self.previous.get(self.received or signal.SIGUSR1)
-        if callable(handler):
+        if callable(handler) and not _is_lightnings(handler):  # Lightning's SLURM requeue would save again
             handler(self.received, None)
         elif is_main() and "SLURM_JOB_ID" in os.environ:
             job = os.environ.get("SLURM_ARRAY_JOB_ID")
@@ -175,10 +184,49 @@ def progress_bar(stage: str) -> L.Callback:
     return StageProgressBar()
 
 
+COMPLETE_SUFFIX = ".complete"
+"""``<checkpoint>.complete``: written (by rank 0, atomically) after every rank finished saving ``<checkpoint>``,
+removed before a new save of it starts. A checkpoint without it is torn or being written."""
+
+
+def _marker(path: Path | str) -> Path:
+    return Path(str(path) + COMPLETE_SUFFIX)
+
+
+def complete_marked(trainer: L.Trainer) -> None:
+    """Make every ``trainer.save_checkpoint`` (ours, ``ModelCheckpoint``'s) leave a completion marker, whatever
+    the strategy writes: a file through the checkpoint IO, or a folder of shards that DeepSpeed or FSDP2
+    write themselves, which no atomic rename covers."""
+    save = trainer.save_checkpoint
+
+    def save_marked(filepath, *args, **kwargs):
+        marker = _marker(filepath)
+        if trainer.is_global_zero:
+            marker.unlink(missing_ok=True)
+        trainer.strategy.barrier("checkpoint-unmark")
+        save(filepath, *args, **kwargs)
+        trainer.strategy.barrier("checkpoint-saved")
+        if trainer.is_global_zero:
+            atomic_write_json(marker, {"global_step": trainer.global_step, "epoch": trainer.current_epoch,
+                                       "time": time.time()})
+
+    trainer.save_checkpoint = save_marked
+
+
 def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint in ``folder`` (``last.ckpt``, or a SLURM preemption's ``hpc_ckpt_<n>.ckpt``)."""
+    """The newest complete checkpoint in ``folder`` (``last.ckpt``, or a SLURM preemption's
+    ``hpc_ckpt_<n>.ckpt``): the one whose completion marker records the most training steps (then the latest
+    time). A checkpoint without a marker (a process killed while saving it) is never resumed from."""
     found = [p for p in [folder / "last.ckpt", *folder.glob("hpc_ckpt_*.ckpt")] if p.exists()]
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+    complete = []
+    for path in found:
+        try:
+            record = json.loads(_marker(path).read_text())
+        except (OSError, ValueError):
+            log.warning("checkpoint %s is incomplete (no %s marker): not resumed from", path, COMPLETE_SUFFIX)
+            continue
+        complete.append((record.get("global_step", 0), record.get("time", 0.0), path))
+    return max(complete)[2] if complete else None
 
 
 def _hold_master_weights(module: torch.nn.Module) -> dict[torch.nn.Parameter, torch.dtype]:
@@ -228,6 +276,7 @@ def fit(module: L.LightningModule, loader, *, hw: HardwareArgs, logger: Mapping[
                         enable_checkpointing=bool(checkpoint_every), enable_model_summary=False,
                         default_root_dir=str(folder), num_sanity_val_steps=0, use_distributed_sampler=False,
                         **settings)
+    complete_marked(trainer)
     with warnings.catch_warnings():
         # Logged metrics are each rank's own batches (rank 0's reach the loggers): no sync_dist all-reduce per log.
         warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")

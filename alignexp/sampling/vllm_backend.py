@@ -12,7 +12,9 @@ log-probs are vLLM's raw ones (of the unmodified distribution), as the HF engine
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +23,15 @@ from torch import Tensor
 
 from alignexp.sampling.engine import ENGINE_VERSION, Generation, SamplingParams, generate
 
+log = logging.getLogger(__name__)
+
 BACKENDS = ("auto", "hf", "vllm")
+
+MIN_VLLM = "0.10.2"
+"""The oldest vLLM the backend supports (the ``gpu`` extra's floor): the V1 engine, whose sampled log-probs
+are the raw ones (``logprobs_mode="raw_logprobs"``, set explicitly), ``LLM.apply_model`` to load weights in
+place, and sleep mode. Older engines (V0) return processed log-probs and reach the model only through
+private attributes: they are refused (:func:`engine_settings`)."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,9 @@ def vllm_available() -> bool:
 def _vllm_missing() -> str | None:
     if importlib.util.find_spec("vllm") is None:
         return "vllm is not installed"
+    too_old = _vllm_too_old(_installed_vllm_version())
+    if too_old:
+        return too_old
     import torch
 
     if not torch.cuda.is_available():
@@ -64,6 +77,53 @@ def choose_backend(setting: str) -> BackendChoice:
     if missing:
         return BackendChoice("hf", f"backend=auto: {missing}, so the HF engine samples")
     return BackendChoice("vllm", "backend=auto: vllm imports and CUDA is present")
+
+
+def _installed_vllm_version() -> str | None:
+    import importlib.metadata
+
+    module = sys.modules.get("vllm")
+    if module is not None and getattr(module, "__version__", None):
+        return module.__version__
+    try:
+        return importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _vllm_too_old(version: str | None) -> str | None:
+    from packaging.version import InvalidVersion, Version
+
+    if version is None:
+        return None
+    try:
+        old = Version(version) < Version(MIN_VLLM)
+    except InvalidVersion:
+        return f"vllm {version} is not a release version (the backend needs vllm>={MIN_VLLM})"
+    return f"vllm {version} is older than {MIN_VLLM} (its V0 engine returns processed log-probs)" if old else None
+
+
+def engine_settings(version: str, *, dtype: str, gpu_memory_utilization: float, colocate: bool,
+                    seed: int) -> tuple[dict[str, object], dict[str, str]]:
+    """The ``vllm.LLM`` keyword arguments and the environment for vLLM ``version``.
+
+    Environment: ``VLLM_ENABLE_V1_MULTIPROCESSING=0`` always (the engine core in this process, so
+    ``apply_model`` runs its closure on the model here, with the weights passed in memory; a separate engine
+    process would need them pickled), and ``VLLM_USE_V1=1`` before 0.11 (where V0 still existed).
+    Arguments: ``logprobs_mode="raw_logprobs"`` (the unmodified distribution's log-probs, as the HF engine
+    reports them), ``enable_sleep_mode`` when colocated. Raises RuntimeError for a vLLM older than
+    :data:`MIN_VLLM`."""
+    from packaging.version import Version
+
+    too_old = _vllm_too_old(version)
+    if too_old:
+        raise RuntimeError(f"{too_old}: install vllm>={MIN_VLLM} (pip install 'alignexp[gpu]') or use backend=hf")
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    if Version(version) < Version("0.11"):
+        env["VLLM_USE_V1"] = "1"
+    kwargs: dict[str, object] = {"dtype": dtype, "gpu_memory_utilization": gpu_memory_utilization,
+                                 "enable_sleep_mode": colocate, "seed": seed, "logprobs_mode": "raw_logprobs"}
+    return kwargs, env
 
 
 class HFBackend:
@@ -101,8 +161,8 @@ def policy_weights(model) -> Iterator[tuple[str, Tensor]]:
 class VLLMBackend:
     """vLLM on the model in ``model_path`` (an HF-format folder), then on the weights given to ``sync_weights``.
 
-    vLLM runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless set), so that its model can
-    receive the policy's weights in memory. ``colocate``: it shares the training GPU, takes
+    vLLM runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, :func:`engine_settings`), so that its
+    model can receive the policy's weights in memory. ``colocate``: it shares the training GPU, takes
     ``gpu_memory_utilization`` of it, and sleeps between calls (weights kept in host memory, KV cache
     released); without it, it keeps its memory. ``llm_kwargs`` go to ``vllm.LLM`` as they are (e.g.
     ``max_model_len``, ``enforce_eager``). vLLM on GPUs of its own, in a separate process, is not built.
@@ -112,13 +172,19 @@ class VLLMBackend:
 
     def __init__(self, model_path: str | Path, *, dtype: str = "auto", gpu_memory_utilization: float = 0.3,
                  colocate: bool = True, seed: int = 0, **llm_kwargs):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        version = _installed_vllm_version()
+        kwargs, env = engine_settings(version or "0", dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+                                      colocate=colocate, seed=seed)
+        for key, value in env.items():  # read when vllm is imported and when the engine starts
+            if os.environ.get(key, value) != value:
+                log.warning("vLLM: %s=%s replaced by %s (the backend needs its engine in this process)", key,
+                            os.environ[key], value)
+            os.environ[key] = value
         import vllm
 
         self.version = vllm.__version__
         self.colocate = colocate
-        self.llm = vllm.LLM(model=str(model_path), dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-                            enable_sleep_mode=colocate, seed=seed, **llm_kwargs)
+        self.llm = vllm.LLM(model=str(model_path), **{**kwargs, **llm_kwargs})
         self.asleep = False
         self._sleep()
 
@@ -137,13 +203,8 @@ class VLLMBackend:
             self.asleep = False
 
     def _load_weights(self, weights: list[tuple[str, Tensor]]) -> None:
-        """``load_weights`` of vLLM's model: through ``LLM.apply_model`` where vLLM has it, else on the
-        model of the engine's driver worker (the path TRL's colocated mode takes)."""
-        if hasattr(self.llm, "apply_model"):
-            self.llm.apply_model(lambda vllm_model: vllm_model.load_weights(weights))
-            return
-        worker = self.llm.llm_engine.model_executor.driver_worker
-        getattr(worker, "worker", worker).model_runner.model.load_weights(weights)
+        """``load_weights`` of vLLM's model, through ``LLM.apply_model`` (on the engine in this process)."""
+        self.llm.apply_model(lambda vllm_model: vllm_model.load_weights(weights))
 
     def sync_weights(self, model) -> None:
         """Load the policy's current weights (:func:`policy_weights`) into vLLM and drop its prefix cache,

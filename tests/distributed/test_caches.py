@@ -44,7 +44,62 @@ def test_concurrent_jobs_compute_a_cache_entry_once_and_all_read_it(tmp_path):
     assert len(computed) == 1
     winner = computed[0].split()[-1]
     assert results.read_text().splitlines() == [f"value of {winner}"] * 3
-    assert sorted(p.name for p in entry.parent.iterdir()) == [".entry.txt.lock", ".entry.txt.manifest.json", "entry.txt"]
+    # the lock file goes with its holder; the manifest stays beside the entry
+    assert sorted(p.name for p in entry.parent.iterdir()) == [".entry.txt.manifest.json", "entry.txt"]
+
+
+def _rank(rank: int, port: int, path: str, results: str) -> None:
+    """One of 2 gloo ranks whose process group times out after 3 s, asking for an entry another job holds for 8 s."""
+    import datetime
+    import os
+
+    import torch.distributed as dist
+
+    import alignexp.distributed as distributed
+    from alignexp.files import atomic_write_text
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=3))
+    distributed.LOCK_POLL_S = 0.5
+    value = distributed.shared_cache(Path(path), lambda: "ours", lambda v, p: atomic_write_text(p, v),
+                                     lambda p: p.read_text())
+    with open(results, "a") as handle:
+        handle.write(f"{rank}:{value}\n")
+    dist.destroy_process_group()
+
+
+def _holder(path: str, seconds: float) -> None:
+    from alignexp.files import FileLock, atomic_write_text, write_manifest
+
+    lock = FileLock(path, heartbeat=0.5)
+    assert lock.try_acquire()
+    time.sleep(seconds)
+    atomic_write_text(path, "theirs")
+    write_manifest(Path(path))  # as shared_cache writes an entry
+    lock.release()
+
+
+def test_ranks_wait_for_another_jobs_lock_longer_than_the_collective_timeout(tmp_path):
+    """Another job holds the entry's lock for 8 s; this run's 2 ranks (process group timeout 3 s) wait for it in
+    short rounds, then both load the other job's value, instead of dying in a broadcast."""
+    import socket
+
+    entry, results = tmp_path / "entry.txt", tmp_path / "results"
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    context = multiprocessing.get_context("spawn")
+    holder = context.Process(target=_holder, args=(str(entry), 8.0))
+    holder.start()
+    while not (tmp_path / ".entry.txt.xlock").exists():
+        time.sleep(0.05)
+    ranks = [context.Process(target=_rank, args=(r, port, str(entry), str(results))) for r in range(2)]
+    for process in ranks:
+        process.start()
+    for process in [holder, *ranks]:
+        process.join(120)
+    assert [p.exitcode for p in [holder, *ranks]] == [0, 0, 0]
+    assert sorted(results.read_text().splitlines()) == ["0:theirs", "1:theirs"]
 
 
 @pytest.mark.slow

@@ -166,6 +166,72 @@ def test_bad_values_name_the_key(compose, override, key):
         _hardware(compose, override)
 
 
+@pytest.mark.parametrize("option", ["deepspeed_zero2", "deepspeed_zero3", "deepspeed_zero3_offload"])
+def test_deepspeed_accumulates_and_reduces_gradients_in_fp32(compose, option):
+    """DeepSpeed's gradient accumulation and reduction dtypes default to the model's (bf16 under bf16-mixed): the
+    config sets both to fp32, and DeepSpeed 0.19's own config parser reads them so."""
+    pytest.importorskip("deepspeed")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    strategy = build_strategy(_hardware(compose, f"hardware={option}"))
+    assert strategy.config["data_types"]["grad_accum_dtype"] == "fp32"
+    assert strategy.config["communication_data_type"] == "fp32"
+    parsed = DeepSpeedConfig({**strategy.config, "train_micro_batch_size_per_gpu": 1,
+                              "gradient_accumulation_steps": 1, "train_batch_size": 1, "bf16": {"enabled": True}})
+    assert parsed.grad_accum_dtype == "fp32" and parsed.communication_data_type == torch.float32
+
+
+def test_fsdp_wraps_the_blocks_each_model_declares():
+    """Per-layer units from the model's own ``_no_split_modules``: GPT-2, GPT-J and GPT-NeoX name their blocks
+    ``GPT2Block``, ``GPTJBlock``, ``GPTNeoXLayer``, which a rule on ``*DecoderLayer`` misses."""
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        GPTJConfig,
+        GPTJForCausalLM,
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+    )
+
+    models = {"GPT2Block": GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=3, n_head=2, vocab_size=40)),
+              "GPTJBlock": GPTJForCausalLM(GPTJConfig(n_embd=16, n_layer=3, n_head=2, rotary_dim=4, vocab_size=40)),
+              "GPTNeoXLayer": GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=16, num_hidden_layers=3,
+                                                               num_attention_heads=2, intermediate_size=32,
+                                                               vocab_size=40))}
+    for block, model in models.items():
+        is_layer = DecoderLayers().of(model)
+        assert [type(m).__name__ for m in model.modules() if is_layer(m)] == [block] * 3
+        assert not any(DecoderLayers()(m) for m in model.modules())  # the old rule found none
+    assert DecoderLayers(["GPT2Block"]).of(models["GPTJBlock"]).names == {"GPT2Block"}  # names given win
+
+
+def test_fsdp_cpu_offload_leaves_the_offloaded_parameters_in_host_memory():
+    """After sharding, the model goes to the device, except, under ``cpu_offload``, its parameters: FSDP2's lazy
+    init refuses a CPUOffloadPolicy parameter that is not on the CPU. The device here is ``meta`` (standing in
+    for the GPU), so what moved can be seen on a CPU machine."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from alignexp.strategies import FSDP2
+
+    class OnMeta(FSDP2):
+        root_device = torch.device("meta")
+
+    config = LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_key_value_heads=2,
+                         num_hidden_layers=1, vocab_size=40)
+    for offload in (True, False):
+        strategy = OnMeta(1, mixed_precision=True, cpu_offload=offload)
+        strategy.model = LlamaForCausalLM(config)
+        moved = []
+        strategy.model_to_device = lambda moved=moved: moved.append(True)
+        strategy.place_model()
+        buffers = [b.device.type for b in strategy.model.buffers()]
+        if offload:
+            assert not moved and buffers and set(buffers) == {"meta"}
+            assert {p.device.type for p in strategy.model.parameters()} == {"cpu"}
+        else:
+            assert moved == [True]
+
+
 def test_deepspeed_settings_are_checked(compose):
     with pytest.raises(ValueError, match=r"hardware\.zero_stage must be one of 1, 2, 3"):
         _hardware(compose, "hardware=deepspeed_zero3", "hardware.zero_stage=4")
@@ -354,6 +420,7 @@ def test_gpu_check_runs_on_cpu_without_hydra_omegaconf_datasets_or_deepspeed(tmp
     parity = record["checks"]["packed_parity"]
     # packed = a plain HF forward, with a sliding window (32) shorter than the sequences (72)
     assert parity["ok"] and parity["max_abs_diff_float32"] <= parity["tolerance"] and parity["window"] == 32
+    assert parity["attention_float32"] == "sdpa"
     assert record["checks"]["zero3"]["skipped"] and 0 < record["attention_flops_share"] < 1
 
 
@@ -364,3 +431,45 @@ def test_peak_flops_table():
     assert peak_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_flops("NVIDIA H200") == 989e12
     assert peak_flops("some new card") is None
+
+
+@pytest.mark.slow
+def test_zero3_under_bf16_accumulates_and_reduces_in_fp32_in_a_real_engine(tmp_path):
+    """A ZeRO-3 fit under bf16-mixed on DeepSpeed's CPU accelerator: the engine's model dtype is bf16, its
+    gradient accumulation and communication dtypes fp32 (DeepSpeed 0.19's own answers, read at the first step)."""
+    pytest.importorskip("deepspeed")
+    import dataclasses
+
+    from alignexp.args import OptimArgs
+    from alignexp.gpu_pipeline import hardware_option
+    from alignexp.models.backbone import ModelArgs, build_model
+    from alignexp.models.logprobs import EncodedExample
+    from alignexp.models.tokenizer import build_byte_tokenizer
+    from alignexp.modules.datamodule import RankingDataset, make_loader
+    from alignexp.modules.preference import PreferenceModule
+    from alignexp.pipeline.fit import fit
+
+    hw = dataclasses.replace(hardware_option("deepspeed_zero3"), accelerator="cpu", zero_persistence_threshold=0)
+    assert hw.precision == "bf16-mixed"
+    tokenizer = build_byte_tokenizer()
+    arch = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "model" / "tiny.yaml").arch)
+    policy = build_model(ModelArgs(arch=arch, dtype="bfloat16"), tokenizer, "cpu")
+    generator = torch.Generator().manual_seed(0)
+    encoded = [EncodedExample(torch.randint(3, 250, (12,), generator=generator).tolist(),
+                              [torch.randint(3, 250, (6,), generator=generator).tolist() for _ in range(2)])
+               for _ in range(4)]
+    loader = make_loader(RankingDataset(encoded, [torch.tensor([-40.0, -41.0])] * 4), 2, tokenizer.pad_token_id,
+                         shuffle=False)
+    seen = {}
+
+    class Dtypes(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            engine = trainer.strategy.model
+            seen.update(model=engine.get_data_types()[0], accumulate=engine.get_data_types()[1],
+                        communicate=engine.communication_data_type,
+                        optimizer=engine.optimizer.gradient_accumulation_dtype)
+
+    fit(PreferenceModule(policy, "dpo", {"beta": 0.1}, OptimArgs(lr=1e-4)), loader, hw=hw, logger={}, out=tmp_path,
+        stage="train", max_steps=1, max_epochs=1, enable_progress_bar=False, callbacks=[Dtypes()])
+    assert seen == {"model": torch.bfloat16, "accumulate": torch.float32, "communicate": torch.float32,
+                    "optimizer": torch.float32}

@@ -215,3 +215,42 @@ def test_lora_step_peaks_below_the_frozen_copy(tokenizer):
     # The frozen copy's run holds a second set of weights, full gradients and two AdamW states; which of
     # them coincide with the activations at the peak decides the gap, which is at least one set of weights.
     assert frozen - lora > params
+
+
+def test_merged_state_of_the_reference_is_the_base_model(tokenizer):
+    """The reference of a LoRA policy (:class:`AdaptersOff`) holds no weights of its own, yet what is synced
+    into a sampler for it must be the base weights, every one of them (not its own, empty, state dict)."""
+    base = _tiny(tokenizer)
+    plain = {k: v.clone() for k, v in base.state_dict().items()}
+    policy = apply_lora(base, LoraArgs(r=4))
+    _perturb_adapters(policy)
+    reference = merged_state_dict(AdaptersOff(policy))
+    assert set(reference) == set(plain)
+    assert all(torch.equal(reference[k], v) for k, v in plain.items())
+    trained = merged_state_dict(policy)
+    assert any(not torch.equal(trained[k], v) for k, v in plain.items())  # the policy's own are merged
+
+
+def test_a_small_lora_delta_survives_the_merge_into_bf16(tokenizer, tmp_path):
+    """The delta is added to the bf16 base weight in fp32 and the sum rounded once. Worked case: a base
+    weight 1.0 (bf16 spacing 2^-7 there) and a delta 2^-8 + 2^-17, just above half a spacing: the exact sum
+    rounds up to 1 + 2^-7. Rounding the delta to bf16 first (8 significant bits) makes it exactly 2^-8, a
+    tie that rounds to even, back to 1.0: the update would be lost."""
+    from safetensors.torch import load_file
+
+    policy = apply_lora(_tiny(tokenizer, dtype="bfloat16"), LoraArgs(r=1, alpha=1.0, dropout=0.0))
+    layer = next(m for n, m in policy.named_modules() if hasattr(m, "lora_A") and "q_proj" in n)
+    key = next(k for k in merged_state_dict(policy) if k.endswith("q_proj.weight") and ".0." in k)
+    with torch.no_grad():
+        layer.base_layer.weight.zero_()
+        layer.base_layer.weight[0, 0] = 1.0
+        layer.lora_A["default"].weight.zero_()
+        layer.lora_B["default"].weight.zero_()
+        layer.lora_A["default"].weight[0, 0] = 1.0
+        layer.lora_B["default"].weight[0, 0] = 2.0**-8 + 2.0**-17
+    assert layer.lora_A["default"].weight.dtype == torch.float32  # PEFT keeps the adapters fp32
+    save_pretrained_merged(policy, tmp_path / "policy")
+    saved = load_file(str(tmp_path / "policy" / "model.safetensors"))
+    assert saved[key].dtype == torch.bfloat16
+    assert float(saved[key][0, 0]) == 1.0 + 2.0**-7
+    assert float(torch.tensor(1.0, dtype=torch.bfloat16) + torch.tensor(2.0**-8 + 2.0**-17).bfloat16()) == 1.0

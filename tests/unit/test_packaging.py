@@ -98,3 +98,31 @@ def test_the_wheel_holds_every_module_and_config_file(tmp_path):
     assert not any(name.startswith(("conf/", "tests/")) for name in names)
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert all(f"{script} = " in entry_points for script in CONSOLE_SCRIPTS)
+
+
+# The oldest release of each dependency that has what alignexp calls (the floors in pyproject.toml must not
+# be older): transformers 4.56 renamed from_pretrained's / from_config's torch_dtype to dtype= (4.53 added
+# masking_utils, AttentionInterface came before); torch 2.6 made torch.distributed.fsdp.fully_shard and its
+# policies public (FSDP2); vLLM 0.10.2: alignexp.sampling.vllm_backend.MIN_VLLM (V1, raw log-probs, apply_model).
+NEEDED_FLOORS = {"transformers": "4.56", "torch": "2.6", "vllm": "0.10.2"}
+
+
+def test_dependency_floors_are_the_releases_the_code_needs():
+    import re
+
+    from packaging.version import Version
+
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    floors = {}
+    for requirement in requirements:
+        match = re.match(r"([A-Za-z0-9_.-]+).*?>=\s*([0-9][0-9.]*)", requirement)
+        if match:
+            floors[match.group(1).lower()] = match.group(2)
+    for name, needed in NEEDED_FLOORS.items():
+        assert name in floors, f"{name} has no floor in pyproject.toml"
+        assert Version(floors[name]) >= Version(needed), f"{name}>={floors[name]}, but the code needs {needed}"
+    from alignexp.sampling.vllm_backend import MIN_VLLM
+
+    assert floors["vllm"] == MIN_VLLM

@@ -51,7 +51,7 @@ class FakeLogprob:
 
 
 class FakeModel:
-    """What ``driver_worker.model_runner.model`` is in vLLM: ``load_weights`` takes HF names."""
+    """The model ``LLM.apply_model`` hands its function in vLLM: ``load_weights`` takes HF names."""
 
     def __init__(self, hf_model):
         self.hf_model, self.loads = hf_model, 0
@@ -69,13 +69,16 @@ class FakeModel:
 class FakeLLM:
     def __init__(self, model: str, dtype: str = "auto", gpu_memory_utilization: float = 0.9,
                  enable_sleep_mode: bool = False, seed: int = 0, **kwargs):
+        import os
+
         from transformers import AutoModelForCausalLM
+
+        # what a real engine reads when it starts: the backend must have set it before
+        self.environment = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_USE_V1")}
 
         self.kwargs = dict(dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
                            enable_sleep_mode=enable_sleep_mode, seed=seed, **kwargs)
         self.model = FakeModel(AutoModelForCausalLM.from_pretrained(model).eval())
-        worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(model=self.model))
-        self.llm_engine = types.SimpleNamespace(model_executor=types.SimpleNamespace(driver_worker=worker))
         self.asleep, self.prefix_resets, self.requests = False, 0, []
 
     def sleep(self, level: int = 1):
@@ -114,19 +117,19 @@ class FakeLLM:
         return outputs
 
 
-class FakeLLMWithApplyModel(FakeLLM):
-    """Newer vLLM: ``LLM.apply_model(fn)`` runs ``fn`` on the model in each worker."""
-
     def apply_model(self, fn):
+        """``LLM.apply_model(fn)``: ``fn`` run on the model in each worker (one here)."""
         return [fn(self.model)]
 
 
-@pytest.fixture(params=["driver_worker", "apply_model"])
+@pytest.fixture(params=["0.10.2", "0.11.0"])
 def fake_vllm(monkeypatch, request):
+    """A fake vllm of each supported release line: 0.10 (V0 still present, chosen away by VLLM_USE_V1=1) and
+    0.11 (V1 only)."""
     module = types.ModuleType("vllm")
     module.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
-    module.__version__ = "0.0-fake"
-    module.LLM = FakeLLM if request.param == "driver_worker" else FakeLLMWithApplyModel
+    module.__version__ = request.param
+    module.LLM = FakeLLM
     module.SamplingParams = FakeSamplingParams
     inputs = types.ModuleType("vllm.inputs")
     inputs.TokensPrompt = dict
@@ -134,7 +137,8 @@ def fake_vllm(monkeypatch, request):
     monkeypatch.setitem(sys.modules, "vllm", module)
     monkeypatch.setitem(sys.modules, "vllm.inputs", inputs)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # what the backend sets: restored afterwards
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # a user's setting that the backend replaces
+    monkeypatch.delenv("VLLM_USE_V1", raising=False)  # monkeypatch restores both afterwards
     return module
 
 
@@ -199,7 +203,7 @@ def test_vllm_backend_sends_per_request_seeds_and_settings(fake_vllm, tiny, save
     model, tokenizer = tiny
     backend, choice = build_backend("auto", model, tokenizer.pad_token_id, model_path=saved,
                                     gpu_memory_utilization=0.25)
-    assert choice.name == "vllm" and isinstance(backend, VLLMBackend) and backend.cache_tag == "vllm-0.0-fake"
+    assert choice.name == "vllm" and isinstance(backend, VLLMBackend) and backend.cache_tag == f"vllm-{fake_vllm.__version__}"
     assert backend.llm.kwargs["gpu_memory_utilization"] == 0.25 and backend.llm.kwargs["enable_sleep_mode"]
     assert backend.llm.asleep  # colocated: asleep between calls
     prompts = [encode_text(tokenizer, t, is_prompt=True) for t in ("abcd:", "xy:")]
@@ -262,6 +266,58 @@ def test_sync_weights_merges_lora_without_touching_the_policy(fake_vllm, tiny, s
         assert torch.equal(tensor, before[name])
 
 
+def test_syncing_the_reference_of_a_lora_policy_loads_the_base_weights(fake_vllm, tiny, saved):
+    """Evaluation syncs ``AdaptersOff(policy)`` to sample the reference: vLLM must then hold the base weights
+    (every one of them), not keep the trained policy's from the sync before."""
+    from alignexp.models.lora import AdaptersOff
+
+    model, tokenizer = tiny
+    policy = apply_lora(copy.deepcopy(model), LoraArgs(r=4, dropout=0.0))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    backend, _ = build_backend("vllm", policy, tokenizer.pad_token_id, model_path=saved)
+    held = backend.llm.model.hf_model
+    assert not torch.equal(held.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.weight)
+    backend.sync_weights(AdaptersOff(policy))
+    assert len(list(policy_weights(AdaptersOff(policy)))) == len(model.state_dict())
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(held.state_dict()[name], tensor, rtol=0, atol=0)
+
+
+def test_engine_arguments_and_environment_for_each_supported_vllm(fake_vllm, tiny, saved):
+    """The engine starts in this process (a user's VLLM_ENABLE_V1_MULTIPROCESSING=1 replaced, not kept), on V1
+    (VLLM_USE_V1=1 where 0.10 still had V0), with raw log-probs and sleep mode when colocated."""
+    model, tokenizer = tiny
+    backend, _ = build_backend("vllm", model, tokenizer.pad_token_id, model_path=saved, gpu_memory_utilization=0.4)
+    v1_flag = "1" if fake_vllm.__version__.startswith("0.10") else None
+    assert backend.llm.environment == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_USE_V1": v1_flag}
+    assert backend.llm.kwargs == {"dtype": "auto", "gpu_memory_utilization": 0.4, "enable_sleep_mode": True,
+                                  "seed": 0, "logprobs_mode": "raw_logprobs"}
+    kwargs, env = vllm_backend.engine_settings("0.12.0", dtype="bfloat16", gpu_memory_utilization=0.85,
+                                               colocate=False, seed=3)
+    assert env == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} and kwargs["enable_sleep_mode"] is False
+
+
+@pytest.mark.parametrize("version", ["0.6.3", "0.8.5", "0.10.1"])
+def test_a_vllm_older_than_the_floor_is_refused_or_passed_over(fake_vllm, tiny, saved, version):
+    """V0 engines (processed log-probs, no apply_model): backend=vllm refuses, auto samples with the HF engine."""
+    fake_vllm.__version__ = version
+    with pytest.raises(RuntimeError, match=f"vllm {version} is older than {vllm_backend.MIN_VLLM}"):
+        choose_backend("vllm")
+    assert choose_backend("auto").name == "hf" and version in choose_backend("auto").reason
+    with pytest.raises(RuntimeError, match="older than"):
+        VLLMBackend(saved)
+
+
+def test_the_gpu_extra_floor_is_the_backend_floor():
+    tomllib = pytest.importorskip("tomllib")
+
+    extra = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert f"vllm>={vllm_backend.MIN_VLLM}" in extra["gpu"]
+
+
 def test_sample_responses_goes_through_the_backend(fake_vllm, tiny, saved):
     """Prompt i's k-th sample uses the stream sample_seed(seed, first_index + i, k), whichever backend."""
     model, tokenizer = tiny
@@ -286,7 +342,7 @@ def test_the_gpu_sampling_benchmark_runs_on_cpu(fake_vllm):
     record = gpu_sampling.run(gpu_sampling.parse_args(["--device", "cpu", "--size", "tiny", "--layers", "1",
                                                        "--prompts", "3", "--prompt-len", "5", "--new-tokens", "2",
                                                        "--batch", "2"]))
-    assert 3 <= record["hf"]["tokens"] <= 6 and 3 <= record["vllm"]["tokens"] <= 6 and record["vllm"]["version"] == "0.0-fake"
+    assert 3 <= record["hf"]["tokens"] <= 6 and 3 <= record["vllm"]["tokens"] <= 6 and record["vllm"]["version"] == fake_vllm.__version__
     assert record["vllm_over_hf_tokens_per_s"] > 0 and record["vllm"]["sync_weights_s"] >= 0
 
 
@@ -323,7 +379,7 @@ def test_a_run_samples_its_rankings_and_evaluation_through_vllm(fake_vllm, tiny,
     run(cfg)
     record = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert record["sampling"] == {"backend": "vllm", "reason": "vLLM was asked for (backend=vllm)",
-                                  "engine": "vllm-0.0-fake"}
+                                  "engine": f"vllm-{fake_vllm.__version__}"}
     engine = engines[0]
     assert len(engines) == 1
     # 8 prompts x 4 responses for the rankings; 4 prompts x (policy + reference) at the one temperature

@@ -100,20 +100,34 @@ def all_gather(value: T) -> list[T]:
     return out
 
 
-def shard_map(fn: Callable[[int], R], n: int, desc: str | None = None) -> list[R]:
+def shard_map(fn: Callable[[int], R], n: int, desc: str | None = None, *, items: Sequence[int] | None = None,
+              unit: str = "batch", tokens: Callable[[R], int] | None = None) -> list[R]:
     """``[fn(0), ..., fn(n - 1)]`` with unit i computed on rank ``i % world_size()`` and gathered in order.
 
     Each unit (a batch of a forward, a chunk of prompts to sample) is computed exactly as one process
     would compute it, so the gathered result equals the one-process result bit for bit. ``desc``: a
-    tqdm bar of rank 0's units with that title.
+    progress bar of rank 0's work with that title (on a terminal only; rate and ETA), counting units, or
+    ``items[i]`` things of ``unit`` for unit i (the prompts of a chunk); ``tokens(result)``: the tokens a
+    unit generated, shown as tokens per second.
     """
     size, me = world_size(), rank()
     units = range(me, n, size)
+    bar = None
     if desc is not None and me == 0:
         from tqdm.auto import tqdm
 
-        units = tqdm(units, desc=desc, unit="batch", leave=False, disable=None)
-    mine = [fn(i) for i in units]
+        total = sum(items[i] for i in units) if items is not None else len(units)
+        bar = tqdm(total=total, desc=desc, unit=unit, leave=False, disable=None, dynamic_ncols=True)
+    mine, generated, start = [], 0, time.time()
+    for i in units:
+        mine.append(fn(i))
+        if bar is not None:
+            if tokens is not None:
+                generated += tokens(mine[-1])
+                bar.set_postfix_str(f"{generated / max(time.time() - start, 1e-9):.0f} tokens/s", refresh=False)
+            bar.update(items[i] if items is not None else 1)
+    if bar is not None:
+        bar.close()
     if size == 1:
         return mine
     per_rank = all_gather(mine)

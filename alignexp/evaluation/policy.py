@@ -32,7 +32,7 @@ from alignexp.metrics.winrate import (
 from alignexp.models.logprobs import EncodedExample, encode_example, encode_text
 from alignexp.models.reference import response_logps
 from alignexp.sampling.engine import Generation, SamplingParams
-from alignexp.sampling.text import decode, sample_responses
+from alignexp.sampling.text import decode, generated_tokens, sample_responses
 from alignexp.tasks.base import RankedExample, Task, Text
 from alignexp.tasks.loading import DataUnavailable
 
@@ -60,7 +60,8 @@ def sample(model, tokenizer, prompts: Sequence[Text], n: int, params: SamplingPa
     parts = shard_map(lambda i: sample_responses(model, tokenizer, prompts[starts[i]:starts[i] + chunk], n, params,
                                                  seed=args.seed, max_prompt_len=args.max_prompt_len,
                                                  batch_size=args.batch_size, first_index=starts[i], backend=backend),
-                      len(starts), desc if args.progress else None)
+                      len(starts), desc if args.progress else None,
+                      items=[len(prompts[s:s + chunk]) for s in starts], unit="prompt", tokens=generated_tokens)
     return [row for part in parts for row in part]
 
 

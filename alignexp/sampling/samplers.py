@@ -47,7 +47,7 @@ from alignexp.judges import build_judge
 from alignexp.judges.base import Judge, ranked_example
 from alignexp.sampling.engine import ENGINE_VERSION, SamplingParams
 from alignexp.sampling.rejection import rejection_sample
-from alignexp.sampling.text import decode, sample_responses
+from alignexp.sampling.text import decode, generated_tokens, sample_responses
 from alignexp.tasks.base import RankedExample, SampledText, Task, Text
 from alignexp.tasks.loading import NoExamples
 
@@ -94,15 +94,16 @@ def draw(model: Any, tokenizer: Any, prompts: list[Text], n: int, params: Sampli
         backend.sync_weights(model)
         rows = sample_responses(model, tokenizer, prompts, n, params, seed=seed, max_prompt_len=max_prompt_len,
                                 batch_size=batch_size, backend=backend)
-    elif world_size() == 1:
+    elif world_size() == 1 and batch_size % n:  # chunks would not be the engine's batches: one call
         rows = sample_responses(model, tokenizer, prompts, n, params, seed=seed, max_prompt_len=max_prompt_len,
                                 batch_size=batch_size)
-    else:
+    else:  # chunks of whole engine batches, so the samples are the one call's; a progress bar on a terminal
         chunk = max(1, batch_size // n)
         starts = range(0, len(prompts), chunk)
         parts = shard_map(lambda i: sample_responses(model, tokenizer, prompts[starts[i]:starts[i] + chunk], n, params,
                                                      seed=seed, max_prompt_len=max_prompt_len, batch_size=batch_size,
-                                                     first_index=starts[i]), len(starts))
+                                                     first_index=starts[i]), len(starts), f"sampling {n} per prompt",
+                          items=[len(prompts[s:s + chunk]) for s in starts], unit="prompt", tokens=generated_tokens)
         rows = [row for part in parts for row in part]
     return [[SampledText(decode(tokenizer, g), g.token_ids, g.finished) for g in row] for row in rows]
 

@@ -33,6 +33,11 @@ def sample_responses(model, tokenizer, prompts: Sequence[Text], n: int, params: 
     return [flat[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
+def generated_tokens(rows: Sequence[Sequence[Generation]]) -> int:
+    """The tokens sampled in ``rows`` (one list of generations per prompt): a progress bar's tokens per second."""
+    return sum(len(g.token_ids) for row in rows for g in row)
+
+
 def decode(tokenizer, generation: Generation) -> str:
     """The generated text without EOS or other special tokens."""
     return tokenizer.decode(generation.token_ids, skip_special_tokens=True)

@@ -122,10 +122,12 @@ DTYPE_NAMES = ("float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 @dataclass
 class ModelArgs:
-    """``model``: ``path`` is a hub id or a local folder; None builds the model from ``arch``."""
+    """``model``: ``path`` is a hub id or a local folder; None builds the model from ``arch``. ``asset``: the
+    offline asset (:mod:`alignexp.assets`) read instead of the hub id ``path`` where the hub is unreachable."""
 
     name: str = "tiny"
     path: str | None = None
+    asset: str | None = None
     arch: dict = field(default_factory=dict)
     init_seed: int = 0
     dtype: str = "float32"

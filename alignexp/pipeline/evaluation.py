@@ -27,6 +27,9 @@ def save(ctx: RunContext) -> None:
 
 def _finish(ctx: RunContext, result: dict, loss: str, **extra) -> None:
     """eval.json and the table, by rank 0 (every rank keeps the record)."""
+    if hasattr(ctx.task, "describe_gold"):  # a learned gold reward (a classifier): which, and how accurate
+        extra = {**extra, "gold_reward_judge": ctx.task.describe_gold()}
+
     def write() -> dict:
         record = write_eval_json(ctx.out / "eval.json", task=ctx.task.name, loss=loss, model=ctx.args.model.name,
                                  result=result, **extra, **ctx.record_extra, init_from=ctx.init,

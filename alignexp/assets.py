@@ -403,9 +403,10 @@ class Source:
 
 
 def choose_source(hub_id: str | None, asset: str | None, cache_dir: str | os.PathLike | None = None,
-                  key: str = "model") -> Source:
+                  key: str = "model", strict: bool = True) -> Source:
     """The hub id where the hub is reachable (or the id is in the local Hugging Face cache), else the built
-    asset's folder; neither is an error that says how to get either."""
+    asset's folder; neither is an error that says how to get either (with ``strict=False``: the hub id, for
+    the caller's own check to refuse with :func:`how_to_get`)."""
     from alignexp.hub import hub_reachable
 
     if hub_id and hub_reachable():
@@ -416,15 +417,22 @@ def choose_source(hub_id: str | None, asset: str | None, cache_dir: str | os.Pat
         folder = built(asset, cache_dir)
         if folder is not None:
             return Source(str(folder), "asset", f"the hub is not reachable; the offline asset {asset!r} is built")
+    if not strict and hub_id:
+        return Source(hub_id, "hub", f"the hub is not reachable and the asset {asset!r} is not built")
+    raise AssetError(f"{key}: the hub cannot be reached from here and "
+                     f"{'the asset ' + repr(asset) + ' is not built' if asset else 'no offline asset exists'}; "
+                     + how_to_get(hub_id, asset, key))
+
+
+def how_to_get(hub_id: str | None, asset: str | None, key: str) -> str:
+    """The ways to get a model, data set or judge: build its asset, or use the hub."""
     ways = []
     if asset:
         ways.append(f"build the offline asset with `make assets` (or `python -m alignexp.assets fetch {asset}`)")
     if hub_id:
         ways.append(f"run where the hub is reachable ({hub_id}), or download it there "
                     f"(`huggingface-cli download {hub_id} --local-dir /some/folder`) and point {key} at the folder")
-    raise AssetError(f"{key}: the hub cannot be reached from here and "
-                     f"{'the asset ' + repr(asset) + ' is not built' if asset else 'no offline asset exists'}; "
-                     + "; or ".join(ways))
+    return "; or ".join(ways)
 
 
 def _in_hf_cache(repo: str) -> bool:

@@ -114,14 +114,10 @@ def resolve_model_source(model: ModelArgs, cache_dir: str) -> ModelArgs:
     choice is logged (and an error says how to get either when neither is there)."""
     if not model.asset:
         return model
-    from alignexp.assets import AssetError, choose_source
+    from alignexp.assets import choose_source
 
-    try:
-        source = choose_source(model.path, model.asset, cache_dir, key="model.path")
-    except AssetError as error:
-        from alignexp.inputs import ModelUnavailable
-
-        raise ModelUnavailable(str(error)) from None
+    # Neither there: the hub id stays, and the run's preflight refuses it saying how to get either.
+    source = choose_source(model.path, model.asset, cache_dir, key="model.path", strict=False)
     logging.getLogger("alignexp.model").info("model %s: %s (%s)", model.name, source.path, source.reason)
     return model.with_path(source.path)
 

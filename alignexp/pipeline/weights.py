@@ -19,7 +19,7 @@ from alignexp.args import HardwareArgs, ModelArgs, OptimArgs, RunArgs
 from alignexp.distributed import is_main, shared_cache, world_size
 from alignexp.errors import ConfigError
 from alignexp.files import atomic_folder, digest
-from alignexp.inputs import check_model_source, check_writable
+from alignexp.inputs import ModelUnavailable, check_model_source, check_writable
 from alignexp.models.backbone import build_model, build_tokenizer
 from alignexp.pipeline.context import RunContext
 from alignexp.tasks.base import Task
@@ -49,14 +49,28 @@ def check_weights_source(args: RunArgs, task: Task, explicit: str | None, explic
     cached yet, its demonstrations and the cache folder it will be saved in. Returns what it resolved."""
     init = resolve_weights(explicit, args.model, task, wants_sft_policy, lambda: sft_policy_folder(args, task))
     if args.model.path and init is not None and not explicit and init != str(args.model.path):
-        check_model_source(str(args.model.path), "model.path")  # the backbone the SFT policy starts from
-    if explicit or (args.model.path and init == str(args.model.path)):
-        check_model_source(str(init), explicit_key if explicit else "model.path")
+        _check_backbone(args.model)  # the backbone the SFT policy starts from
+    if explicit:
+        check_model_source(str(init), explicit_key)
+    elif args.model.path and init == str(args.model.path):
+        _check_backbone(args.model)
     elif init is not None and not (Path(init) / "config.json").exists():  # the SFT policy is trained first
         check_writable(args.cache_dir, "paths.cache_dir")
         if not task.sft_examples("train"):  # a record task raises NoExamples itself, naming its filters
             raise NoExamples(f"task '{task.name}' has no SFT demonstrations to train its SFT policy on")
     return init
+
+
+def _check_backbone(model: ModelArgs) -> None:
+    """``model.path`` holds a model; where it is a hub id with an offline asset, the error says both ways."""
+    try:
+        check_model_source(str(model.path), "model.path")
+    except ModelUnavailable as error:
+        if not model.asset:
+            raise
+        from alignexp.assets import how_to_get
+
+        raise ModelUnavailable(f"{error} Or, offline: {how_to_get(None, model.asset, 'model.path')}.") from None
 
 
 def check_weights(ctx: RunContext) -> None:

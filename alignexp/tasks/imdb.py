@@ -216,8 +216,11 @@ class ImdbTask(Task):
         return out
 
     def eval_examples(self) -> list[RankedExample]:
-        """Held-out prompts of ``eval_split``, each with the review's own continuation as its reference."""
-        return self._openings(self.eval_split)
+        """Held-out prompts of ``eval_split``, each with the review's own continuation as its reference. (The
+        gold reward is loaded here too, so a run's preflight finds a missing classifier before any work.)"""
+        examples = self._openings(self.eval_split)
+        _ = self.judge
+        return examples
 
 
 def _read_asset(folder: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:

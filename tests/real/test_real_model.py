@@ -196,13 +196,15 @@ def test_judge_held_out_accuracy(reviews):
 
 
 @pytest.mark.slow
-def test_imdb_quick_runs_end_to_end_on_the_fast_settings(compose):
+def test_imdb_quick_runs_end_to_end_on_the_fast_settings(compose, cache_dir):
     """experiment=imdb/quick with debug=fast: every stage on the real model (SFT from the pretrained weights,
     sampling, DPO, save, evaluation), and eval.json names the model, the task and the gold reward's classifier."""
     from alignexp.train import run
 
     asset("smollm2-135m"), asset("sentiment-judge")
-    cfg = compose("experiment=imdb/quick", "debug=fast", f"paths.cache_dir={CACHE}", "hardware.threads=2")
+    if not (cache_dir / "assets").exists():  # the session's cache, with the built assets in it
+        (cache_dir / "assets").symlink_to(assets.assets_dir(CACHE).resolve())
+    cfg = compose("experiment=imdb/quick", "debug=fast", "hardware.threads=2")
     record = run(cfg)
     saved = json.loads((Path(cfg.paths.output_dir) / "eval.json").read_text())
     assert record["task"] == saved["task"] == "imdb" and saved["model"] == "smollm2_135m"

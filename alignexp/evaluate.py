@@ -213,6 +213,9 @@ def parse(cfg: DictConfig) -> EvaluateArgs:
     container = OmegaConf.to_container(cfg, resolve=True)
     check_choice("mode", container["mode"], MODES)
     model = from_mapping(ModelArgs, container["model"], "model")
+    from alignexp.config import resolve_model_source
+
+    model = resolve_model_source(model, container["paths"]["cache_dir"])
     policy = Path(container["policy"]).expanduser() if container["policy"] else None
     run_config, run_record = _run_folder_info(policy) if policy else ({}, {})
     loss = run_config.get("loss") or {}

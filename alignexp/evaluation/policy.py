@@ -175,7 +175,7 @@ def _text_metrics(judge: Judge | None, task: Task, prompts: Sequence[Text], text
     columns: Columns = {"text": list(texts), "chars": char_lengths(texts),
                         "tokens": [len(g.token_ids) for g in generations]}
     if task.has_gold_reward:
-        columns["gold_reward"] = [task.gold_reward(p, t) for p, t in zip(prompts, texts)]
+        columns["gold_reward"] = task.gold_rewards(prompts, texts)
         out.update(summary("gold_reward", columns["gold_reward"]))
     if judge is not None and judge.name != "gold" and scores_cheaply(judge):
         columns["judge_score"] = batched(judge.score, prompts, texts, batch_size=args.batch_size,
@@ -250,7 +250,7 @@ def best_of_n(reference, tokenizer, prompts: Sequence[Text], judge: Judge, task:
         picks = [row[i] for row, i in zip(texts, chosen)]
         entry: dict[str, float] = {"n": n, "kl": best_of_n_kl(n)}
         if task.has_gold_reward:
-            entry.update(summary("gold_reward", [task.gold_reward(p, t) for p, t in zip(prompts, picks)]))
+            entry.update(summary("gold_reward", task.gold_rewards(prompts, picks)))
         if judge.name != "gold":
             entry.update(summary("judge_score", [row[i] for row, i in zip(scores, chosen)]))
         out.append(entry)

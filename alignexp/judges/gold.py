@@ -23,11 +23,12 @@ class GoldJudge(ScoreJudge):
             raise ValueError(f"judge.name=gold: task '{task.name}' has no gold reward; use judge=reward_model "
                              f"(with judge.path) or judge=llm")
         self.reward_fn = task.gold_reward
+        self.rewards_fn = task.gold_rewards
 
     def score(self, prompts: Sequence[Text], responses: Sequence[Text]) -> list[float]:
         if len(prompts) != len(responses):
             raise ValueError(f"{len(prompts)} prompts for {len(responses)} responses")
-        return [float(self.reward_fn(p, r)) for p, r in zip(prompts, responses)]
+        return [float(r) for r in self.rewards_fn(list(prompts), list(responses))]
 
 
 class NoisyGoldJudge(GoldJudge):

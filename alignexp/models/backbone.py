@@ -13,7 +13,7 @@ from alignexp.hub import ensure_offline_if_unreachable
 from alignexp.inputs import ModelUnavailable, looks_local, missing_model_message
 from alignexp.logs import log_once
 from alignexp.models.attention import softcapped_attention_forward
-from alignexp.models.tokenizer import build_byte_tokenizer, ensure_chat_template
+from alignexp.models.tokenizer import apply_conventions, build_byte_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +130,8 @@ def build_tokenizer(args: ModelArgs):
     from transformers import AutoTokenizer
 
     tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, args.path, "tokenizer")
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    ensure_chat_template(tokenizer)
+    conventions = apply_conventions(tokenizer, args.path)  # BOS, EOS, pad, chat template (models/tokenizer.py)
+    log.info("tokenizer of %s: %s", args.path, ", ".join(f"{k} {v}" for k, v in conventions.items()))
     return tokenizer
 
 

@@ -59,3 +59,37 @@ def ensure_chat_template(tokenizer) -> None:
     """Give a tokenizer without a chat template the documented default one."""
     if getattr(tokenizer, "chat_template", None) is None:
         tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+
+
+def apply_conventions(tokenizer, source: str = "") -> dict[str, object]:
+    """Make a loaded tokenizer meet alignexp's conventions; returns them (logged by the caller).
+
+    * **EOS** ends every response (added when a response is encoded; sampling stops at the first EOS).
+      A tokenizer without one is refused: nothing could end a response.
+    * **BOS** starts every plain-text prompt where the tokenizer has one (chat prompts get the chat
+      template's own opening instead).
+    * **pad** fills the unused positions of a batch and is never attended to or read back: log-probs use
+      explicit lengths, sampling stops at the first EOS (a finished row pads, even where pad = EOS), and a
+      reward model is saved with a pad token of its own, so that Hugging Face's pooling (the last non-pad
+      token) is not misled. A tokenizer without a pad token gets its unknown token where that is neither
+      EOS nor BOS, else its EOS; one whose pad is already its EOS (SmolLM2, Llama-family ports) keeps it.
+    * **Long prompts** keep their last ``model.max_prompt_len`` tokens, responses their first
+      ``model.max_response_len`` (a response cut there has no EOS); the tokenizer's own
+      ``model_max_length`` is not used (many tokenizers leave it at 1e30).
+    * **Chat template**: the tokenizer's own on chat tasks (message lists), else the documented default.
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{source or 'the tokenizer'}: it has no EOS token, so no response could end; set "
+                         f"tokenizer.eos_token in the folder's tokenizer_config.json")
+    if tokenizer.pad_token_id is None:
+        unk = tokenizer.unk_token_id
+        if unk is not None and unk not in (tokenizer.eos_token_id, tokenizer.bos_token_id):
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.pad_token = tokenizer.eos_token
+    had_template = getattr(tokenizer, "chat_template", None) is not None
+    ensure_chat_template(tokenizer)
+    return {"bos": (tokenizer.bos_token, tokenizer.bos_token_id), "eos": (tokenizer.eos_token, tokenizer.eos_token_id),
+            "pad": (tokenizer.pad_token, tokenizer.pad_token_id), "pad_is_eos": tokenizer.pad_token_id ==
+            tokenizer.eos_token_id, "vocab": len(tokenizer),
+            "chat_template": "the tokenizer's own" if had_template else "alignexp's default"}

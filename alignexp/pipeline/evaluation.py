@@ -28,6 +28,9 @@ def save(ctx: RunContext) -> None:
 
 def _finish(ctx: RunContext, result: dict, loss: str, **extra) -> None:
     """eval.json and the table, by rank 0 (every rank keeps the record)."""
+    if hasattr(ctx.task, "describe_gold"):  # a learned gold reward (a classifier): which, and how accurate
+        extra = {**extra, "gold_reward_judge": ctx.task.describe_gold()}
+
     def write() -> dict:
         record = write_eval_json(ctx.out / "eval.json", task=ctx.task.name, loss=loss, model=ctx.args.model.name,
                                  result=result, **extra, **ctx.record_extra, init_from=ctx.init,
@@ -62,7 +65,8 @@ def evaluate(ctx: RunContext) -> None:
     judge = build_judge(args.judge, ctx.task, key="judge", device=ctx.hw.torch_device)
     result = evaluate_policy(ctx.policy, ctx.reference, ctx.tokenizer, ctx.task, args.eval, judge=judge,
                              max_response_len=args.model.max_response_len, backend=ctx.backend)
-    _finish(ctx, result, ctx.spec.name, hparams=args.loss.hparams)
+    identity = {"judge_identity": judge.identity()} if hasattr(judge, "identity") else {}  # a classifier's source
+    _finish(ctx, result, ctx.spec.name, hparams=args.loss.hparams, **identity)
 
 
 @register_stage("best_of_n", trains_policy=False,

@@ -2,7 +2,9 @@
 
 The policy starts from, in order: the weights named explicitly (``init_from``, ``policy=``), the
 backbone ``model.path``, the task's own SFT policy (where the task trains one and the run wants one:
-trained and cached when missing, :func:`ensure_sft_policy`), or a model built from ``model.arch``.
+trained and cached when missing, :func:`ensure_sft_policy`), or a model built from ``model.arch``. A task
+whose SFT starts from the pretrained backbone (``sft_from_backbone``, the imdb task) puts its SFT policy
+before ``model.path``: ``model.path`` is then the backbone the SFT policy is fine-tuned from.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from alignexp.args import HardwareArgs, ModelArgs, OptimArgs, RunArgs
 from alignexp.distributed import is_main, shared_cache, world_size
 from alignexp.errors import ConfigError
 from alignexp.files import atomic_folder, code_keyed, digest
-from alignexp.inputs import check_model_source, check_writable
+from alignexp.inputs import ModelUnavailable, check_model_source, check_writable
 from alignexp.models.backbone import build_model, build_tokenizer
 from alignexp.pipeline.context import RunContext
 from alignexp.tasks.base import Task
@@ -36,6 +38,8 @@ def resolve_weights(explicit: str | None, model: ModelArgs, task: Task, wants_sf
     """The folder or hub id to load (None: build from ``model.arch``); see the module docstring."""
     if explicit:
         return str(explicit)
+    if wants_sft_policy and task.trains_sft_policy and getattr(task, "sft_from_backbone", False):
+        return str(sft_policy())
     if model.path:
         return str(model.path)
     if wants_sft_policy and task.trains_sft_policy:
@@ -49,13 +53,29 @@ def check_weights_source(args: RunArgs, task: Task, explicit: str | None, explic
     them (a folder that holds a model, a hub id that exists), or, where the task's SFT policy is not
     cached yet, its demonstrations and the cache folder it will be saved in. Returns what it resolved."""
     init = resolve_weights(explicit, args.model, task, wants_sft_policy, lambda: sft_policy_folder(args, task))
-    if explicit or args.model.path:
-        check_model_source(str(init), explicit_key if explicit else "model.path")
+    if args.model.path and init is not None and not explicit and init != str(args.model.path):
+        _check_backbone(args.model)  # the backbone the SFT policy starts from
+    if explicit:
+        check_model_source(str(init), explicit_key)
+    elif args.model.path and init == str(args.model.path):
+        _check_backbone(args.model)
     elif init is not None and not (Path(init) / "config.json").exists():  # the SFT policy is trained first
         check_writable(args.cache_dir, "paths.cache_dir")
         if not task.sft_examples("train"):  # a record task raises NoExamples itself, naming its filters
             raise NoExamples(f"task '{task.name}' has no SFT demonstrations to train its SFT policy on")
     return init
+
+
+def _check_backbone(model: ModelArgs) -> None:
+    """``model.path`` holds a model; where it is a hub id with an offline asset, the error says both ways."""
+    try:
+        check_model_source(str(model.path), "model.path")
+    except ModelUnavailable as error:
+        if not model.asset:
+            raise
+        from alignexp.assets import how_to_get
+
+        raise ModelUnavailable(f"{error} Or, offline: {how_to_get(None, model.asset, 'model.path')}.") from None
 
 
 def check_weights(ctx: RunContext) -> None:
@@ -97,7 +117,8 @@ def ensure_sft_policy(args: RunArgs, task: Task) -> Path:
     from alignexp.pipeline.fit import fit, write_policy
 
     folder = sft_policy_folder(args, task)
-    base = dataclasses.replace(args.model, path=None)
+    # The task's SFT starts from the pretrained backbone where the task says so, else from model.arch.
+    base = args.model if getattr(task, "sft_from_backbone", False) else dataclasses.replace(args.model, path=None)
     tokenizer = build_tokenizer(base)
 
     def train():

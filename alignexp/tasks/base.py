@@ -262,6 +262,9 @@ class Task:
     trains_sft_policy: bool = False
     offline_preferences: bool = True
     samples_preferences: bool = False
+    # The task's SFT policy is fine-tuned from the pretrained backbone (model.path) rather than built from
+    # model.arch: a task on real text (imdb) fine-tunes a real model; model.path then names the backbone.
+    sft_from_backbone: bool = False
     ranking_length: int | None = None
     eval_split: str | None = None
     last_report: LoadReport | None = None
@@ -283,6 +286,10 @@ class Task:
 
     def gold_reward(self, prompt: Text, response: Text) -> float:
         raise NotImplementedError(f"task '{self.name}' has no gold reward")
+
+    def gold_rewards(self, prompts: Sequence[Text], responses: Sequence[Text]) -> list[float]:
+        """r*(x, y) for many pairs at once; a task whose gold reward is a model scores them in batches."""
+        return [float(self.gold_reward(p, r)) for p, r in zip(prompts, responses)]
 
     def sft_key(self) -> dict[str, Any]:
         """The settings the task's SFT data depends on (the SFT policy's cache key)."""

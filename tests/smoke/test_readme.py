@@ -36,7 +36,8 @@ def test_train_commands_compose_and_validate(compose, command):
     validate(compose(*first_values))
 
 
-NEEDS_HUB_OR_GPU = re.compile(r"model=\w+7b|task=(?!synthetic)|hardware=(?!cpu)|hydra/launcher=slurm|--config-dir")
+NEEDS_HUB_OR_GPU = re.compile(r"model=\w+7b|task=(?!synthetic)|hardware=(?!cpu)|hydra/launcher=slurm|--config-dir"
+                              r"|experiment=imdb")  # the real model's runs: tests/real/
 RUNNABLE = [c for c in TRAIN if not NEEDS_HUB_OR_GPU.search(c)]
 
 

@@ -1,0 +1,110 @@
+"""The DPO paper's Fig. 2 left on real text: SmolLM2-135M, movie reviews, a sentiment judge as gold reward.
+
+    make assets                                   # once: the model, the reviews, the judge (offline)
+    python experiments/imdb/run.py                # every arm, in order (resumable: a rerun skips done jobs)
+    python experiments/imdb/run.py --arms dpo_beta0.1 ppo
+    python experiments/imdb/run.py --probe        # the timing probe: one job of each kind, its CPU time
+    python experiments/imdb/run.py --report       # tables, plots and comparisons from what ran
+
+Each arm is one Hydra multirun of ``experiment=imdb/frontier`` (its protocol: conf/experiment/imdb/frontier.yaml)
+with the arm's overrides, written to ``multirun/imdb/<arm>``; its sweep is over the arm's budget and the seeds.
+A stopped run continues where it stopped: completed jobs are skipped (``jobs.jsonl``), the SFT policy, the
+sampled preferences and the reference log-probs are cached. Wall times go to ``wall_times.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+OUT = REPO / "multirun" / "imdb"
+PYTHON = os.environ.get("PYTHON", sys.executable)
+SEEDS = "seed=0,1,2"
+STEPS = "train.max_steps=8,16,32,64"
+
+
+@dataclass
+class Arm:
+    name: str
+    overrides: list[str]
+
+
+ARMS = [
+    Arm("dpo_beta0.05", ["loss=dpo", "loss.beta=0.05", STEPS, SEEDS]),
+    Arm("dpo_beta0.1", ["loss=dpo", "loss.beta=0.1", STEPS, SEEDS]),
+    Arm("dpo_beta0.5", ["loss=dpo", "loss.beta=0.5", STEPS, SEEDS]),
+    # Ranked DPO on the same rankings of 4 (Plackett-Luce over all 4 responses) at beta 0.1.
+    Arm("ranked_dpo", ["loss=ranked_dpo", "loss.beta=0.1", STEPS, SEEDS]),
+    # Preferred-FT: SFT on each prompt's best sample.
+    Arm("preferred_ft", ["loss=preferred_ft", STEPS, SEEDS]),
+    # PPO with the gold judge as its reward (rollouts of 32 prompts per iteration).
+    Arm("ppo", ["loss=ppo", "train.max_steps=1", "ppo.steps=4,8,16,32", "ppo.kl_coef=0.1", SEEDS]),
+    # Best-of-N of the SFT policy under the gold judge, at its analytic KL log N - (N - 1) / N.
+    Arm("best_of_n", ["sampler=best_of_n", "sampler.n=2,4,16", "train.max_steps=1", SEEDS]),
+]
+PROBE = [
+    Arm("probe_dpo", ["loss=dpo", "train.max_steps=8", "seed=0"]),
+    Arm("probe_ppo", ["loss=ppo", "train.max_steps=1", "ppo.steps=2", "seed=0"]),
+    Arm("probe_best_of_n", ["sampler=best_of_n", "sampler.n=4", "train.max_steps=1", "seed=0"]),
+]
+COMPARE = ["dpo_beta0.1:ppo", "dpo_beta0.1:preferred_ft", "ranked_dpo:dpo_beta0.1"]
+
+
+def command(arm: Arm) -> list[str]:
+    return [PYTHON, "-m", "alignexp.train", "-m", "experiment=imdb/frontier", f"run_name={arm.name}", *arm.overrides,
+            f"hydra.sweep.dir={OUT / arm.name}"]
+
+
+def run_arm(arm: Arm, log: Path) -> dict[str, float]:
+    """The arm's multirun; its wall and CPU time (of the child processes) in seconds."""
+    print(f"[imdb] {arm.name}: {' '.join(command(arm)[2:])}", flush=True)
+    start, cpu = time.time(), os.times()
+    with log.open("a") as handle:
+        result = subprocess.run(command(arm), cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                                     "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline"})
+    end = os.times()
+    if result.returncode != 0:
+        raise SystemExit(f"[imdb] {arm.name} failed (exit {result.returncode}); see {log}")
+    return {"wall_s": round(time.time() - start, 1),
+            "cpu_s": round(end.children_user + end.children_system - cpu.children_user - cpu.children_system, 1)}
+
+
+def report() -> None:
+    command = [PYTHON, "-m", "alignexp.report", str(OUT), "--out", str(HERE / "report"), "--kl", "0.5", "1", "2",
+               "--compare", *COMPARE]
+    print("[imdb] " + " ".join(command[2:]), flush=True)
+    subprocess.run(command, cwd=REPO, check=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arms", nargs="*", help=", ".join(a.name for a in ARMS))
+    parser.add_argument("--probe", action="store_true", help="one job of each kind (the timing probe)")
+    parser.add_argument("--report", action="store_true", help="only the report of what ran")
+    args = parser.parse_args()
+    if args.report:
+        report()
+        return
+    arms = PROBE if args.probe else [a for a in ARMS if not args.arms or a.name in args.arms]
+    OUT.mkdir(parents=True, exist_ok=True)
+    times_file = HERE / ("probe_times.json" if args.probe else "wall_times.json")
+    times = json.loads(times_file.read_text()) if times_file.exists() else {}
+    for arm in arms:
+        took = run_arm(arm, OUT / "run.log")
+        times[arm.name] = {**took, "overrides": arm.overrides}
+        times_file.write_text(json.dumps(times, indent=2) + "\n")
+    if not args.probe:
+        report()
+
+
+if __name__ == "__main__":
+    main()

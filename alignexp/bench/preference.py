@@ -50,9 +50,9 @@ SHAPES = {
 REAL_SHAPES = {
     "smol-dpo": Shape("smol-dpo", 8, 2, (16, 64), (8, 112), 128, "dpo", 0.33,
                       "DPO-shaped: 8 pairs/batch, prompt 16-64 tokens, prompt + response <= 128", 0.3, "real"),
-    "smol-ranked": Shape("smol-ranked", 1, 4, (256, 512), (32, 64), None, "ranked_dpo", 0.2,
-                         "TL;DR lengths at 1 prompt/batch: a ranking of 4, prompt 256-512 tokens, responses 32-64",
-                         None, "real"),
+    "smol-ranked": Shape("smol-ranked", 1, 4, (128, 256), (32, 64), None, "ranked_dpo", 0.2,
+                         "ranked, small enough for TRL: 1 prompt/batch, a ranking of 4, prompt 128-256 tokens, "
+                         "responses 32-64", None, "real"),
     "smol-tldr": Shape("smol-tldr", 8, 4, (256, 512), (32, 64), None, "ranked_dpo", None,
                        "TL;DR-shaped: 8 prompts/batch, rankings of 4, prompts 256-512 tokens, responses 32-64",
                        None, "real"),

@@ -65,5 +65,6 @@ def real_rows(args: argparse.Namespace, names: list[str]) -> dict:
     out: dict = {"model": str(path)}
     if names:
         out["preference"] = preference.real_preference_rows(args, names)
-    out["generation"] = generation.real_generation_rows(args)
+    if args.real_gen_runs > 0:
+        out["generation"] = generation.real_generation_rows(args)
     return out

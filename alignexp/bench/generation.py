@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gen-threads", type=int, default=1, help="torch.set_num_threads for the generation rows")
     parser.add_argument("--real-gen-batch", type=int, default=32, help="prompts per call on the real model")
     parser.add_argument("--real-gen-new-tokens", type=int, default=32, help="new tokens per prompt on the real model")
-    parser.add_argument("--real-gen-runs", type=int, default=3, help="timed runs per side on the real model")
+    parser.add_argument("--real-gen-runs", type=int, default=3, help="timed runs per side on the real model (0: no generation rows there)")
 
 
 def build(model_name: str):

@@ -520,7 +520,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     real.add_argument("--real-steps", type=int, default=4, help="timed steps per side on the real model")
     real.add_argument("--real-warmup", type=int, default=1, help="untimed steps per side on the real model")
     real.add_argument("--real-batches", type=int, default=1, help="distinct batches on the real model")
-    real.add_argument("--real-cap-gb", type=float, default=10.0,
+    real.add_argument("--real-cap-gb", type=float, default=14.0,
                       help="memory cap of each side's process on the real model: a side that needs more is "
                            "reported as not fitting")
 

@@ -23,9 +23,6 @@ ENGINE_VERSION = 2
 1: one ``torch.Generator`` per row and ``torch.multinomial`` on the host. 2: counter-based uniforms on
 the device and inverse-CDF draws (:func:`stream_uniforms`, :func:`sample_next`)."""
 
-PREFILL_CALL_COST = 256
-"""Padding positions one more prefill call must save to be worth making (:func:`prefill_groups`)."""
-
 TOP_P_PREFIX = 256
 """Top-p without top-k looks for the nucleus among this many most likely tokens first, and sorts the
 whole vocabulary only when their mass falls short of ``top_p`` (on the CPU; see :func:`sample_next`)."""
@@ -309,14 +306,10 @@ def _generate_batch(model, prompts, params: SamplingParams, eos_id: int, pad_id:
     workspace = None
     past, step_ids = None, input_ids
     for step in range(new):
-        if step == 0:
-            past, logits = _prefill(model, input_ids, attention[:, :width], positions, [len(p) for p in prompts],
-                                    cache_key, extra)
-        else:
-            output = model(input_ids=step_ids, attention_mask=attention[:, :width + step], position_ids=positions,
-                           use_cache=True, **{cache_key: past}, **extra)
-            past = getattr(output, cache_key)
-            logits = output.logits[:, -1, :].float()
+        output = model(input_ids=step_ids, attention_mask=attention[:, :width + step], position_ids=positions,
+                       use_cache=True, **{cache_key: past}, **extra)
+        past = getattr(output, cache_key)
+        logits = output.logits[:, -1, :].float()
         if workspace is None:
             workspace = (torch.empty_like(logits), torch.empty_like(logits))
         next_ids, next_logps = sample_next(logits, params, None if uniforms is None else uniforms[:, step], workspace)
@@ -332,71 +325,3 @@ def _generate_batch(model, prompts, params: SamplingParams, eos_id: int, pad_id:
     tokens, logprobs, finished = tokens.cpu(), logprobs.cpu(), finished.tolist()
     return [Generation(tokens[i, :lengths[i]].tolist(), logprobs[i, :lengths[i]].tolist(), finished[i])
             for i in range(batch)]
-
-
-def prefill_groups(lengths: Sequence[int], call_cost: int | None = None) -> list[list[int]]:
-    """Rows grouped for the prefill, each group left-padded to its longest prompt: the grouping of the rows
-    sorted by length that minimises the positions computed plus ``call_cost`` per call (dynamic programming;
-    default :data:`PREFILL_CALL_COST`). One group where padding wastes little (short batches, similar lengths)."""
-    call_cost = PREFILL_CALL_COST if call_cost is None else call_cost
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    n = len(order)
-    best, cut = [0] + [float("inf")] * n, [0] * (n + 1)
-    for j in range(1, n + 1):
-        for i in range(j):
-            cost = best[i] + (j - i) * lengths[order[j - 1]] + call_cost
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], n
-    while j > 0:
-        groups.append(order[cut[j]:j])
-        j = cut[j]
-    return groups[::-1]
-
-
-def _prefill(model, input_ids: Tensor, attention: Tensor, positions: Tensor, lengths: list[int], cache_key: str,
-             extra: dict) -> tuple[object, Tensor]:
-    """The prompts' forward: the KV cache and the next-token logits (B, V) in fp32.
-
-    Where the prompts' lengths differ enough (:func:`prefill_groups`), rows of similar length run in separate
-    calls, each left-padded to its own longest prompt, and their caches are joined into the batch's (left-padded
-    to the batch's width; padded keys are masked, as they are in one call). Only for transformers'
-    ``DynamicCache`` of plain layers (no sliding window); other caches take one call over the whole batch.
-    """
-    from transformers.cache_utils import DynamicCache, DynamicLayer
-
-    width = input_ids.shape[1]
-    groups = prefill_groups(lengths)
-
-    def run(rows: list[int] | None):
-        if rows is None:
-            ids, mask, pos = input_ids, attention, positions
-        else:
-            w = max(lengths[r] for r in rows)
-            index = torch.as_tensor(rows, device=input_ids.device)
-            ids, mask, pos = (t.index_select(0, index)[:, width - w:] for t in (input_ids, attention, positions))
-        output = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **extra)
-        return getattr(output, cache_key), output.logits[:, -1, :].float()
-
-    if len(groups) == 1:
-        return run(None)
-    parts = [run(rows) for rows in groups]
-    caches = [cache for cache, _ in parts]
-    if not all(type(c) is DynamicCache and all(type(layer) is DynamicLayer for layer in c.layers) for c in caches):
-        return run(None)
-    rows = [r for g in groups for r in g]
-    back = torch.empty(len(rows), dtype=torch.long)
-    back[torch.as_tensor(rows)] = torch.arange(len(rows))
-    back = back.to(input_ids.device)
-    logits = torch.cat([lg for _, lg in parts]).index_select(0, back)
-    past = caches[0]
-    for i, layer in enumerate(past.layers):
-        for name in ("keys", "values"):
-            pieces = [getattr(c.layers[i], name) for c in caches]
-            joined = pieces[0].new_zeros((len(rows), *pieces[0].shape[1:-2], width, pieces[0].shape[-1]))
-            start = 0
-            for piece in pieces:
-                joined[start:start + piece.shape[0], ..., width - piece.shape[-2]:, :] = piece
-                start += piece.shape[0]
-            setattr(layer, name, joined.index_select(0, back))
-    return past, logits

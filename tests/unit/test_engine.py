@@ -264,30 +264,3 @@ def test_bad_generate_input_is_named(tiny):
         generate(model, [[1], [2]], SamplingParams(), eos_id=0, pad_id=0, seeds=[0])
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         generate(model, [[1], []], SamplingParams(), eos_id=0, pad_id=0, seeds=[0, 1])
-
-
-def test_grouped_prefill_equals_one_call(tiny, monkeypatch):
-    """Prompts of very different lengths prefill in groups (each padded to its own longest prompt, the caches
-    joined): the samples and log-probs are those of one call over the whole left-padded batch."""
-    from alignexp.sampling import engine
-
-    model, tokenizer = tiny
-    texts = ["ab:", "xyz:", "q:", "hi:"] + ["a much longer prompt, " * 8 + str(i) for i in range(4)]
-    ids = prompt_ids(tokenizer, texts)
-    assert [sorted(g) for g in engine.prefill_groups([len(p) for p in ids])] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    calls = []
-    handle = model.lm_head.register_forward_hook(lambda module, args, out: calls.append(out.shape[0]))
-    kwargs = {"eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id, "seeds": range(8)}
-    params = SamplingParams(max_new_tokens=6)
-    try:
-        grouped = generate(model, ids, params, **kwargs)
-        assert calls[:2] == [4, 4]  # two prefill calls of 4 rows, then the batch's decode steps
-        monkeypatch.setattr(engine, "PREFILL_CALL_COST", 10**9)
-        calls.clear()
-        single = generate(model, ids, params, **kwargs)
-        assert calls[0] == 8
-    finally:
-        handle.remove()
-    assert [g.token_ids for g in grouped] == [g.token_ids for g in single]
-    for a, b in zip(grouped, single):
-        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)

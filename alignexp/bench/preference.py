@@ -194,7 +194,7 @@ class TrlSide:
     def __init__(self, shape: Shape, texts: list[tuple[str, list[str]]], model, tokenizer):
         import torch
         from datasets import Dataset
-        from trl import DPOConfig, DPOTrainer
+        from trl import DPOConfig
 
         rows = trl_rows(encode_rows(tokenizer, texts))
         data = Dataset.from_dict({key: [row[key] for row in rows] for key in rows[0]})
@@ -592,7 +592,7 @@ def _compare(shape: Shape, specs: tuple[SideSpec, ...], args: argparse.Namespace
               "(max |difference|)")
     _print_sides(results, ready)
     if ours is None or theirs is None:
-        print(f"  ratio alignexp/TRL: none (a side did not fit); target: reported as it is")
+        print("  ratio alignexp/TRL: none (a side did not fit); target: reported as it is")
         return out
     ratio, cpu_ratio = ours.median_s / theirs.median_s, ours.median_cpu_s / theirs.median_cpu_s
     mem_ratio = ours.memory["peak step MB"] / theirs.memory["peak step MB"]

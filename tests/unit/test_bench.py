@@ -57,7 +57,14 @@ def test_real_model_path_feeds_both_sides_the_same_token_ids(tmp_path):
     own tokenisation of the text (prompt + completion together, cut at the common prefix) changes the pair whose
     prompt ends in a space; the two sides' reference log-probs then agree."""
     pytest.importorskip("trl")
-    from alignexp.bench.preference import AlignexpSide, Shape, SideSpec, TrlSide, build_side_model, make_word_texts
+    from alignexp.bench.preference import (
+        AlignexpSide,
+        Shape,
+        SideSpec,
+        TrlSide,
+        build_side_model,
+        make_word_texts,
+    )
 
     _real_like_folder(tmp_path)
     shape = Shape("test", 2, 3, (6, 12), (3, 8), None, "ranked_dpo", None, "test", None, "real")

@@ -11,7 +11,7 @@ import alignexp.bench.generation as generation
 import alignexp.bench.preference as preference
 from alignexp.bench.probes import load
 
-PARTS = ("preference", "memory", "generation")
+PARTS = ("preference", "memory", "generation", "real")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -19,7 +19,8 @@ def main(argv: list[str] | None = None) -> dict:
                                      "each row prints a ratio against a baseline measured in the same run.")
     parser.add_argument("--parts", default=",".join(PARTS),
                         help="comma-separated: preference (against TRL), memory (log-probs at a 32k vocabulary), "
-                             "generation (against transformers' generate)")
+                             "generation (against transformers' generate), real (the preference step against TRL "
+                             "and generation against generate on the real model of --real-model)")
     preference.add_arguments(parser)
     generation.add_arguments(parser)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         parser.error(f"--parts: unknown part(s) {', '.join(unknown)}; known: {', '.join(PARTS)}")
     names = preference.shape_names(parser, args)
+    real_names = preference.real_shape_names(parser, args)
 
     import torch
 
@@ -41,6 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
         report["memory"] = preference.logit_memory_rows(args, names)
     if "generation" in parts:
         report["generation"] = generation.generation_rows(args)
+    if "real" in parts:
+        report["real"] = real_rows(args, real_names)
     print(f"\nload average after: {load()} (on a busy machine each parallel region waits for its threads to be "
           "scheduled: that adds about the same time per step to both sides and pulls the time ratios towards 1)")
     report["load_after"] = load()
@@ -48,3 +52,19 @@ def main(argv: list[str] | None = None) -> dict:
         args.json.write_text(json.dumps(report, indent=1))
     return report
 
+
+
+def real_rows(args: argparse.Namespace, names: list[str]) -> dict:
+    """The rows on the real model, or one line saying why they are skipped."""
+    path = Path(args.real_model)
+    if not (path / "config.json").is_file():
+        reason = f"no folder at {path}" if not path.exists() else f"no config.json in {path}"
+        print(f"\n== Real model: skipped: {reason}; run make assets "
+              "(python -m alignexp.assets fetch smollm2-135m), or give --real-model PATH", flush=True)
+        return {"skipped": reason}
+    out: dict = {"model": str(path)}
+    if names:
+        out["preference"] = preference.real_preference_rows(args, names)
+    if args.real_gen_runs > 0:
+        out["generation"] = generation.real_generation_rows(args)
+    return out

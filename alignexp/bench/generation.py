@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gen-new-tokens", type=int, default=48, help="new tokens per prompt")
     parser.add_argument("--gen-runs", type=int, default=5, help="timed runs per side and setting (after one warm-up)")
     parser.add_argument("--gen-threads", type=int, default=1, help="torch.set_num_threads for the generation rows")
+    parser.add_argument("--real-gen-batch", type=int, default=32, help="prompts per call on the real model")
+    parser.add_argument("--real-gen-new-tokens", type=int, default=32, help="new tokens per prompt on the real model")
+    parser.add_argument("--real-gen-runs", type=int, default=3, help="timed runs per side on the real model (0: no generation rows there)")
 
 
 def build(model_name: str):
@@ -72,32 +75,36 @@ def _times(fn, runs: int) -> list[float]:
     return times
 
 
-def run_setting(setting: Setting, args: argparse.Namespace) -> dict:
+def run_setting(setting: Setting, args: argparse.Namespace, model=None, batch: list[list[int]] | None = None,
+                eos: int = EOS, pad: int = PAD) -> dict:
     """Both sides alternated run by run; decode step = (time of N new tokens - time of 1) / (N - 1); sampling
-    per step timed alone on the model's own next-token logits of the batch (median of N draws)."""
+    per step timed alone on the model's own next-token logits of the batch (median of N draws).
+
+    ``model``, ``batch`` (prompts' token ids), ``eos``, ``pad``: a model of one's own (default: the setting's
+    :data:`MODELS` entry, random prompts)."""
     import torch
     from transformers import GenerationConfig
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
     from alignexp.sampling.engine import SamplingParams, generate, sample_next, stream_keys, stream_uniforms
 
-    model = build(setting.model)
+    model = build(setting.model) if model is None else model
     vocab = model.config.vocab_size
-    batch = prompts(args.gen_batch, vocab)
+    batch = prompts(args.gen_batch, vocab) if batch is None else batch
     width = max(map(len, batch))
-    input_ids = torch.full((len(batch), width), PAD)
+    input_ids = torch.full((len(batch), width), pad)
     attention = torch.zeros((len(batch), width), dtype=torch.long)
     for i, p in enumerate(batch):
         input_ids[i, width - len(p):], attention[i, width - len(p):] = torch.tensor(p), 1
 
     def engine(new: int):
         params = SamplingParams(temperature=setting.temperature, top_p=setting.top_p, max_new_tokens=new)
-        return lambda: generate(model, batch, params, eos_id=EOS, pad_id=PAD, seeds=range(len(batch)),
+        return lambda: generate(model, batch, params, eos_id=eos, pad_id=pad, seeds=range(len(batch)),
                                 batch_size=len(batch))
 
     def hf(new: int):
         config = GenerationConfig(do_sample=True, temperature=setting.temperature, top_k=0, top_p=setting.top_p,
-                                  max_new_tokens=new, eos_token_id=EOS, pad_token_id=PAD)
+                                  max_new_tokens=new, eos_token_id=eos, pad_token_id=pad)
 
         def run():
             with torch.no_grad():
@@ -177,3 +184,52 @@ def generation_rows(args: argparse.Namespace) -> dict:
     finally:
         torch.set_num_threads(threads)
     return out
+
+
+def real_generation_rows(args: argparse.Namespace) -> dict:
+    """Generation on the real model's folder (``--real-model``): ``--real-gen-batch`` prompts of English words
+    (16-64 tokens with BOS, the real tokenizer), ``--real-gen-new-tokens`` new tokens, T = 1, no top-k or top-p,
+    a stop at the tokenizer's EOS; ``--threads`` threads."""
+    import random
+
+    import torch
+    import transformers
+
+    from alignexp.args import ModelArgs
+    from alignexp.bench.preference import WORDS
+    from alignexp.models.backbone import build_model, build_tokenizer
+
+    margs = ModelArgs(name="real", path=str(args.real_model), attn_implementation="sdpa", dtype="float32")
+    tokenizer = build_tokenizer(margs)
+    model = build_model(margs, tokenizer, "cpu").eval()
+    rng = random.Random(0)
+    batch = []
+    for _ in range(args.real_gen_batch):
+        n = rng.randint(16, 64)
+        ids = [tokenizer.bos_token_id] + tokenizer(" ".join(rng.choice(WORDS) for _ in range(n)).capitalize(),
+                                                   add_special_tokens=False)["input_ids"]
+        batch.append(ids[:n])
+    run_args = argparse.Namespace(gen_batch=len(batch), gen_new_tokens=args.real_gen_new_tokens,
+                                  gen_runs=args.real_gen_runs)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    print(f"\n== Generation on the real model {args.real_model}: alignexp's engine vs transformers "
+          f"{transformers.__version__} generate on the same model and prompts (CPU fp32, {args.threads} threads, "
+          f"{len(batch)} prompts of 16-64 tokens of English words, {args.real_gen_new_tokens} new tokens, T = 1, "
+          f"no top-k or top-p, stop at EOS id {tokenizer.eos_token_id}); median of {args.real_gen_runs} runs per "
+          "side, alternated", flush=True)
+    try:
+        result = run_setting(Setting("real"), run_args, model, batch, tokenizer.eos_token_id,
+                             tokenizer.pad_token_id)
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("engine", "generate"):
+        r = result[name]
+        print(f"  {name:9s} {r['median_s']:7.3f} s per call; decode step {r['decode_step_s'] * 1000:7.2f} ms, "
+              f"of which sampling {r['sampling_s'] * 1000:6.2f} ms ({100 * r['sampling_share']:.1f}%)")
+    verdict = "met" if result["ratio"] <= REAL_TARGET else "MISSED"
+    print(f"  ratio engine/generate: time {result['ratio']:.3f}  [target <= {REAL_TARGET}: {verdict}]")
+    return {"model": str(args.real_model), "threads": args.threads, **result}
+
+
+REAL_TARGET = 0.6

@@ -107,7 +107,15 @@ class PackedBatch:
 
 
 def encode_text(tokenizer, text: Text, *, is_prompt: bool) -> list[int]:
-    """Token ids of a prompt (BOS first, chat template for messages) or a response (EOS last)."""
+    """Token ids of a prompt (BOS first, chat template for messages) or a response (EOS last).
+
+    The prompt/response boundary: a prompt and each of its responses are tokenised apart, so a response's ids
+    do not depend on its prompt and the prompt's ids are those the policy is given when it samples. Tokenising
+    prompt + response together (as TRL 1.16 does, cutting at the longest common prefix with the prompt alone)
+    can give other ids where a BPE tokenizer merges across the boundary (a prompt ending in a space, a word
+    running on into the response). Sampled responses are not re-tokenised: they keep the ids that were sampled
+    (:class:`alignexp.tasks.base.SampledText`, :func:`alignexp.modules.datamodule.encode_all`).
+    """
     if isinstance(text, list):
         if is_prompt:
             return list(tokenizer.apply_chat_template(text, add_generation_prompt=True, tokenize=True,

@@ -194,7 +194,7 @@ class HardwareArgs:
     ``threads`` (intra-op CPU threads), ``gpu_memory_gib`` (read by ``python -m alignexp.plan``),
     ``zero_persistence_threshold`` (ZeRO-3 leaves parameters smaller than this unpartitioned; None:
     DeepSpeed's default). ``name: auto`` is resolved to another option at start
-    (:func:`alignexp.hardware.resolve_auto`)."""
+    (:func:`alignexp.scale.hardware.resolve_auto`)."""
 
     name: str = "cpu"
     accelerator: str = "cpu"
@@ -271,7 +271,7 @@ class HardwareArgs:
 # -- training --------------------------------------------------------------------------------------------
 @dataclass
 class OptimArgs:
-    """AdamW with a linear warmup (:func:`alignexp.modules.optim.adamw_with_warmup`)."""
+    """AdamW with a linear warmup (:func:`alignexp.lightning_modules.optim.adamw_with_warmup`)."""
 
     lr: float = 5e-4
     weight_decay: float = 0.0

@@ -53,9 +53,9 @@ def model_bytes(model: Any) -> int | None:
 
 def arch_bytes(arch: dict[str, Any], dtype_bytes: int) -> int | None:
     """The parameters of a Llama/Mistral-type ``arch`` (the presets' and the tiny model's) times
-    ``dtype_bytes``, in closed form (:func:`alignexp.plan_memory.llama_counts`: nothing imported or built);
+    ``dtype_bytes``, in closed form (:func:`alignexp.scale.plan_memory.llama_counts`: nothing imported or built);
     None for another architecture or one the mapping does not spell out."""
-    from alignexp.plan_memory import ANALYTIC_TYPES, llama_counts
+    from alignexp.scale.plan_memory import ANALYTIC_TYPES, llama_counts
 
     try:
         if arch.get("model_type", "llama") not in ANALYTIC_TYPES:

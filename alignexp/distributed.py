@@ -1,7 +1,7 @@
 """The ranks of a run, and the few collectives its stages use: gather, broadcast, barrier, and a cache that
 N ranks fill together and rank 0 writes once.
 
-A run on N processes is launched once, before its first stage (:func:`alignexp.hardware.launched`), so
+A run on N processes is launched once, before its first stage (:func:`alignexp.scale.hardware.launched`), so
 every stage runs on every rank. With one process (no process group) every helper here is the trivial
 one: rank 0 of 1, a gather of one. All ranks call the collectives in the same order: they see the same
 data (gathered, never rank-local), so their control flow is the same.
@@ -19,7 +19,14 @@ from typing import TypeVar
 
 import torch.distributed as dist
 
-from alignexp.files import FileLock, entries_of_other_code, file_lock, move_aside, verify_entry, write_manifest
+from alignexp.files import (
+    FileLock,
+    entries_of_other_code,
+    file_lock,
+    move_aside,
+    verify_entry,
+    write_manifest,
+)
 
 T = TypeVar("T")
 

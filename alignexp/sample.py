@@ -186,9 +186,9 @@ def run(cfg: DictConfig) -> Path:
     """Sample as configured; returns the output file."""
     from omegaconf import OmegaConf
 
-    from alignexp.hardware import resolve_auto
     from alignexp.models.backbone import build_model, build_tokenizer
     from alignexp.preflight import preflight_sample
+    from alignexp.scale.hardware import resolve_auto
 
     args = resolve_auto(validate(cfg), single_process=True)  # one process: the CPU or one GPU
     setup_runtime(args.seed, args.hardware.threads, verbose=bool(cfg.get("verbose", False)))

@@ -1,6 +1,6 @@
 """Resumable sweeps: a rerun of the same multirun skips the jobs its ``jobs.jsonl`` records as completed.
 
-``JobStatusCallback`` (alignexp/hardware.py) appends one line per finished job to
+``JobStatusCallback`` (alignexp/scale/hardware.py) appends one line per finished job to
 ``<sweep dir>/jobs.jsonl``. A job of a rerun whose number and overrides match a line with status
 ``COMPLETED``, and whose run folder still holds its ``eval.json``, returns that record instead of running
 again; a failed, interrupted or changed job runs.

@@ -5,7 +5,7 @@ says what it chose): the synthetic task's SFT policy (trained and cached when mi
 sampled from it and labelled by the gold reward, ranked DPO from it, and evaluation of policy against
 reference on held-out prompts. Which stages run is declared by the loss and the sampler
 (alignexp/pipeline/). On N processes they are launched once, before the first stage
-(:mod:`alignexp.launch`). ``resume=<run folder>`` continues that run in its folder, with its config,
+(:mod:`alignexp.scale.launch`). ``resume=<run folder>`` continues that run in its folder, with its config,
 from its checkpoints (:func:`alignexp.pipeline.fit.fit`).
 """
 
@@ -36,12 +36,12 @@ def resumed_config(cfg: DictConfig) -> DictConfig:
 def run(cfg: DictConfig) -> dict:
     """The whole experiment for a composed config: checked (its settings, ``hardware=auto`` resolved, then
     every input it will need, before any model is built: :mod:`alignexp.preflight`), launched once on its
-    processes (:mod:`alignexp.launch`), then the stages; returns the eval.json record."""
+    processes (:mod:`alignexp.scale.launch`), then the stages; returns the eval.json record."""
     from alignexp.distributed import barrier, is_main
-    from alignexp.hardware import resolve_auto
-    from alignexp.launch import launched
     from alignexp.pipeline import run as run_pipeline
     from alignexp.preflight import preflight_train
+    from alignexp.scale.hardware import resolve_auto
+    from alignexp.scale.launch import launched
     from alignexp.sweeps import previous_result
 
     done = previous_result()

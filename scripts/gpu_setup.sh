@@ -2,14 +2,14 @@
 # `make gpu-setup`: make a GPU machine that has only torch ready for `make gpu-check` / `make gpu-speed`.
 #
 #   bash scripts/gpu_setup.sh                      on the GPU machine: installs what the check lacks
-#                                                  (python -m alignexp.gpu_setup missing). With wheels in
+#                                                  (python -m alignexp.gpu_check.requirements missing). With wheels in
 #                                                  .whl/ (or $GPU_CHECK_WHEELS), from them, with no index and
 #                                                  no network, into /tmp/site (gpu_check.sh puts it first on
 #                                                  PYTHONPATH); otherwise from the index into this Python.
 #   bash scripts/gpu_setup.sh download [3.12]      on a machine with network and this repository's .venv:
 #                                                  fills .whl/ with wheels of every package the check needs,
 #                                                  with their dependencies, at the versions of .venv
-#                                                  (python -m alignexp.gpu_setup requirements), for the GPU
+#                                                  (python -m alignexp.gpu_check.requirements requirements), for the GPU
 #                                                  machine's Python version (default: this one's), less torch.
 #
 # GPU_SETUP_DRY_RUN=1 prints the pip commands instead of running them. See docs/scale.md.
@@ -34,7 +34,7 @@ case "$mode" in
         deepspeed|antlr4-python3-runtime) source_only+=("$req") ;;
         *) binary+=("$req") ;;
       esac
-    done < <("$PY" -m alignexp.gpu_setup requirements)
+    done < <("$PY" -m alignexp.gpu_check.requirements requirements)
     run "$PY" -m pip download --no-deps --only-binary=:all: --python-version "$pyver" --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
       --platform any -d "$WHEELS" "${binary[@]}"
@@ -51,12 +51,12 @@ case "$mode" in
         "${wheels[@]}"
       export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
     else
-      read -r -a need < <("$PY" -m alignexp.gpu_setup missing cuda; echo)
+      read -r -a need < <("$PY" -m alignexp.gpu_check.requirements missing cuda; echo)
       need+=(hydra-core)
       echo "[gpu_setup] installing from the index: ${need[*]}" >&2
       run "$PY" -m pip install -q "${need[@]}"
     fi
-    left="$("$PY" -m alignexp.gpu_setup missing cuda)"
+    left="$("$PY" -m alignexp.gpu_check.requirements missing cuda)"
     if [[ -n "$left" && -z "${GPU_SETUP_DRY_RUN:-}${GPU_SETUP_NO_CHECK:-}" ]]; then
       echo "[gpu_setup] still missing: $left" >&2
       exit 1

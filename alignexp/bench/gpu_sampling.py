@@ -50,7 +50,7 @@ def _timed(fn) -> tuple[object, float]:
 def run(args: argparse.Namespace) -> dict:
     import yaml
 
-    from alignexp.gpu_check import TINY_DIMS
+    from alignexp.gpu_check.check import TINY_DIMS
     from alignexp.models.backbone import ModelArgs, build_model
     from alignexp.models.tokenizer import build_byte_tokenizer
     from alignexp.sampling.engine import SamplingParams
@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from alignexp.gpu_check import print_record
+    from alignexp.gpu_check.check import print_record
 
     args = parse_args(argv)
     print_record(run(args), args.out)

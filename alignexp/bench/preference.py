@@ -146,10 +146,10 @@ class AlignexpSide:
     def __init__(self, shape: Shape, texts: list[tuple[str, list[str]]], model, tokenizer):
         import torch
 
+        from alignexp.lightning_modules.datamodule import Collator
+        from alignexp.lightning_modules.preference import OptimArgs, PreferenceModule
         from alignexp.models import logprobs
         from alignexp.models.reference import response_logps
-        from alignexp.modules.datamodule import Collator
-        from alignexp.modules.preference import OptimArgs, PreferenceModule
 
         self.encoded = encode_rows(tokenizer, texts)
         self.ref_logps = response_logps(model, self.encoded, tokenizer.pad_token_id)

@@ -1,7 +1,7 @@
 """Reward-model loss: Bradley-Terry on pairs, Plackett-Luce on rankings (the ``reward`` loss).
 
 This loss trains a **reward model**, not a policy: the module
-(:class:`alignexp.modules.reward.RewardModule`) passes the reward model's scores r(x, y) (B, n) in the
+(:class:`alignexp.lightning_modules.reward.RewardModule`) passes the reward model's scores r(x, y) (B, n) in the
 ``policy_logps`` slot of the loss contract, and the ranking's own scores, where it has them, in
 ``rewards`` (for their ties). It needs no reference and reads the whole ranking (``listwise=True``);
 with n = 2 it is the Bradley-Terry loss.

@@ -114,7 +114,7 @@ def encode_text(tokenizer, text: Text, *, is_prompt: bool) -> list[int]:
     prompt + response together (as TRL 1.16 does, cutting at the longest common prefix with the prompt alone)
     can give other ids where a BPE tokenizer merges across the boundary (a prompt ending in a space, a word
     running on into the response). Sampled responses are not re-tokenised: they keep the ids that were sampled
-    (:class:`alignexp.tasks.base.SampledText`, :func:`alignexp.modules.datamodule.encode_all`).
+    (:class:`alignexp.tasks.base.SampledText`, :func:`alignexp.lightning_modules.datamodule.encode_all`).
     """
     if isinstance(text, list):
         if is_prompt:

@@ -5,7 +5,7 @@
 -> ``save_policy`` and ``evaluate`` after a stage that trains the policy.
 
 How each stage runs on N processes (the stages-and-ranks contract of DESIGN.md; the processes are
-launched once, before the first stage, :mod:`alignexp.launch`, and every stage runs on every rank;
+launched once, before the first stage, :mod:`alignexp.scale.launch`, and every stage runs on every rank;
 each stage's ``ranks`` says it again, ``python -c "import alignexp.pipeline as p; print(p.describe())"``):
 
 ==============  ==========================================================================================

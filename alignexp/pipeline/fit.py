@@ -6,7 +6,7 @@ checkpoints go to ``<folder>/checkpoints/<stage>/`` every ``train.checkpoint_eve
 (``last.ckpt``) and at a SLURM preemption signal (:class:`Preemption`), each marked complete once every
 rank has written it (:func:`complete_marked`: DeepSpeed and FSDP2 write folders of shards that no atomic
 rename covers); the newest complete one there is resumed from, data order included
-(:class:`~alignexp.modules.datamodule.EpochBatches`), so a run killed and restarted in its folder
+(:class:`~alignexp.lightning_modules.datamodule.EpochBatches`), so a run killed and restarted in its folder
 ends with the weights of an uninterrupted run. Afterwards the module's models are plain modules with
 their trained weights on every rank, whatever the strategy sharded.
 """
@@ -33,7 +33,7 @@ from alignexp.args import HardwareArgs, TrainArgs
 from alignexp.distributed import barrier, is_main, world_size
 from alignexp.errors import AlignexpError, ConfigError
 from alignexp.files import atomic_write, atomic_write_json
-from alignexp.hardware import master_weights, trainer_kwargs
+from alignexp.scale.hardware import master_weights, trainer_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class AtomicCheckpointIO(L.pytorch.plugins.TorchCheckpointIO):
 
 
 class DataPosition(L.Callback):
-    """Tells the loader's :class:`~alignexp.modules.datamodule.EpochBatches` how many batches of the epoch
+    """Tells the loader's :class:`~alignexp.lightning_modules.datamodule.EpochBatches` how many batches of the epoch
     were trained on, before a checkpoint saves it (checkpoint callbacks run last)."""
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
@@ -242,11 +242,11 @@ def _hold_master_weights(module: torch.nn.Module) -> dict[torch.nn.Parameter, to
 
 def fit(module: L.LightningModule, loader, *, hw: HardwareArgs, logger: Mapping[str, Any], out: Path, stage: str,
         checkpoint_every: int = 0, **settings: Any) -> L.Trainer:
-    """Train ``module`` on ``loader`` (from :func:`~alignexp.modules.datamodule.make_loader`) on all ranks
+    """Train ``module`` on ``loader`` (from :func:`~alignexp.lightning_modules.datamodule.make_loader`) on all ranks
     under the hardware option's strategy; ``settings`` are Trainer arguments (:func:`schedule`'s, or a
     stage's own). Checkpoints and resume as the module docstring says. Afterwards every model of
     ``module`` is a plain module with its trained weights, on this rank's device. Returns the Trainer."""
-    from alignexp.strategies import GatherTrained
+    from alignexp.scale.strategies import GatherTrained
 
     kwargs = trainer_kwargs(hw)
     strategy = kwargs["strategy"]

@@ -1,5 +1,5 @@
 """The PPO stage: the policy trained online on its own samples of the task's training prompts, rewarded by
-the ``ppo.judge`` (:class:`alignexp.modules.ppo.PPOModule`), through the pipeline's one ``fit``."""
+the ``ppo.judge`` (:class:`alignexp.lightning_modules.ppo.PPOModule`), through the pipeline's one ``fit``."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from alignexp.distributed import is_main, world_size
 from alignexp.errors import ConfigError
 from alignexp.inputs import check_judge
 from alignexp.judges import build_judge
-from alignexp.launch import devices_per_node
-from alignexp.modules.ppo import PPOModule
+from alignexp.lightning_modules.ppo import PPOModule
 from alignexp.pipeline.context import RunContext, register_stage
 from alignexp.pipeline.fit import fit
+from alignexp.scale.launch import devices_per_node
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ import torch
 
 from alignexp.errors import AlignexpError, ConfigError
 from alignexp.inputs import in_context
+from alignexp.lightning_modules.datamodule import RankingDataset, encode_all, make_loader
+from alignexp.lightning_modules.preference import PreferenceModule
 from alignexp.models.lora import AdaptersOff
 from alignexp.models.reference import cached_ref_logps
-from alignexp.modules.datamodule import RankingDataset, encode_all, make_loader
-from alignexp.modules.preference import PreferenceModule
 from alignexp.pipeline.context import RunContext, register_stage
 from alignexp.pipeline.fit import fit, global_batch_size, schedule
 from alignexp.sampling.pairing import check_scores, pairs_for_loss

@@ -9,16 +9,16 @@ import time
 from alignexp.distributed import barrier, on_main
 from alignexp.evaluation.results import write_eval_json
 from alignexp.judges.reward_model import build_reward_model, score_encoded
-from alignexp.metrics.preference import ranking_accuracy
-from alignexp.models.dropout import disable_dropout
-from alignexp.modules.datamodule import RankingDataset, encode_all, make_loader
-from alignexp.modules.reward import (
+from alignexp.lightning_modules.datamodule import RankingDataset, encode_all, make_loader
+from alignexp.lightning_modules.reward import (
     RewardModule,
     normalise_rewards,
     ranking_labels,
     save_reward_model,
     split_heldout,
 )
+from alignexp.metrics.preference import ranking_accuracy
+from alignexp.models.dropout import disable_dropout
 from alignexp.pipeline.context import RunContext, register_stage
 from alignexp.pipeline.fit import fit, global_batch_size, schedule
 from alignexp.pipeline.preference import check_training_data, sampler_context, shape_for_loss

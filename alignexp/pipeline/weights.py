@@ -28,7 +28,7 @@ from alignexp.tasks.loading import NoExamples
 log = logging.getLogger(__name__)
 
 # The modules (besides the task's own) whose code shapes a cached SFT policy: a change to one rebuilds it.
-SFT_CODE = ("alignexp.modules.sft", "alignexp.modules.optim", "alignexp.modules.datamodule", "alignexp.models.backbone",
+SFT_CODE = ("alignexp.lightning_modules.sft", "alignexp.lightning_modules.optim", "alignexp.lightning_modules.datamodule", "alignexp.models.backbone",
             "alignexp.models.tokenizer", "alignexp.models.logprobs", "alignexp.models.attention",
             "alignexp.pipeline.weights")
 
@@ -112,8 +112,8 @@ def ensure_sft_policy(args: RunArgs, task: Task) -> Path:
     Every rank calls it: when the folder is missing, all ranks train it together and rank 0 writes it,
     holding the cache entry's lock meanwhile, so a concurrent job waits for it instead of training it too
     (:func:`alignexp.distributed.shared_cache`)."""
-    from alignexp.modules.datamodule import RankingDataset, encode_all, make_loader
-    from alignexp.modules.sft import SFTModule
+    from alignexp.lightning_modules.datamodule import RankingDataset, encode_all, make_loader
+    from alignexp.lightning_modules.sft import SFTModule
     from alignexp.pipeline.fit import fit, write_policy
 
     folder = sft_policy_folder(args, task)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-import alignexp.modules.preference as preference
+import alignexp.lightning_modules.preference as preference
 import alignexp.pipeline.fit as fit
 
 FOLDER = Path(os.environ["BF16_PROBE"])

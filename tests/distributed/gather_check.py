@@ -22,14 +22,14 @@ import torch
 
 from alignexp.args import HardwareArgs, OptimArgs
 from alignexp.distributed import all_gather, barrier, is_main, rank
-from alignexp.launch import launched
+from alignexp.lightning_modules.datamodule import RankingDataset, make_loader
+from alignexp.lightning_modules.preference import PreferenceModule
 from alignexp.models.backbone import ModelArgs, build_model
 from alignexp.models.logprobs import EncodedExample, pack
 from alignexp.models.tokenizer import build_byte_tokenizer
-from alignexp.modules.datamodule import RankingDataset, make_loader
-from alignexp.modules.preference import PreferenceModule
 from alignexp.pipeline.fit import fit, save_policy
 from alignexp.sampling.engine import SamplingParams, generate
+from alignexp.scale.launch import launched
 
 ARCH = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "tie_word_embeddings": False}

@@ -7,7 +7,7 @@ steps and its moments; and the compute really in bf16 (the output head's logits)
 Which conversion applies: Lightning's ``bf16-mixed`` plugin (``MixedPrecision``) leaves a batch as it is and
 autocasts the compute; under FSDP2 the Trainer runs ``32-true`` (no conversion) and ``MixedPrecisionPolicy``
 casts the parameters to bf16 for the compute; DeepSpeed's plugin (and ``bf16-true``'s) converts every float
-of the batch to bf16, except the reference log-probs and rewards (``alignexp.strategies.FULL_PRECISION_FIELDS``);
+of the batch to bf16, except the reference log-probs and rewards (``alignexp.scale.strategies.FULL_PRECISION_FIELDS``);
 tests/unit/test_hardware.py checks those plugins on a batch directly.
 """
 
@@ -88,8 +88,8 @@ def test_which_precision_plugin_converts_a_batch_and_that_reference_log_probs_an
     import lightning as L
 
     from alignexp.args import HardwareArgs
-    from alignexp.hardware import precision_settings
     from alignexp.models.logprobs import EncodedExample, pack
+    from alignexp.scale.hardware import precision_settings
 
     hw = HardwareArgs(name=strategy, accelerator="cpu", devices=1, strategy=strategy, precision=precision,
                       **({"zero_stage": 3} if strategy == "deepspeed" else {}))

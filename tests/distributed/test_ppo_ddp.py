@@ -35,9 +35,9 @@ def _rollout(iteration: int = 4) -> tuple[dict, int]:
     """Iteration ``iteration``'s rollout of 10 of :data:`PROMPTS` (in a shuffled order) by a tiny policy against
     another reference (float64 weights; the log-probs are fp32), and how many responses this process's judge scored."""
     from alignexp.args import PPOArgs
+    from alignexp.lightning_modules.ppo import PPOModule
     from alignexp.models.backbone import ModelArgs, build_model
     from alignexp.models.tokenizer import build_byte_tokenizer
-    from alignexp.modules.ppo import PPOModule
 
     torch.set_num_threads(1)
     tokenizer = build_byte_tokenizer()

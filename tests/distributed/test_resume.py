@@ -51,11 +51,11 @@ class SignalAtStep(L.Callback):
 
 def _fit(out, *callbacks):
     from alignexp.args import HardwareArgs, OptimArgs
+    from alignexp.lightning_modules.datamodule import RankingDataset, make_loader
+    from alignexp.lightning_modules.preference import PreferenceModule
     from alignexp.models.backbone import ModelArgs, build_model
     from alignexp.models.logprobs import EncodedExample
     from alignexp.models.tokenizer import build_byte_tokenizer
-    from alignexp.modules.datamodule import RankingDataset, make_loader
-    from alignexp.modules.preference import PreferenceModule
     from alignexp.pipeline.fit import fit
 
     tokenizer = build_byte_tokenizer()

@@ -11,8 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from alignexp.files import code_digest, code_keyed, entries_of_other_code, register_user_modules, verify_entry, \
-    write_manifest
+from alignexp.files import (
+    code_digest,
+    code_keyed,
+    entries_of_other_code,
+    register_user_modules,
+    verify_entry,
+    write_manifest,
+)
 from alignexp.train import run
 
 KINDS = {"sft": "SFT policy", "preferences": "preference data", "reference": "reference log-probs"}

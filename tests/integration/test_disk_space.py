@@ -23,7 +23,7 @@ def test_preflight_refuses_a_run_folder_that_cannot_hold_the_policy(compose, tmp
     with pytest.raises(ConfigError) as refused:
         run(compose("debug=fast", f"paths.output_dir={out}"))
     message = str(refused.value)
-    assert message.startswith(f"paths.output_dir: the run will write about ") and str(out) in message
+    assert message.startswith("paths.output_dir: the run will write about ") and str(out) in message
     assert "the trained policy" in message and "that file system has 0.4 MiB free" in message
     assert not out.exists()  # refused before anything was written
 

@@ -21,10 +21,10 @@ from omegaconf import OmegaConf
 
 from alignexp.args import HardwareArgs, ModelArgs, OptimArgs
 from alignexp.config import CONF_DIR
+from alignexp.lightning_modules.datamodule import RankingDataset, encode_all, make_loader
+from alignexp.lightning_modules.preference import PreferenceModule
 from alignexp.models.backbone import build_model, build_tokenizer
 from alignexp.models.logprobs import EncodedExample
-from alignexp.modules.datamodule import RankingDataset, encode_all, make_loader
-from alignexp.modules.preference import PreferenceModule
 from alignexp.pipeline.fit import fit
 from alignexp.tasks.base import RankedExample
 from alignexp.tasks.synthetic import SyntheticTask

@@ -27,11 +27,11 @@ from alignexp.args import (
 from alignexp.errors import ConfigError
 from alignexp.judges import GoldJudge, build_judge
 from alignexp.judges.reward_model import build_reward_model
+from alignexp.lightning_modules.ppo import PPOInstabilityError, PPOModule, to_rows
 from alignexp.losses import LossOutput, get_loss
 from alignexp.models.backbone import build_model, build_tokenizer
 from alignexp.models.logprobs import EncodedExample, pack, response_states, sequence_logps, token_logps
 from alignexp.models.lora import AdaptersOff, LoraArgs, apply_lora
-from alignexp.modules.ppo import PPOInstabilityError, PPOModule, to_rows
 from alignexp.pipeline.context import RunContext
 from alignexp.pipeline.ppo import ppo
 from alignexp.sampling.engine import SamplingParams, sample_next, stream_keys, stream_uniforms
@@ -180,7 +180,7 @@ def test_nan_loss_or_reward_stops_the_run(tokenizer, task, tmp_path, monkeypatch
         return LossOutput(out.loss * float("nan"), out.metrics)
 
     with monkeypatch.context() as patch:
-        patch.setattr("alignexp.modules.ppo.get_loss", lambda name: nan_loss)
+        patch.setattr("alignexp.lightning_modules.ppo.get_loss", lambda name: nan_loss)
         with pytest.raises(PPOInstabilityError, match="iteration 0: the loss is nan"):
             run(tokenizer, task, tmp_path / "loss", steps=1)
     monkeypatch.setattr(type(task), "gold_reward", lambda self, prompt, response: float("nan"))

@@ -22,19 +22,19 @@ from alignexp.judges.reward_model import (
     score_encoded,
     sequence_scores,
 )
-from alignexp.losses import get_loss
-from alignexp.metrics.preference import ranking_accuracy
-from alignexp.models.backbone import ModelArgs, build_model, build_tokenizer
-from alignexp.models.logprobs import EncodedExample, pack
-from alignexp.modules.datamodule import RankingDataset, encode_all, make_loader
-from alignexp.modules.preference import OptimArgs
-from alignexp.modules.reward import (
+from alignexp.lightning_modules.datamodule import RankingDataset, encode_all, make_loader
+from alignexp.lightning_modules.preference import OptimArgs
+from alignexp.lightning_modules.reward import (
     RewardModule,
     normalise_rewards,
     ranking_labels,
     save_reward_model,
     split_heldout,
 )
+from alignexp.losses import get_loss
+from alignexp.metrics.preference import ranking_accuracy
+from alignexp.models.backbone import ModelArgs, build_model, build_tokenizer
+from alignexp.models.logprobs import EncodedExample, pack
 from alignexp.tasks.base import RankedExample
 from alignexp.tasks.synthetic import SyntheticTask
 

@@ -118,7 +118,7 @@ def test_a_dpo_step_raises_the_chosen_margin(model, tokenizer, reviews):
     import copy
 
     from alignexp.args import OptimArgs
-    from alignexp.modules.preference import PreferenceModule
+    from alignexp.lightning_modules.preference import PreferenceModule
 
     policy = copy.deepcopy(model).train()
     pairs = [RankedExample(prompt=" ".join(r["text"].split()[:4]),

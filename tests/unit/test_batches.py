@@ -1,4 +1,4 @@
-"""The data order of training (alignexp.modules.datamodule.EpochBatches): one process sees exactly the batches
+"""The data order of training (alignexp.lightning_modules.datamodule.EpochBatches): one process sees exactly the batches
 torch's shuffled DataLoader gave under Lightning; N ranks split each global batch; a resumed epoch skips what
 was trained; and ``train.global_batch_size`` sets the accumulation."""
 
@@ -10,7 +10,7 @@ import torch
 
 from alignexp.args import TrainArgs
 from alignexp.errors import ConfigError
-from alignexp.modules.datamodule import EpochBatches, ResumableLoader
+from alignexp.lightning_modules.datamodule import EpochBatches, ResumableLoader
 from alignexp.pipeline.fit import accumulation
 
 

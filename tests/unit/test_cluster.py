@@ -30,7 +30,7 @@ def srun(monkeypatch):
 # -- srun ----------------------------------------------------------------------------------------------------
 def test_devices_auto_under_srun_is_the_tasks_per_node(srun):
     """Each task may see one GPU or eight: the run's processes are srun's tasks either way, none launched."""
-    from alignexp.launch import _cluster, devices_per_node
+    from alignexp.scale.launch import _cluster, devices_per_node
 
     hw = HardwareArgs(name="ddp", accelerator="gpu", devices="auto", strategy="ddp", precision="bf16-mixed")
     for visible in (1, 8):
@@ -43,7 +43,7 @@ def test_devices_auto_under_srun_is_the_tasks_per_node(srun):
 
 
 def test_a_layout_that_is_not_sruns_is_refused_before_any_process_starts(srun):
-    from alignexp.launch import check_slurm_layout, launched
+    from alignexp.scale.launch import check_slurm_layout, launched
 
     srun.setattr(torch.cuda, "device_count", lambda: 8)
     with pytest.raises(AlignexpError, match="srun started 8 tasks, but the run has 4 processes"):
@@ -60,7 +60,7 @@ def test_one_handler_of_usr1_under_slurm(srun):
     no USR1 handler, so the project's preemption callback is the only one that saves and requeues."""
     from lightning.pytorch.plugins.environments import SLURMEnvironment
 
-    from alignexp.hardware import trainer_kwargs
+    from alignexp.scale.hardware import trainer_kwargs
 
     srun.setenv("SLURM_NTASKS", "1")
     srun.setenv("SLURM_NTASKS_PER_NODE", "1")

@@ -42,7 +42,7 @@ def test_every_missing_dependency_is_named_at_once_before_anything_runs(tmp_path
 
 
 def test_missing_is_empty_where_everything_imports():
-    from alignexp.gpu_setup import missing
+    from alignexp.gpu_check.requirements import missing
 
     assert missing("cpu") == [] and missing("cuda") == []
 
@@ -50,7 +50,7 @@ def test_missing_is_empty_where_everything_imports():
 def test_the_wheel_list_brings_the_check_without_torch():
     """The requirements that ``gpu_setup.sh download`` fetches: every package the check imports, with their
     own dependencies, pinned to this environment, and nothing of torch (the GPU machine has its own)."""
-    from alignexp.gpu_setup import requirements
+    from alignexp.gpu_check.requirements import requirements
 
     names = {line.split("==")[0] for line in requirements()}
     assert all("==" in line for line in requirements())
@@ -86,7 +86,7 @@ def test_the_parity_model_asks_for_sdpa_in_fp32_even_where_flash_attention_impor
     """FlashAttention refuses fp32: with ``flash_attn`` importable on CUDA, ``auto`` would pick it."""
     import importlib.util
 
-    from alignexp.gpu_pipeline import parity_model_args
+    from alignexp.gpu_check.zero3 import parity_model_args
     from alignexp.models.backbone import attention_implementation
 
     real = importlib.util.find_spec
@@ -99,7 +99,7 @@ def test_the_parity_model_asks_for_sdpa_in_fp32_even_where_flash_attention_impor
 def test_the_zero3_child_imports_this_checkout_from_another_folder(tmp_path):
     """The end-to-end ZeRO-3 check starts ``python -m alignexp.train`` in a temporary folder: it must import
     the alignexp the check runs (a checkout run without installing), not fail or take another copy."""
-    from alignexp.gpu_pipeline import checkout_pythonpath
+    from alignexp.gpu_check.zero3 import checkout_pythonpath
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     code = "import alignexp, sys; print(alignexp.__file__)"

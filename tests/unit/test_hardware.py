@@ -19,8 +19,8 @@ import torch
 from omegaconf import OmegaConf
 
 from alignexp.config import CONF_DIR, validate
-from alignexp.hardware import HardwareArgs, build_strategy, choose_auto, trainer_kwargs
-from alignexp.strategies import DecoderLayers, called_units
+from alignexp.scale.hardware import HardwareArgs, build_strategy, choose_auto, trainer_kwargs
+from alignexp.scale.strategies import DecoderLayers, called_units
 from tests.conftest import REPO
 
 HARDWARE = sorted(p.stem for p in (Path(CONF_DIR) / "hardware").glob("*.yaml"))
@@ -61,7 +61,7 @@ def _tiny_decoder_layer():
 def test_every_option_builds_its_strategy_and_trainer(compose, fake_cuda, option):
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 
-    from alignexp.strategies import FSDP2
+    from alignexp.scale.strategies import FSDP2
 
     if option.startswith("deepspeed"):
         pytest.importorskip("deepspeed")
@@ -109,10 +109,10 @@ def test_each_call_builds_a_fresh_strategy(compose):
 
 
 def _tiny_preference_module():
+    from alignexp.lightning_modules.preference import OptimArgs, PreferenceModule
     from alignexp.models.backbone import ModelArgs, build_model
     from alignexp.models.logprobs import EncodedExample, pack
     from alignexp.models.tokenizer import build_byte_tokenizer
-    from alignexp.modules.preference import OptimArgs, PreferenceModule
 
     tokenizer = build_byte_tokenizer()
     arch = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
@@ -211,7 +211,7 @@ def test_fsdp_cpu_offload_leaves_the_offloaded_parameters_in_host_memory():
     for the GPU), so what moved can be seen on a CPU machine."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from alignexp.strategies import FSDP2
+    from alignexp.scale.strategies import FSDP2
 
     class OnMeta(FSDP2):
         root_device = torch.device("meta")
@@ -354,7 +354,7 @@ def test_parallel_sweep_runs_every_job_and_reports_each_failure(tmp_path):
     sweep = tmp_path / "sweep"
     result = subprocess.run(
         [sys.executable, "app.py", "-m", "hydra/launcher=parallel", "loss=dpo", "loss.beta=0.1,0.2,0.3",
-         f"hydra.sweep.dir={sweep}"],  # train.yaml enables alignexp.hardware.JobStatusCallback
+         f"hydra.sweep.dir={sweep}"],  # train.yaml enables alignexp.scale.hardware.JobStatusCallback
         cwd=tmp_path, env=_sweep_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     assert "diverged at beta=0.2" in result.stderr
@@ -425,7 +425,7 @@ def test_gpu_check_runs_on_cpu_without_hydra_omegaconf_datasets_or_deepspeed(tmp
 
 
 def test_peak_flops_table():
-    from alignexp.gpu_check import peak_flops
+    from alignexp.gpu_check.check import peak_flops
 
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA H100 PCIe") == 756e12
@@ -441,12 +441,12 @@ def test_zero3_under_bf16_accumulates_and_reduces_in_fp32_in_a_real_engine(tmp_p
     import dataclasses
 
     from alignexp.args import OptimArgs
-    from alignexp.gpu_pipeline import hardware_option
+    from alignexp.gpu_check.zero3 import hardware_option
+    from alignexp.lightning_modules.datamodule import RankingDataset, make_loader
+    from alignexp.lightning_modules.preference import PreferenceModule
     from alignexp.models.backbone import ModelArgs, build_model
     from alignexp.models.logprobs import EncodedExample
     from alignexp.models.tokenizer import build_byte_tokenizer
-    from alignexp.modules.datamodule import RankingDataset, make_loader
-    from alignexp.modules.preference import PreferenceModule
     from alignexp.pipeline.fit import fit
 
     hw = dataclasses.replace(hardware_option("deepspeed_zero3"), accelerator="cpu", zero_persistence_threshold=0)

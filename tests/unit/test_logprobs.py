@@ -321,7 +321,7 @@ def test_logprobs_apply_the_final_soft_capping_in_every_chunk(tokenizer):
 def test_ppo_tempered_logprobs_are_of_the_soft_capped_logits(tokenizer):
     """PPO's log-probs at temperature T are of softmax(capped logits / T), the distribution the engine
     samples from (the model's own forward caps its logits)."""
-    from alignexp.modules.ppo import tempered_token_logps
+    from alignexp.lightning_modules.ppo import tempered_token_logps
 
     model = softcapped_model(tokenizer)
     ex = examples()[0]

@@ -11,6 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from alignexp.config import CONF_DIR, validate
+from alignexp.lightning_modules.datamodule import RankingDataset, make_loader
+from alignexp.lightning_modules.preference import OptimArgs, PreferenceModule
 from alignexp.models.backbone import ModelArgs, build_model
 from alignexp.models.logprobs import EncodedExample, pack, sequence_logps
 from alignexp.models.lora import (
@@ -24,8 +26,6 @@ from alignexp.models.lora import (
 )
 from alignexp.models.reference import cached_ref_logps, model_fingerprint
 from alignexp.models.tokenizer import build_byte_tokenizer
-from alignexp.modules.datamodule import RankingDataset, make_loader
-from alignexp.modules.preference import OptimArgs, PreferenceModule
 from tests.conftest import allocated_bytes_over_time
 
 TINY_ARCH = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "model" / "tiny.yaml").arch)

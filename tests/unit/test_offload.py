@@ -1,4 +1,4 @@
-"""DeepSpeed's CPU Adam for ZeRO optimizer offload (alignexp/offload.py): the offload strategy hands DeepSpeed
+"""DeepSpeed's CPU Adam for ZeRO optimizer offload (alignexp/scale/offload.py): the offload strategy hands DeepSpeed
 a ``DeepSpeedCPUAdam`` that steps exactly as the modules' torch AdamW would, also inside a ZeRO-3 engine
 with parameters and optimizer offloaded (DeepSpeed's CPU accelerator, one process over gloo). The tests that
 need the compiled op are slow: DeepSpeed builds it at first use (about 1.5 minutes on 2 cores)."""
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from alignexp.hardware import HardwareArgs, build_strategy
-from alignexp.offload import CPUAdamDeepSpeedStrategy, cpu_adam_like
+from alignexp.scale.hardware import HardwareArgs, build_strategy
+from alignexp.scale.offload import CPUAdamDeepSpeedStrategy, cpu_adam_like
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,7 +39,7 @@ def test_other_optimizers_pass_through_with_a_warning(monkeypatch, caplog):
                         lambda self, model, optimizer, lr_scheduler=None: seen.setdefault("optimizer", optimizer))
     sgd = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
     strategy = build_strategy(HardwareArgs(strategy="deepspeed", zero_stage=3, offload_optimizer=True))
-    with caplog.at_level(logging.WARNING, logger="alignexp.offload"):
+    with caplog.at_level(logging.WARNING, logger="alignexp.scale.offload"):
         strategy._setup_model_and_optimizer(torch.nn.Linear(2, 2), sgd)
     assert seen["optimizer"] is sgd
     assert "steps with SGD on the CPU, not DeepSpeed's CPU Adam" in caplog.text
@@ -77,8 +77,8 @@ def test_cpu_adam_steps_like_torch_adamw():
 
 ZERO3_OFFLOAD = textwrap.dedent("""
     import os, torch, deepspeed
-    from alignexp.hardware import HardwareArgs, build_strategy
-    from alignexp.offload import cpu_adam_like
+    from alignexp.scale.hardware import HardwareArgs, build_strategy
+    from alignexp.scale.offload import cpu_adam_like
     torch.distributed.init_process_group("gloo", rank=0, world_size=1)
     config = build_strategy(HardwareArgs(strategy="deepspeed", zero_stage=3, offload_optimizer=True,
                                          offload_parameters=True)).config

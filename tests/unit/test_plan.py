@@ -11,9 +11,16 @@ import sys
 import pytest
 import torch
 
-from alignexp.hardware import HardwareArgs
 from alignexp.models.lora import LoraArgs
-from alignexp.plan import GIB, activation_bytes, count_parameters, model_state_bytes, plan_inputs, plan_memory
+from alignexp.scale.hardware import HardwareArgs
+from alignexp.scale.plan import (
+    GIB,
+    activation_bytes,
+    count_parameters,
+    model_state_bytes,
+    plan_inputs,
+    plan_memory,
+)
 from tests.conftest import REPO, allocated_bytes_over_time
 
 # Published sizes: Llama-7B 6,738,415,616 (Touvron et al. 2023, the 6.7B row), Mistral-7B 7,241,732,096.
@@ -175,7 +182,7 @@ def test_cli_prints_the_plan_and_exits_with_the_verdict(tmp_path):
 
 
 def test_a_run_that_does_not_fit_exits_1(compose, capsys):
-    from alignexp.plan import _main
+    from alignexp.scale.plan import _main
 
     with pytest.raises(SystemExit) as info:
         _main(compose("model=llama7b", "hardware=gpu", "model.dtype=float32"))
@@ -188,7 +195,7 @@ def test_a_run_that_does_not_fit_exits_1(compose, capsys):
 def test_hardware_auto_is_planned_as_it_resolves(compose, capsys):
     """The headline config with hardware=auto on 8 GPUs of 80 GiB: DDP's replicas (about 156 GiB per GPU)
     do not fit, so auto means ZeRO-3, as choose_auto decides on the machine; 640 GiB per GPU holds DDP."""
-    from alignexp.plan import _main, resolve_auto_inputs
+    from alignexp.scale.plan import _main, resolve_auto_inputs
 
     headline = ("loss=ranked_dpo", "task=tldr", "model=mistral7b", "hardware.devices=8")
     inputs, line = resolve_auto_inputs(plan_inputs(compose(*headline, "+plan.gpu_memory_gib=80")))

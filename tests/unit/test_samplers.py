@@ -236,8 +236,8 @@ def test_sampled_tokens_reach_training_without_a_text_round_trip(tmp_path):
     import pickle
 
     from alignexp.args import ModelArgs
+    from alignexp.lightning_modules.datamodule import encode_all
     from alignexp.models.backbone import build_model, build_tokenizer
-    from alignexp.modules.datamodule import encode_all
     from alignexp.tasks.base import SampledText
 
     task = SyntheticTask(n_sft=8, n_train_prompts=6, n_eval_prompts=4)

@@ -7,7 +7,7 @@ Every rank holds what is listed (the stages shard work over ranks, not weights, 
   KV cache over prompt + new tokens, the prefill's logits over the prompt (the engine's forward keeps
   them for every position) and its layer transients, and the last step's fp32 logits.
 * ``reference log-probs``: both models, and a no-grad forward of ``train.batch_size`` packed rows
-  (:func:`~alignexp.plan_memory.activation_bytes`' reference transients).
+  (:func:`~alignexp.scale.plan_memory.activation_bytes`' reference transients).
 * ``training``: the model states of the strategy, the activations' peak, and the reference: none when
   its log-probs are precomputed (it waits in CPU memory), a (sharded) copy for
   ``train.reference=frozen``. Before the strategy shards it, each rank holds the whole policy once
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from alignexp.plan_memory import DTYPE_BYTES, GIB, MemoryPlan, activation_bytes
+from alignexp.scale.plan_memory import DTYPE_BYTES, GIB, MemoryPlan, activation_bytes
 
 
 @dataclass
@@ -95,7 +95,7 @@ def stage_table(peaks: list[StagePeak]) -> str:
 
 @dataclass
 class RunPlan:
-    """The training plan of a run (:class:`~alignexp.plan_memory.MemoryPlan`) and its per-stage peaks; the run
+    """The training plan of a run (:class:`~alignexp.scale.plan_memory.MemoryPlan`) and its per-stage peaks; the run
     fits when its largest stage does."""
 
     training: MemoryPlan
@@ -124,8 +124,8 @@ class RunPlan:
 
 
 def plan_run(inputs) -> RunPlan:
-    """The training plan and the per-stage peaks for :class:`~alignexp.plan_memory.PlanInputs`."""
-    from alignexp.plan_memory import plan_memory
+    """The training plan and the per-stage peaks for :class:`~alignexp.scale.plan_memory.PlanInputs`."""
+    from alignexp.scale.plan_memory import plan_memory
 
     training = plan_memory(inputs)
     return RunPlan(training, stage_peaks(training))
@@ -136,7 +136,7 @@ def plan_for_run(run, hw, gpus: int | None = None) -> RunPlan:
     default ``hw``'s world size)."""
     import dataclasses
 
-    from alignexp.plan_memory import make_inputs
+    from alignexp.scale.plan_memory import make_inputs
 
     plan_cfg = {"gpus": gpus} if gpus is not None else {}
     train = {"batch_size": run.train.batch_size, "reference": run.train.reference}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from alignexp.modules.preference import OptimArgs, PreferenceModule
+from alignexp.lightning_modules.preference import OptimArgs, PreferenceModule
 
 
 class SFTModule(PreferenceModule):

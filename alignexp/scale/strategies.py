@@ -27,7 +27,7 @@ from lightning.pytorch.plugins.precision import DeepSpeedPrecision, HalfPrecisio
 from lightning.pytorch.strategies import DeepSpeedStrategy, ModelParallelStrategy
 from torch import nn
 
-from alignexp.offload import CPUAdamDeepSpeedStrategy
+from alignexp.scale.offload import CPUAdamDeepSpeedStrategy
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class DeepSpeedAnyDevice(DeepSpeedStrategy):
 
 
 class OffloadedDeepSpeed(CPUAdamDeepSpeedStrategy, DeepSpeedAnyDevice):
-    """ZeRO with the optimizer offloaded: DeepSpeed's CPU Adam (:mod:`alignexp.offload`), on any device."""
+    """ZeRO with the optimizer offloaded: DeepSpeed's CPU Adam (:mod:`alignexp.scale.offload`), on any device."""
 
 
 def layer_class_names(model: nn.Module) -> frozenset[str]:

@@ -5,7 +5,7 @@ torch. :func:`missing` names every package it lacks at once (the check exits bef
 anything); ``bash scripts/gpu_setup.sh`` (``make gpu-setup``) brings them: from the index where the
 machine has network, or from wheels in ``.whl/`` that ``bash scripts/gpu_setup.sh download <python
 version>`` fetched, on a machine with network, at the versions of its own environment
-(:func:`requirements`, here as ``python -m alignexp.gpu_setup requirements``).
+(:func:`requirements`, here as ``python -m alignexp.gpu_check.requirements requirements``).
 
 Standard library only: it must run where nothing else is installed.
 """
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     elif argv[:1] == ["missing"]:
         print(" ".join(missing(argv[1] if len(argv) > 1 else "cuda")))
     else:
-        raise SystemExit("usage: python -m alignexp.gpu_setup requirements | missing [cuda|cpu]")
+        raise SystemExit("usage: python -m alignexp.gpu_check.requirements requirements | missing [cuda|cpu]")
 
 
 if __name__ == "__main__":

@@ -111,11 +111,11 @@ def zero3_pipeline(arch: dict[str, Any], device: str, folder: Path, steps: int =
     from transformers import AutoModelForCausalLM
 
     from alignexp.args import OptimArgs
+    from alignexp.lightning_modules.datamodule import RankingDataset, make_loader
+    from alignexp.lightning_modules.preference import PreferenceModule
     from alignexp.models.backbone import ModelArgs, build_model
     from alignexp.models.logprobs import EncodedExample, pack
     from alignexp.models.tokenizer import build_byte_tokenizer
-    from alignexp.modules.datamodule import RankingDataset, make_loader
-    from alignexp.modules.preference import PreferenceModule
     from alignexp.pipeline.fit import fit, save_policy
     from alignexp.sampling.engine import SamplingParams, generate
 
@@ -195,7 +195,7 @@ def correctness_checks(base_arch: dict[str, Any], device: str, deepspeed: bool, 
     DeepSpeed's CPU accelerator); the end-to-end ZeRO-3 run on a GPU only (skipped by name on the CPU, where
     tests/distributed/test_sharded.py runs the same experiment on 2 processes)."""
     checks: dict[str, Any] = {"packed_parity": packed_parity(mistral_arch(base_arch, window=window), device)}
-    from alignexp.gpu_setup import REQUIRED_ON_GPU, missing
+    from alignexp.gpu_check.requirements import REQUIRED_ON_GPU, missing
 
     lacking = [name for name in missing("cuda") if name in REQUIRED_ON_GPU.values()]
     if device == "cpu" and lacking:  # on a GPU, gpu_check refuses to start without them

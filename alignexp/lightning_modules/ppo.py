@@ -39,6 +39,7 @@ from alignexp.distributed import all_gather, barrier, is_main, rank, world_size
 from alignexp.errors import AlignexpError
 from alignexp.files import atomic_write
 from alignexp.judges.base import Judge
+from alignexp.lightning_modules.optim import adamw_with_warmup
 from alignexp.losses import get_loss
 from alignexp.losses.ppo import (
     AdaptiveKLController,
@@ -59,7 +60,6 @@ from alignexp.models.logprobs import (
     response_states,
 )
 from alignexp.models.value_head import ValueHead
-from alignexp.modules.optim import adamw_with_warmup
 from alignexp.sampling.engine import SamplingParams, generate
 from alignexp.sampling.text import decode, sample_seed
 from alignexp.tasks.base import Text

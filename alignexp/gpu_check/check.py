@@ -4,8 +4,8 @@
 Mistral-7B's dimensions (``conf/model/mistral7b.yaml``: hidden 4096, MLP 14336, 32 heads, 8 KV
 heads, vocabulary 32000) and fewer decoder layers (``--layers``, 8 by default: about 2.0B parameters),
 so that full fine-tuning fits one GPU. It trains with the real pieces: shared-prefix packed batches
-(:mod:`alignexp.models.logprobs`), a registered loss, :class:`~alignexp.modules.preference.PreferenceModule`
-and the strategy that :mod:`alignexp.hardware` builds from ``conf/hardware/deepspeed_zero3.yaml`` (when
+(:mod:`alignexp.models.logprobs`), a registered loss, :class:`~alignexp.lightning_modules.preference.PreferenceModule`
+and the strategy that :mod:`alignexp.scale.hardware` builds from ``conf/hardware/deepspeed_zero3.yaml`` (when
 DeepSpeed imports) or ``conf/hardware/gpu.yaml``, in bf16, with the attention that
 :func:`alignexp.models.backbone.build_model` picks (FlashAttention-2 if it imports, else SDPA).
 Reference log-probs come with each batch, as the precomputed cache gives them.
@@ -18,7 +18,7 @@ Chowdhery et al. 2022, "PaLM", appendix B), ``peak_memory_gib`` (``torch.cuda.ma
 next to ``plan_estimate_gib`` (:mod:`alignexp.plan`'s estimate for the same run),
 ``packing_max_abs_diff``: the largest difference between a response's log-prob computed packed
 with its siblings and computed alone (the block mask at work under the chosen attention kernel), and
-``checks`` (:mod:`alignexp.gpu_pipeline`): the packed log-prob forward against a plain Hugging Face
+``checks`` (:mod:`alignexp.gpu_check.zero3`): the packed log-prob forward against a plain Hugging Face
 forward, and a 2-layer Mistral-architecture model through ZeRO-3 (fit, gather, save, reload, logits,
 generation, and the default experiment end to end). It exits 1 when a check fails.
 
@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _hardware(args: argparse.Namespace):
-    from alignexp.gpu_pipeline import hardware_option
+    from alignexp.gpu_check.zero3 import hardware_option
 
     name = args.strategy
     if name == "auto":
@@ -209,14 +209,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import lightning as L
     from lightning.pytorch.callbacks import Callback
 
-    from alignexp.gpu_pipeline import correctness_checks
-    from alignexp.hardware import trainer_kwargs
+    from alignexp.gpu_check.zero3 import correctness_checks
+    from alignexp.lightning_modules.preference import OptimArgs, PreferenceModule
     from alignexp.models.backbone import build_model
     from alignexp.models.logprobs import padding_free_supported
     from alignexp.models.lora import LoraArgs, apply_lora
     from alignexp.models.tokenizer import build_byte_tokenizer
-    from alignexp.modules.preference import OptimArgs, PreferenceModule
-    from alignexp.plan import PlanInputs, plan_memory
+    from alignexp.scale.hardware import trainer_kwargs
+    from alignexp.scale.plan import PlanInputs, plan_memory
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: run this on a GPU machine (or try --device cpu --size tiny)")
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     args = parse_args(argv)
-    from alignexp.gpu_setup import missing
+    from alignexp.gpu_check.requirements import missing
 
     lacking = missing(args.device)
     if lacking:  # every one at once, before anything is built

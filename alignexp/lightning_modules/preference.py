@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 
 from alignexp.args import OptimArgs
+from alignexp.lightning_modules.optim import adamw_with_warmup
 from alignexp.losses import LossOutput, get_loss
 from alignexp.models.logprobs import PackedBatch, sequence_logps
-from alignexp.modules.optim import adamw_with_warmup
 
 
 class PreferenceModule(L.LightningModule):

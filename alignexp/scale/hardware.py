@@ -2,20 +2,20 @@
 
 Modules never branch on the strategy: everything hardware-specific is decided here, from
 ``conf/hardware/<name>.yaml``, by one plain function (:func:`build_strategy`) that maps the
-config to a Lightning strategy object (:mod:`alignexp.strategies`):
+config to a Lightning strategy object (:mod:`alignexp.scale.strategies`):
 
 =========================  ===================================================================
 ``strategy: auto``         one device (``cpu``, ``gpu``)
 ``strategy: ddp``          :class:`~lightning.pytorch.strategies.DDPStrategy`, one process per device
-``strategy: fsdp``         FSDP2 (``fully_shard``, :class:`alignexp.strategies.FSDP2`): parameters,
+``strategy: fsdp``         FSDP2 (``fully_shard``, :class:`alignexp.scale.strategies.FSDP2`): parameters,
                            gradients and optimizer states sharded per parameter over all ranks, each
                            decoder layer a unit, fp32 master weights with bf16 compute
 ``strategy: deepspeed``    DeepSpeed ZeRO stage ``zero_stage`` (1, 2, 3) with optional optimizer /
-                           parameter offload (:class:`alignexp.strategies.DeepSpeedAnyDevice`; on
+                           parameter offload (:class:`alignexp.scale.strategies.DeepSpeedAnyDevice`; on
                            GPUs, or on CPU ranks with gloo)
 =========================  ===================================================================
 
-The processes are started once, before the first stage (:mod:`alignexp.launch`):
+The processes are started once, before the first stage (:mod:`alignexp.scale.launch`):
 ``hardware.devices`` per node and ``hardware.num_nodes`` nodes. Precision is ``hardware.precision``:
 ``bf16-mixed`` keeps fp32 master weights under every strategy (the trainable parameters are held in
 fp32 while they train, :func:`master_weights`); ``bf16-true`` trains pure bf16, only when asked for.
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from alignexp.args import HardwareArgs  # noqa: F401  (the settings of the hardware group)
-from alignexp.launch import devices_per_node, slurm_tasks
+from alignexp.scale.launch import devices_per_node, slurm_tasks
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def build_strategy(hw: HardwareArgs):
         return DDPStrategy(process_group_backend=hw.process_group_backend,
                            find_unused_parameters=hw.find_unused_parameters)
     if hw.strategy == "fsdp":
-        from alignexp.strategies import FSDP2
+        from alignexp.scale.strategies import FSDP2
 
         return FSDP2(devices_per_node(hw) * hw.num_nodes, mixed_precision=hw.precision.endswith("-mixed"),
                      reshard_after_forward=hw.sharding_strategy == "FULL_SHARD", cpu_offload=hw.cpu_offload,
@@ -57,12 +57,12 @@ def build_strategy(hw: HardwareArgs):
                      process_group_backend=hw.process_group_backend)
     if hw.device_type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read when deepspeed is first imported
-    from alignexp.strategies import DeepSpeedAnyDevice
+    from alignexp.scale.strategies import DeepSpeedAnyDevice
 
     offload = hw.offload_optimizer or hw.offload_parameters
     strategy_class = DeepSpeedAnyDevice
-    if hw.offload_optimizer:  # DeepSpeed's compiled CPU Adam steps the offloaded optimizer (alignexp/offload.py)
-        from alignexp.strategies import OffloadedDeepSpeed as strategy_class
+    if hw.offload_optimizer:  # DeepSpeed's compiled CPU Adam steps the offloaded optimizer (alignexp/scale/offload.py)
+        from alignexp.scale.strategies import OffloadedDeepSpeed as strategy_class
     strategy = strategy_class(stage=hw.zero_stage, offload_optimizer=hw.offload_optimizer,
                               offload_parameters=hw.offload_parameters, pin_memory=offload,
                               process_group_backend=hw.process_group_backend, exclude_frozen_parameters=True,
@@ -85,7 +85,7 @@ def precision_settings(hw: HardwareArgs) -> dict[str, Any]:
     """The Trainer's ``precision`` or ``plugins`` for ``hw``. Where Lightning would convert a whole batch
     to 16 bits (DeepSpeed, ``*-true`` half precision), a plugin that keeps the reference log-probs and
     rewards fp32; under FSDP2 the mixed precision is its ``MixedPrecisionPolicy`` (the Trainer's is 32-bit)."""
-    from alignexp.strategies import DeepSpeedBatchPrecision, HalfBatchPrecision
+    from alignexp.scale.strategies import DeepSpeedBatchPrecision, HalfBatchPrecision
 
     if hw.strategy == "deepspeed":
         return {"plugins": [DeepSpeedBatchPrecision(hw.precision)]}
@@ -127,7 +127,7 @@ def choose_auto(hw: HardwareArgs, run=None, single_process: bool = False) -> tup
     common = {"threads": hw.threads, "num_nodes": hw.num_nodes}
     if not torch.cuda.is_available():
         return HardwareArgs(name="cpu", **common), "no CUDA device"
-    from alignexp.plan import choose_multi_gpu, one_gpu, plan_for_run
+    from alignexp.scale.plan import choose_multi_gpu, one_gpu, plan_for_run
 
     gpus = torch.cuda.device_count() if hw.devices in ("auto", -1) else devices_per_node(hw)
     gpu = one_gpu(hw)
@@ -165,7 +165,7 @@ class JobStatusCallback:
         hydra:
           callbacks:
             job_status:
-              _target_: alignexp.hardware.JobStatusCallback
+              _target_: alignexp.scale.hardware.JobStatusCallback
 
     Duck-typed, so this module needs no Hydra import (the GPU check runs without Hydra).
     """

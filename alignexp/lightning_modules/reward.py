@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from alignexp.judges.reward_model import OFFSET_KEY, score_encoded, sequence_scores
+from alignexp.lightning_modules.preference import OptimArgs, PreferenceModule
 from alignexp.losses import LossOutput
 from alignexp.models.logprobs import EncodedExample, PackedBatch
-from alignexp.modules.preference import OptimArgs, PreferenceModule
 from alignexp.tasks.base import RankedExample
 
 

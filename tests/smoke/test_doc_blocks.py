@@ -94,3 +94,26 @@ def test_the_readme_s_data_formats_train_as_shown(tmp_path, cache_dir):
     for name, loss in DATA_FILES.items():
         record = json.loads((tmp_path / "runs" / name / "eval.json").read_text())
         assert record["loss"] == loss and record["task"] == "custom"
+
+
+def test_the_readme_s_file_map_names_every_module():
+    """Each module of alignexp/ is named in the README's file map: a top-level one as ``name.py``, one in a
+    package by its name under the package's line (``pipeline/ ... fit (...)``)."""
+    readme = (REPO / "README.md").read_text()
+    files = readme[readme.index("## Files"):]
+    missing = []
+    for path in sorted((REPO / "alignexp").rglob("*.py")):
+        relative = path.relative_to(REPO / "alignexp")
+        if len(relative.parts) == 1:
+            if f"  {relative.name} " not in files:
+                missing.append(str(relative))
+            continue
+        package, stem = relative.parts[0], relative.stem
+        if stem in ("__init__", "__main__"):
+            continue
+        block = files[files.index(f"  {package}/"):]
+        block = block[:next((i for i in range(1, len(block)) if block[i:].startswith("\n  ") and block[i + 3] != " "),
+                            len(block))]
+        if not re.search(rf"\b{stem}\b", block):
+            missing.append(str(relative))
+    assert not missing, f"modules the README's file map does not name: {missing}"

@@ -74,3 +74,21 @@ def compose(cache_dir, tmp_path):
                                  return_hydra_config=return_hydra_config)
 
     return _compose
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging():
+    """Each test sees the log as a fresh run would: what alignexp.logs.log_once said in an earlier test is
+    said again, and what an in-process Hydra run's logging config left behind (disabled loggers, the root
+    logger at ERROR) is undone."""
+    import logging
+
+    import alignexp.logs
+
+    alignexp.logs._LOGGED.clear()
+    if logging.getLogger().level > logging.WARNING:  # an in-process Hydra run leaves the root logger at ERROR
+        logging.getLogger().setLevel(logging.WARNING)
+    for name, logger in list(logging.Logger.manager.loggerDict.items()):
+        if name.startswith("alignexp") and isinstance(logger, logging.Logger):
+            logger.disabled = False
+    yield

@@ -46,7 +46,7 @@ def test_custom_binary_demonstrations_are_the_desirable_completions():
 
 
 def test_a_bad_label_names_record_and_field():
-    with pytest.raises(DataError, match=r"binary_bad.jsonl, record 1, field 'label': expected true \(desirable\) "
+    with pytest.raises(DataError, match=r"binary_bad.jsonl, record 1 \(numbered from 0\), field 'label': expected true \(desirable\) "
                                         r"or false \(undesirable\), got 'yes'"):
         CustomTask(path=str(FIXTURES / "binary_bad.jsonl")).preference_examples()
 
@@ -68,7 +68,7 @@ def test_rankings_become_binary_feedback():
     scored = binary_feedback(rankings[:1], 2.0)
     assert [ex.label for ex in scored] == [True, True, False]
     assert binary_feedback(best, 2.0) == best  # labelled examples pass through
-    with pytest.raises(DataError, match=r"rankings, record 1, field 'scores': binary=2.0: labelling by a score "
+    with pytest.raises(DataError, match=r"rankings, record 1 \(numbered from 0\), field 'scores': binary=2.0: labelling by a score "
                                         r"threshold needs scores"):
         binary_feedback(rankings, 2.0)
 

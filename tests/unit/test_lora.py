@@ -64,7 +64,10 @@ def test_every_model_option_composes_and_validates(compose, model):
     args = ModelArgs(**OmegaConf.to_container(cfg.model, resolve=True))
     assert args.name == model
     assert lora_args(args.lora) is None  # LoRA is off unless asked for
-    if model != "tiny":
+    if model == "smollm2_135m":  # the real model of the offline path: fp32 on the CPU, the asset where no hub
+        assert args.path == "HuggingFaceTB/SmolLM2-135M" and args.asset == "smollm2-135m"
+        assert args.arch["hidden_size"] == 576 and args.dtype == "float32"
+    elif model != "tiny":
         assert args.path and args.arch["hidden_size"] == 4096 and args.dtype == "bfloat16"
         assert args.gradient_checkpointing
         on = compose(f"model={model}", "model.lora.enabled=true", "model.lora.r=8")
@@ -74,7 +77,8 @@ def test_every_model_option_composes_and_validates(compose, model):
 def test_model_paths_are_the_documented_checkpoints(compose):
     paths = {m: compose(f"model={m}").model.path for m in MODELS}
     assert paths == {"llama7b": "huggyllama/llama-7b", "mistral7b": "mistralai/Mistral-7B-v0.1",
-                     "tiny": None, "zephyr7b": "HuggingFaceH4/mistral-7b-sft-beta"}
+                     "smollm2_135m": "HuggingFaceTB/SmolLM2-135M", "tiny": None,
+                     "zephyr7b": "HuggingFaceH4/mistral-7b-sft-beta"}
 
 
 def test_lora_settings_are_checked():

@@ -29,7 +29,7 @@ quiet() {
 
 step "building the wheel from a copy of the checkout's package, configs and metadata"
 mkdir "$WORK/src"
-cp -r "$REPO/pyproject.toml" "$REPO/README.md" "$REPO/alignexp" "$REPO/conf" "$WORK/src/"
+cp -r "$REPO/pyproject.toml" "$REPO/README.md" "$REPO/alignexp" "$REPO/conf" "$REPO/hydra_plugins" "$WORK/src/"
 "$PYTHON" -m venv "$WORK/venv"
 V="$WORK/venv/bin"
 quiet "$WORK/wheel.log" "$V/python" -m pip wheel --no-deps -w "$WORK/dist" "$WORK/src"

@@ -37,7 +37,8 @@ wheel=$(ls "$WORK"/dist/alignexp-*.whl)
 
 step "installing $TORCH_PIN, then $(basename "$wheel") and its dependencies into a fresh virtual environment"
 quiet "$WORK/install.log" "$V/pip" install --no-compile "$TORCH_PIN"
-quiet "$WORK/install.log" "$V/pip" install --no-compile "$wheel"
+# the tune extra too: experiment=tune (composed below) chooses its Optuna sweeper
+quiet "$WORK/install.log" "$V/pip" install --no-compile "$wheel[tune]"
 mkdir "$WORK/run"
 cd "$WORK/run"  # outside the checkout from here on: `python -c` and `-m` put the working folder on the path
 package=$("$V/python" -c "import alignexp, os; print(os.path.dirname(alignexp.__file__))")

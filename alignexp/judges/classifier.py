@@ -75,10 +75,10 @@ class ClassifierJudge(ScoreJudge):
 
     # -- loading ---------------------------------------------------------------------------------
     def _load_sklearn(self, file: Path) -> None:
-        from alignexp.assets import sha256_file
+        from alignexp.files import file_sha256
 
         expected = (self.manifest or {}).get("files_sha256", {}).get(file.name)
-        if expected is not None and sha256_file(file) != expected:
+        if expected is not None and file_sha256(file) != expected:
             raise ConfigError(f"judge.path={self.path}: {file.name} differs from its manifest's sha256; rebuild the "
                               f"asset (delete the folder, then `python -m alignexp.assets fetch sentiment-judge`)")
         try:

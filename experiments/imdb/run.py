@@ -4,6 +4,7 @@
     python experiments/imdb/run.py                # every arm, in order (resumable: a rerun skips done jobs)
     python experiments/imdb/run.py --arms dpo_beta0.1 ppo
     python experiments/imdb/run.py --probe        # the timing probe: one job of each kind, its CPU time
+    python experiments/imdb/run.py --pilot        # the pilot: questions 2 and 3 at a small size (about 1.5 h)
     python experiments/imdb/run.py --report       # tables, plots and comparisons from what ran
 
 Each arm is one Hydra multirun of ``experiment=imdb/frontier`` (its protocol: conf/experiment/imdb/frontier.yaml)
@@ -22,6 +23,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from alignexp.sweeps import watch
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
@@ -56,31 +59,48 @@ PROBE = [
     Arm("probe_best_of_n", ["sampler=best_of_n", "sampler.n=4", "train.max_steps=1", "seed=0"]),
 ]
 COMPARE = ["dpo_beta0.1:ppo", "dpo_beta0.1:preferred_ft", "ranked_dpo:dpo_beta0.1"]
+KL_POINTS = ["0.5", "1", "2"]
+
+# The pilot (README "The pilot"): questions 2 and 3 at a size that runs in about 1.5 hours on the 2 cores. The
+# frontier's protocol with a smaller SFT set (the quick run's 384 windows), 128 training prompts, 128 held-out
+# prompts, budgets of 4, 8 and 16 steps, 3 seeds; compared at KL 0.5 and 1.
+PILOT_OUT = REPO / "multirun" / "imdb_pilot"
+PILOT_STEPS = "train.max_steps=4,8,16"
+PILOT = ["task.n_sft=384", "task.n_train_prompts=128", "task.n_eval_prompts=128"]
+PILOT_ARMS = [
+    Arm("dpo_beta0.1", ["loss=dpo", "loss.beta=0.1", PILOT_STEPS, SEEDS, *PILOT]),
+    Arm("preferred_ft", ["loss=preferred_ft", PILOT_STEPS, SEEDS, *PILOT]),
+    Arm("ranked_dpo", ["loss=ranked_dpo", "loss.beta=0.1", PILOT_STEPS, SEEDS, *PILOT]),
+]
+PILOT_COMPARE = ["dpo_beta0.1:preferred_ft", "ranked_dpo:dpo_beta0.1"]
+PILOT_KL_POINTS = ["0.5", "1"]
 
 
-def command(arm: Arm) -> list[str]:
-    return [PYTHON, "-m", "alignexp.train", "-m", "experiment=imdb/frontier", f"run_name={arm.name}", *arm.overrides,
-            f"hydra.sweep.dir={OUT / arm.name}"]
+def command(arm: Arm, out: Path = OUT) -> list[str]:
+    return [PYTHON, "-m", "alignexp.train", "-m", "experiment=imdb/frontier", f"run_name={arm.name}",
+            *arm.overrides, f"hydra.sweep.dir={out / arm.name}"]
 
 
-def run_arm(arm: Arm, log: Path) -> dict[str, float]:
+def run_arm(arm: Arm, log: Path, out: Path = OUT) -> dict[str, float]:
     """The arm's multirun; its wall and CPU time (of the child processes) in seconds."""
-    print(f"[imdb] {arm.name}: {' '.join(command(arm)[2:])}", flush=True)
+    print(f"[imdb] {arm.name}: {' '.join(command(arm, out)[2:])}", flush=True)
     start, cpu = time.time(), os.times()
     with log.open("a") as handle:
-        result = subprocess.run(command(arm), cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                                     "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline"})
+        process = subprocess.Popen(command(arm, out), cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                                        "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline"})
+        code = watch(process, out / arm.name, f"[imdb] {arm.name}")
     end = os.times()
-    if result.returncode != 0:
-        raise SystemExit(f"[imdb] {arm.name} failed (exit {result.returncode}); see {log}")
+    if code != 0:
+        raise SystemExit(f"[imdb] {arm.name} failed (exit {code}); see {log}")
     return {"wall_s": round(time.time() - start, 1),
             "cpu_s": round(end.children_user + end.children_system - cpu.children_user - cpu.children_system, 1)}
 
 
-def report() -> None:
-    command = [PYTHON, "-m", "alignexp.report", str(OUT), "--out", str(HERE / "report"), "--kl", "0.5", "1", "2",
-               "--compare", *COMPARE]
+def report(pilot: bool = False) -> None:
+    out, folder = (PILOT_OUT, HERE / "pilot" / "report") if pilot else (OUT, HERE / "report")
+    command = [PYTHON, "-m", "alignexp.report", str(out), "--out", str(folder),
+               "--kl", *(PILOT_KL_POINTS if pilot else KL_POINTS), "--compare", *(PILOT_COMPARE if pilot else COMPARE)]
     print("[imdb] " + " ".join(command[2:]), flush=True)
     subprocess.run(command, cwd=REPO, check=True)
 
@@ -89,21 +109,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arms", nargs="*", help=", ".join(a.name for a in ARMS))
     parser.add_argument("--probe", action="store_true", help="one job of each kind (the timing probe)")
+    parser.add_argument("--pilot", action="store_true", help="the pilot: questions 2 and 3 at a small size")
     parser.add_argument("--report", action="store_true", help="only the report of what ran")
     args = parser.parse_args()
     if args.report:
-        report()
+        report(args.pilot)
         return
-    arms = PROBE if args.probe else [a for a in ARMS if not args.arms or a.name in args.arms]
-    OUT.mkdir(parents=True, exist_ok=True)
-    times_file = HERE / ("probe_times.json" if args.probe else "wall_times.json")
+    if args.probe:
+        arms, out, times_file = PROBE, OUT, HERE / "probe_times.json"
+    elif args.pilot:
+        arms, out, times_file = PILOT_ARMS, PILOT_OUT, HERE / "pilot" / "wall_times.json"
+    else:
+        arms, out, times_file = ARMS, OUT, HERE / "wall_times.json"
+    arms = [a for a in arms if not args.arms or a.name in args.arms]
+    out.mkdir(parents=True, exist_ok=True)
+    times_file.parent.mkdir(parents=True, exist_ok=True)
     times = json.loads(times_file.read_text()) if times_file.exists() else {}
     for arm in arms:
-        took = run_arm(arm, OUT / "run.log")
+        took = run_arm(arm, out / "run.log", out)
         times[arm.name] = {**took, "overrides": arm.overrides}
         times_file.write_text(json.dumps(times, indent=2) + "\n")
     if not args.probe:
-        report()
+        report(args.pilot)
 
 
 if __name__ == "__main__":

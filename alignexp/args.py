@@ -459,6 +459,34 @@ class EvalArgs:
         check_number("eval.beta", self.beta, low=0, low_open=True)
 
 
+@dataclass
+class VllmArgs:
+    """``vllm``: the vLLM engine, where it samples (``backend``; :mod:`alignexp.sampling.vllm_backend`).
+
+    gpu_memory_utilization: the share of the GPU's memory vLLM takes while it samples, for its weights,
+    activations and KV cache (it starts only where that much is free; it sleeps during training, weights
+    in host memory and KV cache freed). enforce_eager: no CUDA graphs (slower decoding; the graphs' memory,
+    outside that share, is saved). max_model_len: the longest prompt + response its KV cache is planned for
+    (None: the model's context length). ``python -m alignexp.plan`` counts all three.
+    """
+
+    gpu_memory_utilization: float = 0.3
+    enforce_eager: bool = False
+    max_model_len: int | None = None
+
+    def __post_init__(self) -> None:
+        check_number("vllm.gpu_memory_utilization", self.gpu_memory_utilization, low=0.0, high=1.0, low_open=True)
+        check_number("vllm.max_model_len", self.max_model_len, low=1, integer=True, optional=True)
+
+    def engine_options(self) -> dict[str, Any]:
+        """The keyword arguments of :class:`~alignexp.sampling.vllm_backend.VLLMBackend` these settings give."""
+        options: dict[str, Any] = {"gpu_memory_utilization": self.gpu_memory_utilization,
+                                   "enforce_eager": self.enforce_eager}
+        if self.max_model_len is not None:
+            options["max_model_len"] = self.max_model_len
+        return options
+
+
 # -- the whole run ---------------------------------------------------------------------------------------
 PAIR_STRATEGIES = ("best_worst", "adjacent", "all", "first_round", "tournament")
 
@@ -498,6 +526,7 @@ class RunArgs:
     imports: list[str] = field(default_factory=list)
     resume: str | None = None
     backend: str = "auto"
+    vllm: VllmArgs = field(default_factory=VllmArgs)
 
     def __post_init__(self) -> None:
         check_number("seed", self.seed, integer=True)

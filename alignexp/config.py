@@ -29,6 +29,7 @@ from alignexp.args import (
     RunArgs,
     SFTArgs,
     TrainArgs,
+    VllmArgs,
     from_mapping,
     instantiate_target,
 )
@@ -107,6 +108,7 @@ def validate(cfg: DictConfig) -> RunArgs:
         init_from=container.get("init_from"),
         run_name=str(container.get("run_name") or name),
         backend=str(container.get("backend", "auto")),
+        vllm=from_mapping(VllmArgs, _section(container, "vllm"), "vllm"),
         imports=list(container.get("imports") or []),
         resume=container.get("resume"),
     )

@@ -4,13 +4,20 @@
 ``<sweep dir>/jobs.jsonl``. A job of a rerun whose number and overrides match a line with status
 ``COMPLETED``, and whose run folder still holds its ``eval.json``, returns that record instead of running
 again; a failed, interrupted or changed job runs.
+
+Progress: the callback also writes the sweep's size (:func:`sweep_size`) to ``<sweep dir>/jobs_total`` when the
+multirun starts, and each finished job prints ``k of N jobs finished``; a driver that runs sweeps in child
+processes (the study's, the IMDb experiment's) reads the same two files (:func:`sweep_progress`).
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
+
+TOTAL_FILE = "jobs_total"
 
 
 def completed_job(sweep_dir: str | Path, num: int, overrides: list[str], output_dir: str | Path) -> dict | None:
@@ -41,3 +48,59 @@ def previous_result() -> dict | None:
         return None
     return completed_job(hydra_cfg.sweep.dir, hydra_cfg.job.num, list(hydra_cfg.overrides.task),
                          hydra_cfg.runtime.output_dir)
+
+
+def sweep_size(config) -> int | None:
+    """How many jobs a multirun launches, from its composed config: the Optuna sweeper's ``n_trials``, else the
+    product of the sizes of the sweep overrides (the command line's over ``hydra.sweeper.params``); None where
+    that cannot be told before the sweep (a ``glob`` over a config group)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    sweeper = config.hydra.sweeper
+    if sweeper.get("n_trials") is not None:
+        return int(sweeper.n_trials)
+    params = sweeper.get("params") or {}
+    overrides = {o.key_or_group: o for o in OverridesParser.create().parse_overrides(
+        [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task))}
+    total = 1
+    for override in overrides.values():
+        if override.is_sweep_override():
+            try:
+                total *= len(list(override.sweep_string_iterator()))
+            except HydraException:
+                return None
+    return total
+
+
+def sweep_progress(sweep_dir: str | Path) -> tuple[int, int | None]:
+    """(jobs finished, jobs in the sweep or None) of the sweep in ``sweep_dir``: the distinct job numbers in its
+    ``jobs.jsonl`` (a rerun's jobs count once), and the size its callback wrote when it started."""
+    folder = Path(sweep_dir)
+    done = set()
+    if (folder / "jobs.jsonl").exists():
+        for line in (folder / "jobs.jsonl").read_text().splitlines():
+            try:
+                done.add(json.loads(line)["num"])
+            except (json.JSONDecodeError, KeyError, TypeError):  # a torn last line of an interrupted sweep
+                continue
+    total_file = folder / TOTAL_FILE
+    total = int(total_file.read_text()) if total_file.exists() and total_file.read_text().strip().isdigit() else None
+    return len(done), total
+
+
+def watch(process, sweep_dir: str | Path, prefix: str, every_s: float = 20.0) -> int:
+    """Wait for a child ``process`` (a ``subprocess.Popen`` running a sweep into ``sweep_dir``), printing
+    ``<prefix>: k of N jobs finished`` whenever k grows; its exit code."""
+    last = -1
+    while True:
+        try:
+            code = process.wait(timeout=every_s)
+        except subprocess.TimeoutExpired:
+            code = None
+        done, total = sweep_progress(sweep_dir)
+        if done != last and (done or code is not None):
+            print(f"{prefix}: {done} of {total if total is not None else '?'} jobs finished", flush=True)
+            last = done
+        if code is not None:
+            return code

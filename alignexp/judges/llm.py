@@ -263,10 +263,34 @@ class LLMJudge:
         return reply if reply is not None else ""
 
     def _map(self, fn, items: list) -> list:
-        if self.max_workers == 1 or len(items) <= 1:
-            return [fn(item) for item in items]
-        with ThreadPoolExecutor(self.max_workers) as pool:
-            return list(pool.map(fn, items))
+        """``fn`` over ``items`` (``max_workers`` requests at a time), with a progress bar on a terminal: items
+        done, rate and ETA, and the retries and failed requests so far (:meth:`faults`)."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(items), desc=f"judge {self.model}", unit="call", leave=False, disable=None,
+                   dynamic_ncols=True) if len(items) > 1 else None
+
+        def tracked(item):
+            result = fn(item)
+            if bar is not None:
+                bar.set_postfix_str(self.faults(), refresh=False)
+                bar.update(1)
+            return result
+
+        try:
+            if self.max_workers == 1 or len(items) <= 1:
+                return [tracked(item) for item in items]
+            with ThreadPoolExecutor(self.max_workers) as pool:
+                return list(pool.map(tracked, items))
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def faults(self) -> str:
+        """``retries R, failed F, abstained A``: the judge's troubles so far (from ``stats``)."""
+        with self._lock:
+            failed = sum(v for k, v in self.stats.items() if k.startswith("failed_"))
+            return f"retries {self.stats['retries']}, failed {failed}, abstained {self.stats['abstentions']}"
 
     # -- the judge interface --------------------------------------------------------------------
     def _pair_prompt(self, prompt: Text, a: Text, b: Text) -> str:

@@ -55,10 +55,11 @@ from alignexp.models.logprobs import (
     EncodedExample,
     PackedBatch,
     encode_text,
-    output_logits,
     pack,
     response_states,
+    token_logps,
 )
+from alignexp.models.reference import reference_token_logps
 from alignexp.models.value_head import ValueHead
 from alignexp.sampling.engine import SamplingParams, generate
 from alignexp.sampling.text import decode, sample_seed
@@ -69,15 +70,6 @@ log = logging.getLogger(__name__)
 
 class PPOInstabilityError(AlignexpError, RuntimeError):
     """PPO diverged: a NaN or infinite loss, reward or KL, or a KL to the reference past ``ppo.max_kl``."""
-
-
-def tempered_token_logps(model, batch: PackedBatch, temperature: float, states: Tensor | None = None) -> Tensor:
-    """Per-token log-probs (N,) under pi_T(y_t) = softmax(logits / T)[y_t], the distribution the engine samples
-    from at temperature T (:func:`alignexp.models.logprobs.token_logps` is T = 1); fp32."""
-    if states is None:
-        states = response_states(model, batch)
-    logits = output_logits(model, states) / temperature  # the model's final soft-capping included
-    return torch.log_softmax(logits, dim=-1).gather(1, batch.target_ids[:, None]).squeeze(1)
 
 
 def to_rows(flat: Tensor, batch: PackedBatch, mask: Tensor) -> Tensor:
@@ -188,7 +180,7 @@ class PPOModule(L.LightningModule):
     def forward_policy(self, batch: PackedBatch) -> tuple[Tensor, Tensor]:
         """Per-token log pi_T (N,) and values (N,): one policy forward (two with a separate critic)."""
         states = response_states(self.policy, batch)
-        logps = tempered_token_logps(self.policy, batch, self.args.temperature, states)
+        logps = token_logps(self.policy, batch, states, temperature=self.args.temperature)
         if self.critic is not None:
             states = response_states(self.critic, batch)
         values = self.value_head(states)  # bf16 under autocast: the values, returns and value loss are fp32 at least
@@ -214,7 +206,7 @@ class PPOModule(L.LightningModule):
         mask = torch.arange(int(lengths.max()), device=lengths.device)[None, :] < lengths[:, None]
         logps, values = self.forward_policy(batch)
         logprobs, values = to_rows(logps, batch, mask), to_rows(values, batch, mask)
-        ref_logprobs = to_rows(tempered_token_logps(self.reference, batch, args.temperature), batch, mask)
+        ref_logprobs = to_rows(reference_token_logps(self.reference, batch, args.temperature), batch, mask)
         encoded, scores, mask, logprobs, values, ref_logprobs = self.gather_rollout(
             encoded, scores, mask, logprobs, values, ref_logprobs)
         bad = int((~torch.isfinite(scores)).sum())

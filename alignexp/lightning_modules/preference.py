@@ -14,6 +14,7 @@ from alignexp.args import OptimArgs
 from alignexp.lightning_modules.optim import adamw_with_warmup
 from alignexp.losses import LossOutput, get_loss
 from alignexp.models.logprobs import PackedBatch, sequence_logps
+from alignexp.models.reference import reference_logps
 
 
 class PreferenceModule(L.LightningModule):
@@ -50,8 +51,7 @@ class PreferenceModule(L.LightningModule):
             if ref_logps is None:
                 if self.reference is None:
                     raise RuntimeError(f"loss '{self.spec.name}' needs a reference: precomputed log-probs or a model")
-                with torch.no_grad():
-                    ref_logps = sequence_logps(self.reference, batch)[0][:, :logps.shape[1]]
+                ref_logps = reference_logps(self.reference, batch)
             # fp32 at least (bf16 policy log-probs included): a DPO margin is a difference of two sums of
             # hundreds of log-probs, whose bf16 step is 2 nats at -300
             dtype = torch.promote_types(logps.dtype, torch.float32)

@@ -412,16 +412,18 @@ def _takes_bool_masks(config) -> bool:
     return getattr(current, "routes_block_masks_to_sdpa", False)
 
 
-def token_logps(model, batch: PackedBatch, states: Tensor | None = None) -> Tensor:
+def token_logps(model, batch: PackedBatch, states: Tensor | None = None, temperature: float = 1.0) -> Tensor:
     """Per-token response log-probs ``(N,)`` in fp32, aligned with ``batch.target_ids`` and ``batch.slot``.
 
-    ``states``: :func:`response_states` of this model and batch when the caller already has them
-    (then no second forward runs). :func:`sequence_logps` is their sum per response.
+    ``temperature`` T: log-probs of pi_T(y_t) = softmax(logits / T)[y_t], the distribution the sampling
+    engine draws from at T (PPO's rollouts); T = 1 is the model's own. ``states``: :func:`response_states`
+    of this model and batch when the caller already has them (then no second forward runs).
+    :func:`sequence_logps` is their sum per response.
     """
     if states is None:
         states = response_states(model, batch)
     return chunked_token_logps(model.get_output_embeddings(), states, batch.target_ids,
-                               softcap=logit_softcap(model))
+                               softcap=logit_softcap(model), temperature=temperature)
 
 
 def logit_softcap(model) -> float | None:
@@ -435,13 +437,6 @@ def logit_softcap(model) -> float | None:
     return float(cap) if cap else None
 
 
-def output_logits(model, states: Tensor) -> Tensor:
-    """The model's logits ``(N, V)`` in fp32 for hidden ``states`` (N, H): its output head, then its final
-    logit soft-capping (:func:`logit_softcap`), as its own forward computes them. For code that needs
-    whole logits (PPO's tempered log-probs); log-probs go through :func:`token_logps`, chunked."""
-    return softcapped(model.get_output_embeddings()(states).float(), logit_softcap(model))
-
-
 def softcapped(logits: Tensor, cap: float | None) -> Tensor:
     """``cap * tanh(logits / cap)`` (``logits`` unchanged when ``cap`` is None)."""
     return logits if cap is None else torch.tanh(logits / cap) * cap
@@ -451,18 +446,22 @@ LOGIT_CHUNK = 2**22
 """Most logits (tokens x vocabulary) the head computes at once: 16 MiB in fp32, 131 tokens at a 32k vocabulary."""
 
 
-def _head_logps(head, states: Tensor, targets: Tensor, softcap: float | None = None) -> Tensor:
-    """log softmax(head(states))[i, targets[i]] in fp32: the target's logit minus the log-sum-exp (of the
-    soft-capped logits where the model caps them)."""
+def _head_logps(head, states: Tensor, targets: Tensor, softcap: float | None = None,
+                temperature: float = 1.0) -> Tensor:
+    """log softmax(head(states) / T)[i, targets[i]] in fp32: the target's logit minus the log-sum-exp (of the
+    soft-capped logits where the model caps them, divided by the temperature T after the capping, as the
+    sampling engine divides the model's output)."""
     logits = softcapped(head(states).float(), softcap)
+    if temperature != 1.0:
+        logits = logits / temperature
     return logits.gather(1, targets[:, None])[:, 0] - torch.logsumexp(logits, dim=-1)
 
 
 def chunked_token_logps(head, states: Tensor, targets: Tensor, chunk: int | None = None,
-                        softcap: float | None = None) -> Tensor:
-    """``log softmax(head(states))`` at ``targets`` ``(N,)``, ``chunk // vocabulary`` tokens at a time
+                        softcap: float | None = None, temperature: float = 1.0) -> Tensor:
+    """``log softmax(head(states) / T)`` at ``targets`` ``(N,)``, ``chunk // vocabulary`` tokens at a time
     (``chunk``: :data:`LOGIT_CHUNK` when None); ``softcap``: the model's final logit soft-capping
-    (:func:`logit_softcap`), applied to each chunk's logits.
+    (:func:`logit_softcap`), applied to each chunk's logits; ``temperature`` T (1: the model's own).
 
     With gradients, each chunk is checkpointed: its logits are freed after the forward and recomputed
     in the backward, one chunk at a time, so neither pass holds the (N, V) logits, their log-softmax or
@@ -472,11 +471,11 @@ def chunked_token_logps(head, states: Tensor, targets: Tensor, chunk: int | None
     vocab = getattr(head, "out_features", None) or getattr(head.weight, "ds_shape", head.weight.shape)[0]
     rows = max(1, (LOGIT_CHUNK if chunk is None else chunk) // vocab)
     if states.shape[0] <= rows:
-        return _head_logps(head, states, targets, softcap)
+        return _head_logps(head, states, targets, softcap, temperature)
     track = torch.is_grad_enabled() and (states.requires_grad or any(p.requires_grad for p in head.parameters()))
     pieces = []
     for start in range(0, states.shape[0], rows):
-        args = (head, states[start:start + rows], targets[start:start + rows], softcap)
+        args = (head, states[start:start + rows], targets[start:start + rows], softcap, temperature)
         pieces.append(checkpoint(_head_logps, *args, use_reentrant=False) if track else _head_logps(*args))
     return torch.cat(pieces)
 
@@ -488,8 +487,11 @@ def sequence_logps(model, batch: PackedBatch) -> tuple[Tensor, Tensor, Tensor]:
     log-likelihood of DPO, Rafailov et al. 2023, Eq. 7). One forward per batch (padding-free, or over
     the padded rows; see :func:`response_states`). Masked slots hold 0.
     """
-    per_token = token_logps(model, batch)
+    return per_response(token_logps(model, batch), batch), batch.lengths, batch.mask
+
+
+def per_response(per_token: Tensor, batch: PackedBatch) -> Tensor:
+    """Per-token values ``(N,)`` of a packed batch summed per response: ``(B, n)``, 0 in masked slots."""
     b, n = batch.lengths.shape
     summed = torch.zeros(b * n, dtype=per_token.dtype, device=per_token.device)
-    summed = summed.index_add(0, batch.slot, per_token).view(b, n)
-    return summed, batch.lengths, batch.mask
+    return summed.index_add(0, batch.slot, per_token).view(b, n)

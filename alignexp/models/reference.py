@@ -1,5 +1,8 @@
-"""Response log-probs of a model over encoded examples (:func:`response_logps`: a reference's or a
-policy's), and the reference's computed once per (model, data, tokenisation) and cached on disk.
+"""Reference log-probs, computed by one function for every path (:func:`reference_token_logps`): the
+precomputed and cached ones (:func:`cached_ref_logps`), a frozen reference's in the training step
+(:class:`alignexp.lightning_modules.preference.PreferenceModule`), and PPO's tempered reference
+(:mod:`alignexp.lightning_modules.ppo`). :func:`response_logps` runs it over encoded examples (a reference's
+or a policy's), and the reference's are computed once per (model, data, tokenisation) and cached on disk.
 
 Precomputing is the default where the reference is fixed, so training holds one model in memory,
 and the runs of a sweep that share a reference and data share the cache. On N ranks the batches are
@@ -21,7 +24,7 @@ from torch import Tensor
 from alignexp.distributed import shard_batches, shared_cache
 from alignexp.files import atomic_write, code_keyed
 from alignexp.models.batched import map_batches
-from alignexp.models.logprobs import EncodedExample, PackedBatch, sequence_logps
+from alignexp.models.logprobs import EncodedExample, PackedBatch, per_response, token_logps
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +62,23 @@ def response_logps(model, encoded: Sequence[EncodedExample], pad_id: int, batch_
     """Each example's summed log-probs log pi(y_k|x) of its n responses under ``model`` (a reference
     or a policy), (n,) on the CPU, without gradients (:func:`alignexp.models.batched.map_batches`).
     Every rank calls it: its batches are sharded over the ranks and the rows gathered, in order."""
-    return shard_batches(lambda part: map_batches(model, part, pad_id, batch_size, _summed_logps),
+    return shard_batches(lambda part: map_batches(model, part, pad_id, batch_size, reference_logps),
                          list(encoded), batch_size, desc)
 
 
-def _summed_logps(model, batch: PackedBatch) -> Tensor:
-    return sequence_logps(model, batch)[0]
+@torch.no_grad()
+def reference_token_logps(model, batch: PackedBatch, temperature: float = 1.0) -> Tensor:
+    """Per-token log-probs ``(N,)`` in fp32 of a model that is not trained (a reference), without gradients:
+    log pi_ref,T(y_t | x, y_<t) at temperature T (:func:`alignexp.models.logprobs.token_logps`; T = 1 but
+    for PPO, whose KL penalty is to the tempered reference). Every reference log-prob of alignexp comes
+    from here; :func:`reference_logps` sums them per response."""
+    return token_logps(model, batch, temperature=temperature)
+
+
+def reference_logps(model, batch: PackedBatch) -> Tensor:
+    """Summed log-probs ``(B, n)`` of each response under a reference, log pi_ref(y_k|x) (DPO's Eq. 7 term),
+    without gradients; 0 in masked slots."""
+    return per_response(reference_token_logps(model, batch), batch)
 
 
 def cached_ref_logps(model, encoded: Sequence[EncodedExample], pad_id: int, cache_dir: str | Path,

@@ -108,7 +108,8 @@ def sampling_backend(ctx: RunContext):
         if folder is None or not Path(folder).is_dir():  # vLLM starts from a folder: the built model's weights
             folder = ctx.out / ".vllm-start"
             save_policy(ctx.policy, ctx.tokenizer, folder)
-        backend, choice = build_backend("vllm", ctx.policy, ctx.tokenizer.pad_token_id, model_path=folder)
+        backend, choice = build_backend("vllm", ctx.policy, ctx.tokenizer.pad_token_id, model_path=folder,
+                                        **ctx.args.vllm.engine_options())
     ctx.record_extra["sampling"] = {"backend": choice.name, "reason": choice.reason, "engine": sampling_tag(backend)}
     log.info("sampling: %s (%s)", choice.name, choice.reason)
     return backend

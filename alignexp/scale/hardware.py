@@ -175,7 +175,15 @@ class JobStatusCallback:
 
     def on_run_end(self, config, **kwargs) -> None: ...
 
-    def on_multirun_start(self, config, **kwargs) -> None: ...
+    def on_multirun_start(self, config, **kwargs) -> None:
+        """Writes the sweep's size to ``<sweep dir>/jobs_total`` (:mod:`alignexp.sweeps`: progress)."""
+        from alignexp.sweeps import TOTAL_FILE, sweep_size
+
+        total = sweep_size(config)
+        if total is not None:
+            folder = Path(str(config.hydra.sweep.dir))
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / TOTAL_FILE).write_text(f"{total}\n")
 
     def on_multirun_end(self, config, **kwargs) -> None: ...
 
@@ -201,6 +209,13 @@ class JobStatusCallback:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as handle:  # one short append per job: safe across SLURM tasks on a shared FS
             handle.write(json.dumps(record) + "\n")
+        from alignexp.sweeps import sweep_progress
+
+        done, total = sweep_progress(path.parent)
+        progress = f"{done} of {total if total is not None else '?'} jobs finished"
         if failed:
             print(f"[alignexp] sweep job #{record['num']} ({' '.join(record['overrides'])}) FAILED: "
-                  f"{record['error']}; the other jobs go on (status of all: {path})", flush=True)
+                  f"{record['error']}; the other jobs go on ({progress}; status of all: {path})", flush=True)
+        else:
+            print(f"[alignexp] sweep job #{record['num']} ({' '.join(record['overrides'])}) {record['status']}: "
+                  f"{progress}", flush=True)

@@ -37,7 +37,8 @@ forward of a small GQA model keeps on CPU. Parameter counts come from ``model.ar
 
 Plan-only settings, all optional: ``+plan.gpus=16`` (default: hardware.devices x hardware.num_nodes),
 ``+plan.gpu_memory_gib=80`` (default: hardware.gpu_memory_gib), ``+plan.n_responses=4``,
-``+plan.prompt_len=1024``, ``+plan.response_len=512``, ``+plan.overhead_gib=2``.
+``+plan.prompt_len=1024``, ``+plan.response_len=512``, ``+plan.overhead_gib=2``, ``+plan.vllm_cuda_graph_gib=1``
+(where vLLM samples: ``backend``, ``vllm.*``; see :mod:`alignexp.scale.plan_stages`).
 Exit status 0 when it fits, 1 when it does not, 2 for a bad config.
 """
 

@@ -291,6 +291,11 @@ class PlanInputs:
     sample_new_tokens: int = 256
     eval_batch: int = 64
     eval_new_tokens: int = 32
+    sampler_backend: str = "hf"  # what samples: hf | vllm (resolved from ``backend``, :func:`plan_backend`)
+    backend_reason: str = ""
+    vllm_utilization: float = 0.3  # vllm.gpu_memory_utilization
+    vllm_eager: bool = False  # vllm.enforce_eager: no CUDA graphs
+    vllm_graph_gib: float = 1.0  # plan.vllm_cuda_graph_gib: the CUDA graphs' pool, outside vLLM's share
 
 
 @dataclass
@@ -387,7 +392,8 @@ def plan_memory(inputs: PlanInputs) -> MemoryPlan:
     return MemoryPlan(inputs, counts, states, reference_weights, activations, inputs.overhead_gib * GIB, notes)
 
 
-PLAN_KEYS = ("gpus", "gpu_memory_gib", "n_responses", "prompt_len", "response_len", "overhead_gib")
+PLAN_KEYS = ("gpus", "gpu_memory_gib", "n_responses", "prompt_len", "response_len", "overhead_gib",
+             "vllm_cuda_graph_gib")
 
 
 def plan_inputs(cfg) -> PlanInputs:
@@ -402,12 +408,35 @@ def plan_inputs(cfg) -> PlanInputs:
     section = lambda key: OmegaConf.to_container(cfg[key], resolve=True) if key in cfg else {}  # noqa: E731
     hw = HardwareArgs(**section("hardware"))
     return make_inputs(section("model"), hw, str(cfg.loss.name), section("task"), section("train"),
-                       section("eval"), section("sampler"), plan_cfg)
+                       section("eval"), section("sampler"), plan_cfg, backend=str(cfg.get("backend", "auto")),
+                       vllm=section("vllm"))
+
+
+def plan_backend(setting: str, hw: HardwareArgs, gpus: int) -> tuple[str, str]:
+    """What will sample (``hf`` or ``vllm``) for ``backend=setting``, and why, as a run decides it
+    (:func:`alignexp.sampling.vllm_backend.choose_backend`, :func:`alignexp.pipeline.sampling_backend`):
+    several processes share the sampling with the HF engine; ``auto`` takes vLLM on one GPU where it is
+    installed (here: the machine the plan runs on)."""
+    import importlib.util
+
+    if setting == "hf":
+        return "hf", "backend=hf"
+    if hw.accelerator == "cpu":
+        return "hf", "on CPU the HF engine samples"
+    if gpus > 1:
+        return "hf", f"{gpus} processes share the sampling, so the HF engine samples"
+    if setting == "vllm":
+        return "vllm", "backend=vllm"
+    if importlib.util.find_spec("vllm") is None:
+        return "hf", "backend=auto and vllm is not installed here (where it is, plan with backend=vllm)"
+    return "vllm", "backend=auto and vllm is installed"
 
 
 def make_inputs(model: dict[str, Any], hw: HardwareArgs, loss_name: str, task: dict[str, Any], train: dict[str, Any],
-                evaluation: dict[str, Any], sampler: dict[str, Any], plan_cfg: dict[str, Any]) -> PlanInputs:
-    """:class:`PlanInputs` from the sections of a run's config (plain mappings) and ``plan.*`` settings."""
+                evaluation: dict[str, Any], sampler: dict[str, Any], plan_cfg: dict[str, Any], backend: str = "auto",
+                vllm: dict[str, Any] | None = None) -> PlanInputs:
+    """:class:`PlanInputs` from the sections of a run's config (plain mappings), ``plan.*`` settings, ``backend``
+    and the ``vllm`` section."""
     from alignexp.losses import get_loss
     from alignexp.models.lora import lora_args
 
@@ -435,6 +464,8 @@ def make_inputs(model: dict[str, Any], hw: HardwareArgs, loss_name: str, task: d
     gpus = int(plan_cfg["gpus"]) if "gpus" in plan_cfg else hw.world_size
     memory = plan_cfg.get("gpu_memory_gib", hw.gpu_memory_gib)
     response_len = int(plan_cfg.get("response_len", model.get("max_response_len", 256)))
+    sampler_backend, backend_reason = plan_backend(backend, hw, gpus)
+    vllm = vllm or {}
     return PlanInputs(model_name=str(model.get("name")), arch=arch, model_dtype=str(model.get("dtype", "float32")),
                       gradient_checkpointing=bool(model.get("gradient_checkpointing", False)), lora=lora,
                       hardware=hw, gpus=gpus, gpu_memory_gib=None if memory is None else float(memory),
@@ -445,4 +476,8 @@ def make_inputs(model: dict[str, Any], hw: HardwareArgs, loss_name: str, task: d
                       sample_batch=int(sampler.get("batch_size") or 64),
                       sample_new_tokens=int(sampler.get("max_new_tokens") or response_len),
                       eval_batch=int(evaluation.get("batch_size", 64)),
-                      eval_new_tokens=int(evaluation.get("max_new_tokens", 32)))
+                      eval_new_tokens=int(evaluation.get("max_new_tokens", 32)),
+                      sampler_backend=sampler_backend, backend_reason=backend_reason,
+                      vllm_utilization=float(vllm.get("gpu_memory_utilization", 0.3)),
+                      vllm_eager=bool(vllm.get("enforce_eager", False)),
+                      vllm_graph_gib=float(plan_cfg.get("vllm_cuda_graph_gib", 1.0)))

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from alignexp.sweeps import watch
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 OUT = REPO / "multirun" / "study"
@@ -200,26 +202,34 @@ def command(part: Part, arm: Arm, lrs: dict[str, float] | None) -> list[str]:
     base = [f"experiment=study/{part.name}", f"run_name={arm.name}", *lr, *arm.overrides]
     if arm.single is not None:
         return [PYTHON, "-m", "alignexp.train", *base, f"hydra.run.dir={arm.single}"]
-    folder = OUT / part.name / (arm.folder or arm.name)
-    return [PYTHON, "-m", "alignexp.train", "-m", *base, f"hydra.sweep.dir={folder}", "hydra/launcher=parallel",
-            "hydra.launcher.n_jobs=2"]
+    return [PYTHON, "-m", "alignexp.train", "-m", *base, f"hydra.sweep.dir={sweep_folder(part, arm)}",
+            "hydra/launcher=parallel", "hydra.launcher.n_jobs=2"]
+
+
+def sweep_folder(part: Part, arm: Arm) -> Path:
+    return OUT / part.name / (arm.folder or arm.name)
 
 
 def run_part(part: Part, log: Path) -> float:
     lrs = chosen_lrs() if any(arm.lr_of for arm in part.arms) else None
-    start = time.time()
-    for arm in part.arms:
+    start, ran = time.time(), 0
+    for index, arm in enumerate(part.arms, 1):
+        label = f"[study] {part.name}/{arm.name} (arm {index} of {len(part.arms)})"
         if arm.single is not None and any((arm.single / name).exists() for name in ("eval.json", "agreement.json")):
-            print(f"[study] {part.name}/{arm.name}: done before, skipped", flush=True)
+            print(f"{label}: done before, skipped", flush=True)
             continue
         cmd = command(part, arm, lrs)
-        print(f"[study] {part.name}/{arm.name}: {' '.join(cmd[2:])}", flush=True)
+        print(f"{label}: {' '.join(cmd[2:])}", flush=True)
         with log.open("a") as handle:
-            result = subprocess.run(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
-                                    env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                                         "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline"})
-        if result.returncode != 0:
-            raise SystemExit(f"[study] {part.name}/{arm.name} failed (exit {result.returncode}); see {log}")
+            process = subprocess.Popen(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                                       env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+                                            "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline"})
+            code = process.wait() if arm.single is not None else watch(process, sweep_folder(part, arm), label)
+        if code != 0:
+            raise SystemExit(f"{label} failed (exit {code}); see {log}")
+        elapsed, ran = time.time() - start, ran + 1
+        print(f"{label}: {elapsed / 60:.1f} min into the part, about "
+              f"{elapsed / ran * (len(part.arms) - index) / 60:.0f} min to go", flush=True)
     return time.time() - start
 
 

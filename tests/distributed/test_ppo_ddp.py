@@ -101,7 +101,7 @@ def test_ppo_on_two_ddp_ranks_equals_one_process(tmp_path):
     ``hardware=ddp`` on 2 CPU processes in float64, each sampling 4 prompts per iteration and computing
     half of each minibatch, against 1 process from the same SFT policy: the same history (score, KL,
     losses, clip fractions, KL coefficient) and the same trained policy and value head, and it trained.
-    The tolerance is 1e-6: the per-token log-probs are fp32 (``tempered_token_logps``) whatever the weights'
+    The tolerance is 1e-6: the per-token log-probs are fp32 (``token_logps``) whatever the weights'
     dtype, and the ranks' forwards pack other examples together than the one process's."""
     two_out, two_cache, one_cache = tmp_path / "two", tmp_path / "cache2", tmp_path / "cache1"
     result = check(train("loss=ppo", *FAST, "hardware=ddp", *TWO_CPU_RANKS, "hardware.precision=64-true",

@@ -362,6 +362,9 @@ def test_parallel_sweep_runs_every_job_and_reports_each_failure(tmp_path):
                      key=lambda r: r["num"])
     assert [r["status"] for r in records] == ["COMPLETED", "FAILED", "COMPLETED"]
     assert records[1]["error"] == "ValueError: diverged at beta=0.2" and "loss.beta=0.2" in records[1]["overrides"]
+    # progress: the sweep's size written when it started, and each job's line counts the finished ones
+    assert (sweep / "jobs_total").read_text() == "3\n"
+    assert "3 of 3 jobs finished" in result.stdout + result.stderr
 
 
 def test_slurm_launcher_submits_one_array_with_the_hardware_layout(tmp_path):

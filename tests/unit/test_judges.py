@@ -157,6 +157,7 @@ def test_llm_judge_abstains_after_bounded_retries(mode, failure):
         assert len(server.requests) == 2 * 2 * 3  # 2 pairs x 2 orders x (1 + 2 retries)
     assert judge.abstentions == 2 and judge.stats[failure] == 12 and judge.stats["retries"] == 8
     assert judge.stats["abstained_requests"] == 4
+    assert judge.faults() == "retries 8, failed 12, abstained 2"  # the progress bar's postfix
 
 
 def test_llm_judge_times_out_and_abstains():

@@ -318,10 +318,12 @@ def test_logprobs_apply_the_final_soft_capping_in_every_chunk(tokenizer):
         assert (uncapped - whole).abs().max() > 0.1  # the cap matters for this model
 
 
-def test_ppo_tempered_logprobs_are_of_the_soft_capped_logits(tokenizer):
-    """PPO's log-probs at temperature T are of softmax(capped logits / T), the distribution the engine
-    samples from (the model's own forward caps its logits)."""
-    from alignexp.lightning_modules.ppo import tempered_token_logps
+def test_tempered_logprobs_are_of_the_soft_capped_logits(tokenizer):
+    """The log-probs at temperature T (PPO's policy and reference) are of softmax(capped logits / T), the
+    distribution the engine samples from (the model's own forward caps its logits), whole or in chunks,
+    and the reference's come from the same function without gradients."""
+    from alignexp.models.logprobs import chunked_token_logps, logit_softcap
+    from alignexp.models.reference import reference_token_logps
 
     model = softcapped_model(tokenizer)
     ex = examples()[0]
@@ -330,4 +332,12 @@ def test_ppo_tempered_logprobs_are_of_the_soft_capped_logits(tokenizer):
         logits = model(input_ids=torch.tensor([ex.prompt_ids + ex.response_ids[0]])).logits[0].float()
         p = len(ex.prompt_ids)
         expected = torch.log_softmax(logits[p - 1:-1] / 0.7, -1).gather(1, torch.tensor(ex.response_ids[0])[:, None])
-        torch.testing.assert_close(tempered_token_logps(model, batch, 0.7), expected[:, 0], atol=1e-5, rtol=0)
+        reference = reference_token_logps(model, batch, 0.7)
+        torch.testing.assert_close(reference, expected[:, 0], atol=1e-5, rtol=0)
+    states = response_states(model, batch).detach().requires_grad_(True)
+    head = model.get_output_embeddings()
+    chunked = chunked_token_logps(head, states, batch.target_ids, chunk=2 * head.out_features,
+                                  softcap=logit_softcap(model), temperature=0.7)
+    torch.testing.assert_close(chunked.detach(), expected[:, 0], atol=1e-5, rtol=0)
+    assert chunked.requires_grad and not reference.requires_grad
+    torch.testing.assert_close(token_logps(model, batch, temperature=0.7).detach(), expected[:, 0], atol=1e-5, rtol=0)

@@ -209,3 +209,45 @@ def test_hardware_auto_is_planned_as_it_resolves(compose, capsys):
     assert unknown.hardware.name == "ddp" and "plan.gpu_memory_gib" in line
     _main(compose(*headline, "+plan.gpu_memory_gib=80"))
     assert "hardware=auto: deepspeed_zero3" in capsys.readouterr().out
+
+
+def test_vllm_memory_is_in_the_stage_plan(compose):
+    """Where vLLM samples (one GPU): its share (gpu_memory_utilization x memory) and its CUDA graphs in the sampling
+    and evaluation stages instead of the HF engine's batch, the graphs alone while it sleeps in training, the KV
+    cache its share leaves after its weights (worked by hand for Mistral-7B), and no fit where the share cannot
+    hold its weights; several processes sample with the HF engine."""
+    from alignexp.scale.plan_stages import VLLM_ACTIVATION_FRACTION, plan_run
+
+    run = ("model=mistral7b", "hardware=gpu", "model.lora.enabled=true", "hardware.gpu_memory_gib=80")
+    plan = plan_run(plan_inputs(compose(*run, "backend=vllm", "vllm.gpu_memory_utilization=0.4")))
+    stages = {stage.name: stage.parts for stage in plan.peaks}
+    assert stages["sampling"]["vLLM share"] == pytest.approx(0.4 * 80 * GIB)
+    assert stages["sampling"]["vLLM CUDA graphs"] == GIB and "generation" not in stages["sampling"]
+    assert stages["training"]["vLLM asleep (CUDA graphs)"] == GIB
+    weights = 2 * EXPECTED_PARAMS["mistral7b"]  # bf16
+    kv_per_token = 2 * 32 * 8 * 128 * 2  # K and V x 32 layers x 8 KV heads x head dim 128 x 2 bytes
+    expected = int((0.4 * 80 * GIB * (1 - VLLM_ACTIVATION_FRACTION) - weights) // kv_per_token)
+    assert plan.vllm.kv_tokens == expected and 100_000 < expected < 200_000
+    assert plan.fits is True and "KV cache for" in plan.table()
+    assert plan.record()["sampling"]["vllm"]["share_gib"] == pytest.approx(32.0)
+
+    eager = plan_run(plan_inputs(compose(*run, "backend=vllm", "vllm.enforce_eager=true")))
+    assert eager.vllm.graphs == 0 and {s.name: s.parts for s in eager.peaks}["training"]["vLLM asleep (CUDA graphs)"] == 0
+    too_small = plan_run(plan_inputs(compose(*run, "backend=vllm", "vllm.gpu_memory_utilization=0.1")))
+    assert too_small.vllm.kv_tokens == 0 and too_small.fits is False and "NO room for a KV cache" in too_small.table()
+    hf = plan_run(plan_inputs(compose(*run, "backend=hf")))
+    assert hf.vllm is None and "generation" in {s.name: s.parts for s in hf.peaks}["sampling"]
+    several = plan_run(plan_inputs(compose("model=mistral7b", "hardware=deepspeed_zero3", "hardware.devices=8",
+                                           "backend=vllm")))
+    assert several.vllm is None and "8 processes share the sampling" in several.training.inputs.backend_reason
+
+
+def test_vllm_settings_reach_the_engine(compose):
+    """``vllm.*`` is checked and given to the engine as vllm.LLM's keyword arguments."""
+    from alignexp.config import validate
+    from alignexp.errors import ConfigError
+
+    args = validate(compose("vllm.gpu_memory_utilization=0.5", "vllm.enforce_eager=true", "vllm.max_model_len=2048"))
+    assert args.vllm.engine_options() == {"gpu_memory_utilization": 0.5, "enforce_eager": True, "max_model_len": 2048}
+    with pytest.raises(ConfigError, match="vllm.gpu_memory_utilization"):
+        validate(compose("vllm.gpu_memory_utilization=1.5"))

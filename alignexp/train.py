@@ -41,9 +41,10 @@ def run(cfg: DictConfig) -> dict:
     from alignexp.pipeline import run as run_pipeline
     from alignexp.preflight import preflight_train
     from alignexp.scale.hardware import resolve_auto
-    from alignexp.scale.launch import launched
+    from alignexp.scale.launch import launched, quiet_unless_main
     from alignexp.sweeps import previous_result
 
+    quiet_unless_main()
     done = previous_result()
     if done is not None:  # a rerun of a sweep: this job completed before
         print(f"[alignexp] this sweep job completed before ({cfg.paths.output_dir}): skipped", flush=True)

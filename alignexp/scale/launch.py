@@ -164,6 +164,15 @@ def _watch(children: list[subprocess.Popen]) -> None:
     threading.Thread(target=run, daemon=True, name="alignexp-rank-watch").start()
 
 
+def quiet_unless_main(rank: int | None = None) -> None:
+    """One voice: a process other than rank 0 (``rank``, else the one its launcher set in the environment, so
+    before the process group exists: the checks a started process runs again) logs warnings and errors only."""
+    from alignexp.distributed import env_rank
+
+    if (env_rank() if rank is None else rank) != 0:
+        logging.getLogger("alignexp").setLevel(logging.WARNING)
+
+
 @contextmanager
 def launched(hw: HardwareArgs) -> Iterator[int]:
     """Run the block on every process of ``hw`` (yields the world size). See the module docstring."""
@@ -202,8 +211,7 @@ def launched(hw: HardwareArgs) -> Iterator[int]:
         torch.cuda.set_device(cluster.local_rank())
     backend = hw.process_group_backend or ("nccl" if hw.device_type == "cuda" else "gloo")
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=TIMEOUT)
-    if rank != 0:  # one voice: the other ranks log warnings and errors only
-        logging.getLogger("alignexp").setLevel(logging.WARNING)
+    quiet_unless_main(rank)
     log.info("%d processes (%d per node x %d nodes, %s), process group %s", world, per_node, hw.num_nodes,
              type(cluster).__name__, backend)
     failed = True

@@ -4,6 +4,7 @@ every file written once, and 2 ranks at half the per-device batch end where 1 pr
 from __future__ import annotations
 
 import json
+import re
 
 import torch
 
@@ -38,6 +39,10 @@ def test_two_ddp_ranks_run_the_default_experiment_once_and_match_one_process_at_
     assert [p.relative_to(sweep).as_posix() for p in sweep.rglob("eval.json")] == ["0/eval.json"]
     assert [p.relative_to(sweep).as_posix() for p in sweep.rglob(".hydra")] == ["0/.hydra"]
     assert result.stdout.count("KL to reference") == 1  # the table, printed by rank 0 alone
+    # one voice: no log line twice (rank 1 logs warnings only, from its first check on)
+    messages = [re.sub(r"^\[[\d\- :,]+\]", "", line) for line in (result.stdout + result.stderr).splitlines()
+                if line.startswith(("[20", "[alignexp]"))]
+    assert len(messages) > 10 and not [m for m in set(messages) if messages.count(m) > 1]
     assert "train: global batch 16 = 8 per device x 2 process(es)" in result.stdout
     two = json.loads((sweep / "0" / "eval.json").read_text())
     assert two["global_batch_size"] == 16

@@ -36,6 +36,7 @@ from alignexp.models.backbone import (
     attention_implementation,
     build_model,
     build_tokenizer,
+    causal_lm_class,
     route_block_masks_to_sdpa,
 )
 from alignexp.models.batched import map_batches
@@ -53,22 +54,24 @@ def build_reward_model(args: ModelArgs, tokenizer, device_type: str = "cpu"):
     ``args.init_seed``. Otherwise the folder or hub id ``args.path``: a causal LM's folder (the SFT
     policy) gets a new, seeded score head; a reward model's folder is read as it is.
     """
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    attn = attention_implementation(args.attn_implementation, device_type)
-    if attn == "flash_attention_2":
-        route_block_masks_to_sdpa(attn)
     dtype = DTYPES[args.dtype]
     plain = ModelArgs(**{**args.__dict__, "gradient_checkpointing": False})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.init_seed)
         if args.path is None:
-            causal = build_model(plain, tokenizer, device_type)
+            causal = build_model(plain, tokenizer, device_type)  # its attention chosen for its architecture
             config = copy.deepcopy(causal.config)
             config.num_labels = 1
+            attn = config._attn_implementation
             model = AutoModelForSequenceClassification.from_config(config, dtype=dtype, attn_implementation=attn)
             model.base_model.load_state_dict(causal.base_model.state_dict())
-        else:
+        else:  # the attention the architecture supports (``auto``: eager for Gemma-2's soft-capping), as build_model
+            config = _from_pretrained(AutoConfig.from_pretrained, args.path, "reward model config")
+            attn = attention_implementation(args.attn_implementation, device_type, causal_lm_class(config))
+            if attn == "flash_attention_2":
+                route_block_masks_to_sdpa(attn)
             model = _from_pretrained(AutoModelForSequenceClassification.from_pretrained, args.path, "reward model",
                                      num_labels=1, dtype=dtype, attn_implementation=attn)
     if model.config.pad_token_id is None:

@@ -194,6 +194,14 @@ def test_auto_attention_loads_gemma2_and_a_refused_implementation_names_the_reas
     assert model.config._attn_implementation == "eager"
     with pytest.raises(ConfigError, match="model.attn_implementation=sdpa: Gemma2ForCausalLM does not support it"):
         build_model(ModelArgs(path=str(saved("gemma2")), attn_implementation="sdpa"), tokenizer)
+    # a reward model (a judge, or PPO's) from the same folder chooses its attention the same way
+    from alignexp.judges.reward_model import build_reward_model
+
+    reward = build_reward_model(ModelArgs(path=str(saved("gemma2"))), tokenizer)
+    assert type(reward).__name__ == "Gemma2ForSequenceClassification"
+    assert reward.config._attn_implementation == "eager"
+    with pytest.raises(ConfigError, match="Gemma2ForCausalLM does not support it"):
+        build_reward_model(ModelArgs(path=str(saved("gemma2")), attn_implementation="sdpa"), tokenizer)
 
 
 def test_a_model_path_is_named_by_its_folder_and_not_compared_with_the_tiny_preset(saved, tokenizer, caplog):

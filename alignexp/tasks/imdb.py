@@ -8,8 +8,8 @@
   IMDb first); the policy fine-tuned on them from the pretrained backbone is the SFT policy and the
   reference (``sft_from_backbone``: the task's SFT starts from ``model.path``, not from random weights).
 * **Gold reward** r*(x, y): a sentiment classifier's score of the prompt followed by the response
-  (:class:`alignexp.judges.classifier.ClassifierJudge`, set by ``reward``): its positive class's
-  log-odds or probability.
+  (:class:`alignexp.judges.classifier.ClassifierJudge`, or the judge ``reward._target_`` names; set by
+  ``reward``): its positive class's log-odds or probability.
 * **Preferences**: n samples per prompt from the SFT policy, ranked by the gold reward (a Plackett-Luce draw
   on r*/tau, tau = 0 the exact order), as on the synthetic task.
 * **Evaluation**: the gold reward and the sequence-level KL to the reference over policy samples on the
@@ -41,6 +41,7 @@ from alignexp.tasks.base import RankedExample, Task, Text, check_ranking_length
 SPLITS = ("train", "eval", "validation")
 DATA_SPLIT = {"train": "train", "eval": "test", "validation": "validation"}
 SOURCES = ("reviews", "sentences")
+GOLD_JUDGE = "alignexp.judges.classifier.ClassifierJudge"  # task.reward's _target_ where it names none
 
 SampleFn = Callable[[list[Text], int], list[list[str]]]
 
@@ -175,11 +176,15 @@ class ImdbTask(Task):
     # -- the gold reward --------------------------------------------------------------------------
     @functools.cached_property
     def judge(self):
-        from alignexp.judges.classifier import ClassifierJudge
+        """The gold reward's judge, built from ``task.reward``: its ``_target_`` (by default the classifier
+        judge) with the other keys, so that any score judge can be the gold reward, and this task names the
+        judge's class in its config rather than importing the judges."""
+        from alignexp.args import instantiate_target
 
-        config = {k: v for k, v in self.reward_config.items() if k not in ("_target_", "name")}
+        config = {k: v for k, v in self.reward_config.items() if k != "name"}
+        config.setdefault("_target_", GOLD_JUDGE)
         config.setdefault("cache_dir", self.cache_dir)
-        return ClassifierJudge(**config)
+        return instantiate_target(config, "task.reward")
 
     def gold_reward(self, prompt: Text, response: Text) -> float:
         return self.judge.score([prompt], [response])[0]

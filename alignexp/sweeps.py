@@ -22,18 +22,28 @@ TOTAL_FILE = "jobs_total"
 
 def completed_job(sweep_dir: str | Path, num: int, overrides: list[str], output_dir: str | Path) -> dict | None:
     """The eval.json record of job ``num`` if ``jobs.jsonl`` says it completed with the same overrides."""
-    path = Path(sweep_dir) / "jobs.jsonl"
     record = Path(output_dir) / "eval.json"
-    if not path.exists() or not record.exists():
+    if not record.exists():
         return None
-    for line in path.read_text().splitlines():
-        try:
-            job: dict[str, Any] = json.loads(line)
-        except json.JSONDecodeError:  # a torn last line of an interrupted sweep
-            continue
+    for job in job_records(sweep_dir):
         if job.get("num") == num and job.get("status") == "COMPLETED" and list(job.get("overrides", [])) == overrides:
             return json.loads(record.read_text())
     return None
+
+
+def job_records(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """The lines of ``<sweep_dir>/jobs.jsonl`` that parse (none where it does not exist); a torn last line of an
+    interrupted sweep is skipped."""
+    path = Path(sweep_dir) / "jobs.jsonl"
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            job = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(job, dict):
+            records.append(job)
+    return records
 
 
 def previous_result() -> dict | None:
@@ -76,17 +86,10 @@ def sweep_size(config) -> int | None:
 def sweep_progress(sweep_dir: str | Path) -> tuple[int, int | None]:
     """(jobs finished, jobs in the sweep or None) of the sweep in ``sweep_dir``: the distinct job numbers in its
     ``jobs.jsonl`` (a rerun's jobs count once), and the size its callback wrote when it started."""
-    folder = Path(sweep_dir)
-    done = set()
-    if (folder / "jobs.jsonl").exists():
-        for line in (folder / "jobs.jsonl").read_text().splitlines():
-            try:
-                done.add(json.loads(line)["num"])
-            except (json.JSONDecodeError, KeyError, TypeError):  # a torn last line of an interrupted sweep
-                continue
-    total_file = folder / TOTAL_FILE
-    total = int(total_file.read_text()) if total_file.exists() and total_file.read_text().strip().isdigit() else None
-    return len(done), total
+    done = {job["num"] for job in job_records(sweep_dir) if "num" in job}
+    total_file = Path(sweep_dir) / TOTAL_FILE
+    text = total_file.read_text().strip() if total_file.exists() else ""
+    return len(done), int(text) if text.isdigit() else None
 
 
 def watch(process, sweep_dir: str | Path, prefix: str, every_s: float = 20.0) -> int:

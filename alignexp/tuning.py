@@ -118,16 +118,10 @@ def sweep_trials(sweep_dir: str | Path, params: list[str], objective: Objective 
     ``COMPLETE`` with its objective (``objective``, else the job's own) where it wrote eval.json, ``FAILED``
     where jobs.jsonl says so, else ``INCOMPLETE`` (interrupted, or running)."""
     sweep_dir = Path(sweep_dir)
-    failed: set[int] = set()
-    jobs = sweep_dir / "jobs.jsonl"
-    if jobs.exists():
-        for line in jobs.read_text().splitlines():
-            try:
-                job = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if job.get("status") not in ("COMPLETED", None) and isinstance(job.get("num"), int):
-                failed.add(job["num"])
+    from alignexp.sweeps import job_records
+
+    failed = {job["num"] for job in job_records(sweep_dir)
+              if job.get("status") not in ("COMPLETED", None) and isinstance(job.get("num"), int)}
     trials = []
     for job in sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
         overrides = job_overrides(job)

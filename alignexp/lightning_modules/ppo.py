@@ -284,7 +284,8 @@ class PPOModule(L.LightningModule):
 
     def check_loss(self, out, iteration: int) -> None:
         """Stop on a NaN or infinite loss, on every rank together when any rank's is."""
-        losses = all_gather(float(out.loss)) if world_size() > 1 else [float(out.loss)]
+        loss = float(out.loss.detach())
+        losses = all_gather(loss) if world_size() > 1 else [loss]
         bad = [(r, value) for r, value in enumerate(losses) if not math.isfinite(value)]
         if bad:
             where = f" on rank {bad[0][0]}" if len(losses) > 1 else ""

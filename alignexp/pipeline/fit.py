@@ -280,6 +280,8 @@ def fit(module: L.LightningModule, loader, *, hw: HardwareArgs, logger: Mapping[
     with warnings.catch_warnings():
         # Logged metrics are each rank's own batches (rank 0's reach the loggers): no sync_dist all-reduce per log.
         warnings.filterwarnings("ignore", message=r".*sync_dist=True.*")
+        if not eval_mode_outside_frozen(module):  # the frozen reference's eval mode is meant; warn of any other
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         trainer.fit(module, train_dataloaders=loader, ckpt_path=str(resume) if resume else None)
     if preemption.saved:
         preemption.hand_over()
@@ -294,6 +296,16 @@ def fit(module: L.LightningModule, loader, *, hw: HardwareArgs, logger: Mapping[
     module.to(hw.torch_device)
     barrier()
     return trainer
+
+
+def eval_mode_outside_frozen(module: torch.nn.Module) -> list[str]:
+    """The submodules in eval mode outside ``module``'s frozen children (a child whose parameters are all
+    frozen: the reference model, a judge). Lightning warns of every module in eval mode at the start of a fit,
+    so a run with a frozen reference would always warn; only these are worth the warning."""
+    frozen = [name for name, child in module.named_children()
+              if any(True for _ in child.parameters()) and not any(p.requires_grad for p in child.parameters())]
+    return [name for name, sub in module.named_modules()
+            if not sub.training and not any(name == f or name.startswith(f + ".") for f in frozen)]
 
 
 def write_policy(model, tokenizer, folder: Path) -> Path:

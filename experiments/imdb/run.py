@@ -71,8 +71,11 @@ PILOT_ARMS = [
     Arm("dpo_beta0.1", ["loss=dpo", "loss.beta=0.1", PILOT_STEPS, SEEDS, *PILOT]),
     Arm("preferred_ft", ["loss=preferred_ft", PILOT_STEPS, SEEDS, *PILOT]),
     Arm("ranked_dpo", ["loss=ranked_dpo", "loss.beta=0.1", PILOT_STEPS, SEEDS, *PILOT]),
+    # The pilot's second stage, question 1 (README "The pilot's second stage"; added after the first stage's runs,
+    # its protocol written before its own): PPO with the gold judge, 2, 4 and 8 iterations of 32 rollouts.
+    Arm("ppo", ["loss=ppo", "train.max_steps=1", "ppo.steps=2,4,8", "ppo.kl_coef=0.1", SEEDS, *PILOT]),
 ]
-PILOT_COMPARE = ["dpo_beta0.1:preferred_ft", "ranked_dpo:dpo_beta0.1"]
+PILOT_COMPARE = ["dpo_beta0.1:preferred_ft", "ranked_dpo:dpo_beta0.1", "dpo_beta0.1:ppo"]
 PILOT_KL_POINTS = ["0.5", "1"]
 
 
@@ -99,8 +102,10 @@ def run_arm(arm: Arm, log: Path, out: Path = OUT) -> dict[str, float]:
 
 def report(pilot: bool = False) -> None:
     out, folder = (PILOT_OUT, HERE / "pilot" / "report") if pilot else (OUT, HERE / "report")
+    ran = {path.parent.name for path in out.glob("*/jobs.jsonl")}  # compare the arms that have runs
+    compare = [pair for pair in (PILOT_COMPARE if pilot else COMPARE) if set(pair.split(":")) <= ran]
     command = [PYTHON, "-m", "alignexp.report", str(out), "--out", str(folder),
-               "--kl", *(PILOT_KL_POINTS if pilot else KL_POINTS), "--compare", *(PILOT_COMPARE if pilot else COMPARE)]
+               "--kl", *(PILOT_KL_POINTS if pilot else KL_POINTS), "--compare", *compare]
     print("[imdb] " + " ".join(command[2:]), flush=True)
     subprocess.run(command, cwd=REPO, check=True)
 

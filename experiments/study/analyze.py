@@ -65,6 +65,11 @@ PLAN: dict[str, dict] = {
                  "compare": [f"{m}_{s}:{m}_gold" for m in ("dpo", "ranked_dpo") for s in ("reward_model", "noisy_judge")]
                  + [f"ranked_dpo_{s}:dpo_{s}" for s in ("gold", "reward_model", "noisy_judge")]},
 }
+# The primary comparison rerun alone (run.py's ``primary`` part, the ranking part's protocol): its comparisons
+# belong to the ranking part's family of 32, so their p-values are multiplied by 32 (Bonferroni), an upper
+# bound of the Holm-adjusted p-value they would have in the whole family.
+PLAN["primary"] = {"kl": [1.0, 2.0, 4.0], "compare": ["ranked_dpo_k4_prompts:dpo_best_worst_k4_prompts"],
+                   "bonferroni": 32}
 PRIMARY = ("ranking", "ranked_dpo_k4_prompts", "dpo_best_worst_k4_prompts", 2.0)
 
 
@@ -136,9 +141,14 @@ def analyse(runs: Path, part: str, plan: dict, out: Path) -> list[dict]:
     argv = [str(runs / part), "--out", str(out), "--kl", *map(str, plan["kl"]), "--compare", *compare]
     if report(argv) != 0:
         raise SystemExit(f"the report of part {part} failed")
-    rows = [r for r in read_csv(out / "comparisons.csv") if r["where"] == "matched KL"]
     control = best_of_n_control(runs) if part == "controls" else None
-    rows += [control] if control else []
+    return decide(part, plan, out, [control] if control else [])
+
+
+def decide(part: str, plan: dict, out: Path, extra: list[dict] = ()) -> list[dict]:
+    """The part's decisions from its report's matched-KL comparisons (``out/comparisons.csv``) and ``extra``
+    rows: Holm's adjustment within each family and each row's verdict."""
+    rows = [r for r in read_csv(out / "comparisons.csv") if r["where"] == "matched KL"] + list(extra)
     # Holm within each family: the plan's "families" (lists of comparisons), the rest of the part one family
     families = [set(f) for f in plan.get("families", [])]
 
@@ -148,11 +158,54 @@ def analyse(runs: Path, part: str, plan: dict, out: Path) -> list[dict]:
 
     for index in sorted({family_of(r) for r in rows}):
         members = [r for r in rows if family_of(r) == index]
-        adjusted = holm([float(r["p_value"]) for r in members])
+        size = plan.get("bonferroni")
+        adjusted = ([min(1.0, size * float(r["p_value"])) for r in members] if size
+                    else holm([float(r["p_value"]) for r in members]))
         for row, p in zip(members, adjusted):
-            row.update(part=part, p_holm=p, family=len(members),
+            row.update(part=part, p_holm=p, family=size or len(members),
                        verdict=verdict(float(row["difference"]), float(row["ci_low"]), float(row["ci_high"]), p))
     return rows
+
+
+def frontier_markdown(where: Path, decisions: list[dict]) -> str:
+    """The frontier part's table: each method's learning rate, the KL range every seed covers, its gold reward at
+    each registered KL (mean over seeds [95% t-interval]; "-" outside that range, never extrapolated) and its
+    comparison with DPO there (difference, Holm p and verdict), best at KL 2 first."""
+    points = read_csv(where / "report" / "frontier" / "matched_kl.csv")
+    if not points:
+        return ""
+    lrs = json.loads((where / "lr.json").read_text()) if (where / "lr.json").exists() else {}
+    kls = PLAN["frontier"]["kl"]
+    against = {(r["first"], r["quantity"].rsplit(" ", 1)[-1]): r for r in decisions
+               if r["part"] == "frontier" and r["second"] == "dpo"}
+    by_method: dict[str, dict[str, dict]] = defaultdict(dict)
+    for row in points:
+        by_method[row["method"]][f"{float(row['kl']):g}"] = row
+
+    def at(method: str, kl: float) -> float:
+        value = by_method[method].get(f"{kl:g}", {}).get("gold_reward")
+        return float(value) if value else -math.inf
+
+    lines = ["| method | lr | KL range | " + " | ".join(f"KL {kl:g}" for kl in kls) + " | vs DPO: difference (Holm p, verdict) |",
+             "|---|---|---|" + "---|" * len(kls) + "---|"]
+    for method in sorted(by_method, key=lambda m: [-at(m, 2.0), -at(m, 1.0), -at(m, 0.5), m]):
+        rows = by_method[method]
+        first = next(iter(rows.values()))
+        cells = []
+        for kl in kls:
+            row = rows.get(f"{kl:g}", {})
+            cells.append(f"{float(row['gold_reward']):.3f} [{float(row['ci_low']):.3f}, {float(row['ci_high']):.3f}]"
+                         if row.get("gold_reward") else "-")
+        versus = []
+        for kl in kls:
+            row = against.get((method, f"{kl:g}"))
+            if row:
+                versus.append(f"{kl:g}: {float(row['difference']):+.3f} (p {row['p_holm']:.2g}, {row['verdict']})")
+        lr = lrs.get(method.split(" (")[0], {}).get("lr")
+        lines.append(f"| {method} | {lr:g} | " if lr is not None else f"| {method} | - | ")
+        lines[-1] += (f"{float(first['kl_low']):.2f}-{float(first['kl_high']):.2f} | " + " | ".join(cells) + " | "
+                      + ("; ".join(versus) or "-") + " |")
+    return "\n".join(lines)
 
 
 def markdown(rows: list[dict]) -> str:
@@ -183,7 +236,8 @@ def best_of_n_control(runs: Path, n: int = 16) -> dict | None:
 
 def k2_check(runs: Path) -> str:
     """Ranked DPO at k = 2 is DPO (README, question b): the two arms' runs, job by job, must agree."""
-    first, second = runs / "ranking" / "ranked_dpo_k2_both", runs / "ranking" / "dpo_k2_both"
+    part = next((p for p in ("ranking", "primary") if (runs / p / "dpo_k2_both").exists()), "ranking")
+    first, second = runs / part / "ranked_dpo_k2_both", runs / part / "dpo_k2_both"
     if not (first.exists() and second.exists()):
         return ""
     key = lambda run: (run.seed, run.config.get("train.max_steps"))  # noqa: E731
@@ -224,12 +278,18 @@ def main(argv: list[str] | None = None) -> None:
         choose_lrs()
         return
     runs, where = (RUNS.with_name("study_quick"), HERE / "quick") if args.quick else (RUNS, HERE)
-    decisions, results = [], []
+    decisions, results, kept = [], [], []
     for part, plan in PLAN.items():
-        if not (runs / part).exists():
+        if (runs / part).exists():
+            decisions += analyse(runs, part, plan, where / "report" / part)
+        elif (where / "report" / part / "comparisons.csv").exists():
+            # not rerun here: its decisions from the report its runs wrote (committed), said in decisions.md
+            print(f"[study] part {part}: no runs in {runs / part}; its decisions from report/{part}/", flush=True)
+            decisions += decide(part, plan, where / "report" / part)
+            kept.append(part)
+        else:
             print(f"[study] part {part}: no runs yet", flush=True)
             continue
-        decisions += analyse(runs, part, plan, where / "report" / part)
         for row in read_csv(where / "report" / part / "results.csv"):
             results.append({"part": part, **row})
     if results:
@@ -243,14 +303,23 @@ def main(argv: list[str] | None = None) -> None:
             "Holm's adjustment within its part (the family size in brackets) and the verdict of the README's rules "
             f"(better / worse: Holm p < 0.05; no better: the interval lies below +{MARGIN}; else inconclusive). "
             "Written by `python experiments/study/analyze.py`.", ""]
-    primary = [r for r in decisions if (r["part"], r["first"], r["second"]) == PRIMARY[:3]
+    primary = [r for r in decisions if r["part"] in ("ranking", "primary") and (r["first"], r["second"]) == PRIMARY[1:3]
                and r["quantity"].endswith(f"KL {PRIMARY[3]:g}")]
     if primary:
         text += ["## The primary comparison", "", markdown(primary), ""]
+    times = json.loads((where / "wall_times.json").read_text()) if (where / "wall_times.json").exists() else {}
     for part in PLAN:
         rows = [r for r in decisions if r["part"] == part]
         if rows:
-            text += [f"## {part}", "", markdown(rows), ""]
+            text += [f"## {part}", ""]
+            if part in kept:
+                finished = times.get(part, {}).get("finished", "earlier")
+                text += [f"Not rerun with the parts above (no runs of it in `multirun/study/`): from "
+                         f"`report/{part}/comparisons.csv`, written by its runs (finished {finished}).", ""]
+            if PLAN[part].get("bonferroni"):
+                text += [f"Its column \"p (Holm, family)\" is {PLAN[part]['bonferroni']} x p (Bonferroni over the ranking "
+                         "part's family, which these comparisons belong to), an upper bound of the Holm-adjusted p.", ""]
+            text += [markdown(rows), ""]
     check = k2_check(runs)
     if check:
         text += ["## The k = 2 check", "", check, ""]
@@ -258,6 +327,13 @@ def main(argv: list[str] | None = None) -> None:
     if agreement:
         text += ["## agreement (g)", "", agreement, ""]
     (where / "decisions.md").write_text("\n".join(text))
+    table = frontier_markdown(where, decisions)
+    if table:
+        (where / "report" / "frontier" / "table.md").write_text(
+            "# The frontier part: every method against DPO at matched KL\n\nWritten by `python "
+            "experiments/study/analyze.py` from `report/frontier/matched_kl.csv`, `lr.json` and `decisions.md`: gold "
+            "reward, mean over 5 seeds [95% t-interval]; \"-\" where a seed's frontier does not reach the KL (never "
+            "extrapolated).\n\n" + table + "\n")
     print(f"[study] {len(decisions)} comparisons; wrote {where / 'decisions.md'} and {where / 'results.csv'}")
 
 

@@ -2,6 +2,7 @@
 
     python experiments/study/run.py                 # every part, in order (resumable: a rerun skips done jobs)
     python experiments/study/run.py --parts controls lr
+    python experiments/study/run.py --parts primary  # the ranking part's primary comparison alone (not by default)
     python experiments/study/run.py --quick         # a quick subset: the positive controls on 2 seeds
     python experiments/study/analyze.py             # tables, plots and decisions from what ran
 
@@ -78,6 +79,7 @@ VARIANTS: dict[str, list[str]] = {
     "long": ["task.min_len=24", "task.max_len=48", "model.max_response_len=64", "eval.max_new_tokens=64"],
     "pairs": ["task.n_responses=2"],
 }
+PRIMARY_ARMS = ("ranked_dpo_k2_both", "dpo_k2_both", "ranked_dpo_k4_prompts", "dpo_best_worst_k4_prompts")
 RM_RUN = OUT / "reward_model"
 EXTERNAL_RUN = OUT / "bootstrap" / "external_policy"
 
@@ -99,6 +101,8 @@ class Arm:
 class Part:
     name: str
     arms: list[Arm] = field(default_factory=list)
+    experiment: str | None = None  # its ``experiment=study/<experiment>`` (default: ``name``)
+    by_default: bool = True  # run by ``run.py`` without ``--parts``
 
 
 def chosen_lrs() -> dict[str, float]:
@@ -153,6 +157,11 @@ def parts(quick: bool) -> list[Part]:
                 ranking.arms.append(Arm(f"dpo_{suffix}", [*METHODS["dpo"], *common], lr_of="ranked_dpo"))
             for pairs in (("best_worst", "adjacent", "all") if k > 2 else ()):
                 ranking.arms.append(method("dpo", *common, f"pairs={pairs}", arm=f"dpo_{pairs}_{suffix}"))
+    # The primary comparison alone (with the k = 2 check), on the ranking part's protocol and budgets: the
+    # ranking part's four arms that answer the question, rerun with their own folder when the whole part
+    # (34 arms) cannot be (issue 24 added the 4- and 8-step budgets for it).
+    primary = Part("primary", [arm for arm in ranking.arms if arm.name in PRIMARY_ARMS], experiment="ranking",
+                   by_default=False)
     noise = Part("noise")
     for tau in (0.0, 0.1, 0.3, 1.0):
         for name in ("dpo", "ranked_dpo", "pro", "rrhf", "lipo"):
@@ -185,7 +194,8 @@ def parts(quick: bool) -> list[Part]:
         Arm("noisy_judge", [sft, "task.tau=0", "judge=noisy_gold", "judge.noise=0.2"],
             single=OUT / "agreement" / "noisy_judge", evaluate=True),
     ])
-    return [controls, variants, lr, reward_model, frontier, ranking, noise, rso, bootstrap, feedback, agreement]
+    return [controls, variants, lr, reward_model, frontier, ranking, primary, noise, rso, bootstrap, feedback,
+            agreement]
 
 
 def sft_policy() -> str:
@@ -199,7 +209,7 @@ def command(part: Part, arm: Arm, lrs: dict[str, float] | None) -> list[str]:
     if arm.evaluate:
         return [PYTHON, "-m", "alignexp.evaluate", "mode=agreement", *arm.overrides, f"hydra.run.dir={arm.single}"]
     lr = [f"train.lr={lrs[arm.lr_of]}"] if arm.lr_of and lrs is not None else []
-    base = [f"experiment=study/{part.name}", f"run_name={arm.name}", *lr, *arm.overrides]
+    base = [f"experiment=study/{part.experiment or part.name}", f"run_name={arm.name}", *lr, *arm.overrides]
     if arm.single is not None:
         return [PYTHON, "-m", "alignexp.train", *base, f"hydra.run.dir={arm.single}"]
     return [PYTHON, "-m", "alignexp.train", "-m", *base, f"hydra.sweep.dir={sweep_folder(part, arm)}",
@@ -244,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             raise SystemExit(f"unknown part(s) {unknown}; parts: {', '.join(p.name for p in todo)}")
         todo = [p for p in todo if p.name in args.parts]
+    else:
+        todo = [p for p in todo if p.by_default]
     global OUT
     if args.quick:  # the quick subset's runs apart from the study's
         OUT = OUT.with_name("study_quick")

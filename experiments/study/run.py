@@ -80,6 +80,7 @@ VARIANTS: dict[str, list[str]] = {
     "pairs": ["task.n_responses=2"],
 }
 PRIMARY_ARMS = ("ranked_dpo_k2_both", "dpo_k2_both", "ranked_dpo_k4_prompts", "dpo_best_worst_k4_prompts")
+SFT = "<sft>"  # in an arm's overrides: the SFT policy's folder (sft_policy), filled in when the arm runs
 RM_RUN = OUT / "reward_model"
 EXTERNAL_RUN = OUT / "bootstrap" / "external_policy"
 
@@ -187,7 +188,7 @@ def parts(quick: bool) -> list[Part]:
             feedback.arms.append(method(name, *overrides, seeds3, arm=f"{name}_{source}"))
     # (g): how often automatic metrics agree with the gold preference, on the evaluation prompts' rankings of
     # 4 reference samples with exact gold labels (tau 0); the metrics' references are the task's demonstrations.
-    sft = f"reference={sft_policy()}"
+    sft = f"reference={SFT}"  # the SFT policy's folder, read when the arm runs (after the controls part)
     agreement = Part("agreement", [
         Arm("reward_model", [sft, "task.tau=0", "judge=reward_model", f"judge.path={RM_RUN / 'reward_model'}"],
             single=OUT / "agreement" / "reward_model", evaluate=True),
@@ -199,15 +200,18 @@ def parts(quick: bool) -> list[Part]:
 
 
 def sft_policy() -> str:
-    """The cached SFT policy every part starts from (read from a run of the first part; '<sft>' before)."""
+    """The cached SFT policy every part starts from, read from a run of the controls part."""
     record = OUT / "controls" / "dpo" / "0" / "eval.json"
-    return json.loads(record.read_text())["init_from"] if record.exists() else "<sft>"
+    if not record.exists():
+        raise SystemExit(f"the SFT policy is read from {record}: run the controls part first (--parts controls ...)")
+    return json.loads(record.read_text())["init_from"]
 
 
 def command(part: Part, arm: Arm, lrs: dict[str, float] | None) -> list[str]:
     """``python -m alignexp.train [-m] experiment=study/<part> run_name=<arm> [train.lr=...] <overrides>``."""
     if arm.evaluate:
-        return [PYTHON, "-m", "alignexp.evaluate", "mode=agreement", *arm.overrides, f"hydra.run.dir={arm.single}"]
+        overrides = [o.replace(SFT, sft_policy()) if SFT in o else o for o in arm.overrides]
+        return [PYTHON, "-m", "alignexp.evaluate", "mode=agreement", *overrides, f"hydra.run.dir={arm.single}"]
     lr = [f"train.lr={lrs[arm.lr_of]}"] if arm.lr_of and lrs is not None else []
     base = [f"experiment=study/{part.experiment or part.name}", f"run_name={arm.name}", *lr, *arm.overrides]
     if arm.single is not None:
@@ -256,6 +260,12 @@ def main(argv: list[str] | None = None) -> None:
         todo = [p for p in todo if p.name in args.parts]
     else:
         todo = [p for p in todo if p.by_default]
+    names = {p.name for p in todo}
+    for part in todo:  # a part whose arms read the reward model's run needs it first (or done before)
+        uses_rm = any(str(RM_RUN) in " ".join(arm.overrides) for arm in part.arms)
+        if uses_rm and "reward_model" not in names and not (RM_RUN / "eval.json").exists():
+            raise SystemExit(f"part {part.name} reads the reward model of the reward_model part ({RM_RUN}), which "
+                             f"has not run: add it, e.g. --parts reward_model {' '.join(args.parts or [])}")
     global OUT
     if args.quick:  # the quick subset's runs apart from the study's
         OUT = OUT.with_name("study_quick")

@@ -181,6 +181,22 @@ def test_pairwise_variants_hand_worked(name, c, r, hparams, expected):
     close(get_loss(name)(lp, lr, **{"beta": 1.0, **hparams}).loss, expected)
 
 
+def test_discopop_at_its_defaults_starts_downhill_towards_the_rejected():
+    """DiscoPOP's loss as a function of rho = beta h is not monotone at tau 0.05 (TRL's default): at the
+    reference (h = 0) its slope is dL/drho = -5 log 2 - 1/4 + 5 - 1/2 = 0.784264 > 0 (w' = 1/(4 tau) = 5), so
+    gradient descent lowers the margin first; a local minimum lies at rho = -0.119 and the barrier at +0.072.
+    The study's DiscoPOP runs (experiments/study/README.md) lose gold reward for this reason."""
+    h = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    lp = torch.stack([h, torch.zeros((), dtype=torch.float64)]).reshape(1, 2)
+    get_loss("discopop")(lp, torch.zeros(1, 2, dtype=torch.float64), beta=1.0, tau=0.05).loss.backward()
+    close(h.grad, -5 * LN2 - 0.25 + 5 - 0.5)
+    rho = torch.linspace(-0.3, 0.3, 6001, dtype=torch.float64)
+    losses = torch.stack([get_loss("discopop")(torch.stack([x, torch.zeros_like(x)]).reshape(1, 2),
+                                               torch.zeros(1, 2, dtype=torch.float64), beta=1.0).loss for x in rho])
+    interior = (losses[1:-1] < losses[:-2]) & (losses[1:-1] < losses[2:])
+    assert abs(rho[1:-1][interior].item() - (-0.1186)) < 1e-3
+
+
 def test_exo_needs_positive_smoothing():
     with pytest.raises(ValueError, match=r"loss.label_smoothing must be in \(0, 0.5\)"):
         check_hparams("exo", {"label_smoothing": 0.0})

@@ -156,9 +156,9 @@ def decide(part: str, plan: dict, out: Path, extra: list[dict] = ()) -> list[dic
         pair = f"{row['first']}:{row['second']}"
         return next((i for i, f in enumerate(families) if pair in f), len(families))
 
+    size = plan.get("bonferroni")
     for index in sorted({family_of(r) for r in rows}):
         members = [r for r in rows if family_of(r) == index]
-        size = plan.get("bonferroni")
         adjusted = ([min(1.0, size * float(r["p_value"])) for r in members] if size
                     else holm([float(r["p_value"]) for r in members]))
         for row, p in zip(members, adjusted):
@@ -202,9 +202,9 @@ def frontier_markdown(where: Path, decisions: list[dict]) -> str:
             if row:
                 versus.append(f"{kl:g}: {float(row['difference']):+.3f} (p {row['p_holm']:.2g}, {row['verdict']})")
         lr = lrs.get(method.split(" (")[0], {}).get("lr")
-        lines.append(f"| {method} | {lr:g} | " if lr is not None else f"| {method} | - | ")
-        lines[-1] += (f"{float(first['kl_low']):.2f}-{float(first['kl_high']):.2f} | " + " | ".join(cells) + " | "
-                      + ("; ".join(versus) or "-") + " |")
+        lines.append(f"| {method} | {'-' if lr is None else f'{lr:g}'} | "
+                     f"{float(first['kl_low']):.2f}-{float(first['kl_high']):.2f} | " + " | ".join(cells) + " | "
+                     + ("; ".join(versus) or "-") + " |")
     return "\n".join(lines)
 
 

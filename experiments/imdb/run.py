@@ -38,6 +38,11 @@ STEPS = "train.max_steps=8,16,32,64"
 class Arm:
     name: str
     overrides: list[str]
+    folder: str = ""  # the sweep's folder under the output folder (default: the arm's name)
+
+    @property
+    def sweep(self) -> str:
+        return self.folder or self.name
 
 
 ARMS = [
@@ -75,34 +80,43 @@ PILOT_ARMS = [
     # its protocol written before its own): PPO with the gold judge, 2, 4 and 8 iterations of 32 rollouts.
     Arm("ppo", ["loss=ppo", "train.max_steps=1", "ppo.steps=2,4,8", "ppo.kl_coef=0.1", SEEDS, *PILOT]),
 ]
+PILOT_ARMS += [
+    # The pilot's third stage (README "The pilot's third stage"; added after the second stage's results, its
+    # protocol written before its own runs): seeds 3 and 4 of every arm, each in a folder of its own (a sweep's
+    # jobs are numbered by position, so the first stages' folders are left as they ran), and Preferred-FT's
+    # budget doubled once, to 32 steps on all 5 seeds, so that its frontier reaches KL 1.
+    *(Arm(arm.name, [o if o != SEEDS else "seed=3,4" for o in arm.overrides], f"{arm.name}-seeds3-4")
+      for arm in PILOT_ARMS),
+    Arm("preferred_ft", ["loss=preferred_ft", "train.max_steps=32", "seed=0,1,2,3,4", *PILOT], "preferred_ft-32steps"),
+]
 PILOT_COMPARE = ["dpo_beta0.1:preferred_ft", "ranked_dpo:dpo_beta0.1", "dpo_beta0.1:ppo"]
 PILOT_KL_POINTS = ["0.5", "1"]
 
 
 def command(arm: Arm, out: Path = OUT) -> list[str]:
     return [PYTHON, "-m", "alignexp.train", "-m", "experiment=imdb/frontier", f"run_name={arm.name}",
-            *arm.overrides, f"hydra.sweep.dir={out / arm.name}"]
+            *arm.overrides, f"hydra.sweep.dir={out / arm.sweep}"]
 
 
 def run_arm(arm: Arm, log: Path, out: Path = OUT) -> dict[str, float]:
     """The arm's multirun; its wall and CPU time (of the child processes) in seconds."""
-    print(f"[imdb] {arm.name}: {' '.join(command(arm, out)[2:])}", flush=True)
+    print(f"[imdb] {arm.sweep}: {' '.join(command(arm, out)[2:])}", flush=True)
     start, cpu = time.time(), os.times()
     with log.open("a") as handle:
         process = subprocess.Popen(command(arm, out), cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
                                    env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
                                         "TRANSFORMERS_OFFLINE": "1", "WANDB_MODE": "offline"})
-        code = watch(process, out / arm.name, f"[imdb] {arm.name}")
+        code = watch(process, out / arm.sweep, f"[imdb] {arm.sweep}")
     end = os.times()
     if code != 0:
-        raise SystemExit(f"[imdb] {arm.name} failed (exit {code}); see {log}")
+        raise SystemExit(f"[imdb] {arm.sweep} failed (exit {code}); see {log}")
     return {"wall_s": round(time.time() - start, 1),
             "cpu_s": round(end.children_user + end.children_system - cpu.children_user - cpu.children_system, 1)}
 
 
 def report(pilot: bool = False) -> None:
     out, folder = (PILOT_OUT, HERE / "pilot" / "report") if pilot else (OUT, HERE / "report")
-    ran = {path.parent.name for path in out.glob("*/jobs.jsonl")}  # compare the arms that have runs
+    ran = {path.parent.name.split("-")[0] for path in out.glob("*/jobs.jsonl")}  # compare the arms that have runs
     compare = [pair for pair in (PILOT_COMPARE if pilot else COMPARE) if set(pair.split(":")) <= ran]
     command = [PYTHON, "-m", "alignexp.report", str(out), "--out", str(folder),
                "--kl", *(PILOT_KL_POINTS if pilot else KL_POINTS), "--compare", *compare]
@@ -132,7 +146,7 @@ def main() -> None:
     times = json.loads(times_file.read_text()) if times_file.exists() else {}
     for arm in arms:
         took = run_arm(arm, out / "run.log", out)
-        times[arm.name] = {**took, "overrides": arm.overrides}
+        times[arm.sweep] = {**took, "overrides": arm.overrides}
         times_file.write_text(json.dumps(times, indent=2) + "\n")
     if not args.probe:
         report(args.pilot)

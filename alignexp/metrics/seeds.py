@@ -96,6 +96,31 @@ def paired_t_test(a: Sequence[float], b: Sequence[float], level: float = 0.95) -
     return PairedTest(mean, mean - half, mean + half, p, t, n - 1, n)
 
 
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of m p-values (Holm 1979): the i-th smallest p (i = 1..m) times
+    m - i + 1, made non-decreasing in that order, capped at 1. Rejecting where the adjusted p < alpha controls the
+    family-wise error rate at alpha. Example: (0.01, 0.04, 0.03) -> 0.01 x 3 = 0.03, 0.03 x 2 = 0.06,
+    0.04 x 1 = 0.04 raised to 0.06: (0.03, 0.06, 0.06)."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    adjusted, running = [1.0] * len(p_values), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
+        adjusted[i] = running
+    return adjusted
+
+
+def verdict(difference: float, high: float, p_adjusted: float, margin: float, alpha: float = 0.05) -> str:
+    """A comparison's decision, first - second: ``better`` (``worse``) where the adjusted p < alpha and the
+    difference is positive (negative); ``no better`` where the whole interval lies below +margin (a claim of
+    superiority by at least the margin is refuted); ``inconclusive`` otherwise. Only ``better`` or ``worse`` is a
+    significant difference; ``inconclusive`` says the data could not tell, not that the two are equal."""
+    if p_adjusted < alpha:
+        return "better" if difference > 0 else "worse"
+    if high < margin:
+        return "no better"
+    return "inconclusive"
+
+
 def interpolate(xs: Sequence[float], ys: Sequence[float], at: float) -> float | None:
     """y at x = ``at`` on the piecewise-linear curve through the points (xs, ys) sorted by x; None when
     ``at`` lies outside [min x, max x] (never extrapolated). Points that share an x are averaged.

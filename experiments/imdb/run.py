@@ -16,6 +16,7 @@ sampled preferences and the reference log-probs are cached. Wall times go to ``w
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -24,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from alignexp.metrics.seeds import holm, verdict
+from alignexp.metrics.stats import student_t_quantile
 from alignexp.sweeps import watch
 
 HERE = Path(__file__).resolve().parent
@@ -91,6 +94,11 @@ PILOT_ARMS += [
 ]
 PILOT_COMPARE = ["dpo_beta0.1:preferred_ft", "ranked_dpo:dpo_beta0.1", "dpo_beta0.1:ppo"]
 PILOT_KL_POINTS = ["0.5", "1"]
+# The decision rules (README "Questions and decision rules", "The pilot's third stage"): the matched-KL comparisons
+# are one family under Holm's correction; better/worse at adjusted p < ALPHA (the pilot's third stage is a second
+# look at its questions: 0.05 halved); no better where the whole 95% interval lies below +MARGIN log-odds.
+ALPHA, PILOT_ALPHA, MARGIN = 0.05, 0.025, 0.05
+PLANNED_HALF_WIDTH = 0.1  # verdicts.md: the seeds a comparison would need for an interval of +-0.1 log-odds
 
 
 def command(arm: Arm, out: Path = OUT) -> list[str]:
@@ -122,6 +130,52 @@ def report(pilot: bool = False) -> None:
                "--kl", *(PILOT_KL_POINTS if pilot else KL_POINTS), "--compare", *compare]
     print("[imdb] " + " ".join(command[2:]), flush=True)
     subprocess.run(command, cwd=REPO, check=True)
+    kls = PILOT_KL_POINTS if pilot else KL_POINTS
+    text = verdicts(folder / "comparisons.csv", PILOT_COMPARE if pilot else COMPARE, kls,
+                    PILOT_ALPHA if pilot else ALPHA)
+    (folder / "verdicts.md").write_text(text)
+    print(text + f"[imdb] wrote {folder / 'verdicts.md'}", flush=True)
+
+
+def verdicts(comparisons: Path, pairs: list[str], kls: list[str], alpha: float) -> str:
+    """The questions' verdicts from the report's matched-KL comparisons: every pair at every KL is one family
+    under Holm's correction; a pair at a KL that the report could not compare (a frontier that does not reach it
+    on a seed) is listed as missing and is not in the family."""
+    rows = {(r["first"], r["second"], r["quantity"]): r for r in csv.DictReader(comparisons.open())
+            if r["where"] == "matched KL"}
+    asked = [(pair, kl, rows.get((*pair.split(":"), f"gold_reward at KL {kl}"))) for pair in pairs for kl in kls]
+    made = [row for _, _, row in asked if row is not None]
+    adjusted = dict(zip(map(id, made), holm([float(row["p_value"]) for row in made])))
+    lines = [f"Matched-KL comparisons of the gold reward, paired over seeds; Holm's correction over the {len(made)} "
+             f"made; better/worse at adjusted p < {alpha:g}, no better where the 95% interval lies below "
+             f"+{MARGIN:g}. Half-width: half the interval's width, about the smallest difference these seeds could "
+             f"call before Holm's correction. Seeds for +-{PLANNED_HALF_WIDTH:g}: how many seeds the same spread of "
+             f"the per-seed differences would need for a half-width of {PLANNED_HALF_WIDTH:g}.",
+             "", "| comparison | KL | difference [95% CI] | half-width | seeds for +-0.1 | p | p (Holm) | seeds | "
+             "verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    for pair, kl, row in asked:
+        name = pair.replace(":", " - ")
+        if row is None:
+            lines.append(f"| {name} | {kl} | | | | | | missing: a frontier does not reach KL {kl} on every seed |")
+            continue
+        low, high, p = float(row["ci_low"]), float(row["ci_high"]), adjusted[id(row)]
+        lines.append(f"| {name} | {kl} | {float(row['difference']):+.3f} [{low:+.3f}, {high:+.3f}] | "
+                     f"{(high - low) / 2:.3f} | {seeds_for((high - low) / 2, int(row['n_seeds']))} | "
+                     f"{float(row['p_value']):.3g} | {p:.3g} | {row['seeds']} | "
+                     f"{verdict(float(row['difference']), high, p, MARGIN, alpha)} |")
+    return "\n".join(lines) + "\n"
+
+
+def seeds_for(half_width: float, n: int, target: float = PLANNED_HALF_WIDTH) -> int:
+    """The fewest seeds m whose 95% t-interval, t_{0.975, m-1} s / sqrt(m), is at most ``target`` wide on either
+    side, where s = half_width sqrt(n) / t_{0.975, n-1} is the per-seed standard deviation that gave
+    ``half_width`` with n seeds. Example: half-width 0.3 with 3 seeds: s = 0.3 sqrt(3) / 4.303 = 0.121; m = 8
+    gives 2.365 x 0.121 / sqrt(8) = 0.101 > 0.1, m = 9 gives 2.306 x 0.121 / 3 = 0.093."""
+    s = half_width * n**0.5 / student_t_quantile(0.975, n - 1)
+    m = 2
+    while student_t_quantile(0.975, m - 1) * s / m**0.5 > target:
+        m += 1
+    return m
 
 
 def main() -> None:

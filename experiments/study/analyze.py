@@ -19,7 +19,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from alignexp.metrics.seeds import paired_t_test
+from alignexp.metrics.seeds import holm, paired_t_test, verdict
 from alignexp.report.cli import main as report
 from alignexp.report.runs import find_runs
 
@@ -111,26 +111,6 @@ def choose_lrs() -> dict:
 
 
 # -- decisions -----------------------------------------------------------------------------------------------
-def holm(p_values: list[float]) -> list[float]:
-    """Holm's step-down adjustment: the i-th smallest p times (m - i + 1), made monotone, capped at 1."""
-    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
-    adjusted, running = [1.0] * len(p_values), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(p_values) - rank) * p_values[i]))
-        adjusted[i] = running
-    return adjusted
-
-
-def verdict(difference: float, low: float, high: float, p_holm: float) -> str:
-    """``better``/``worse``: the difference is significant after Holm's correction; ``no better``: its whole
-    interval lies below +MARGIN (a claim of superiority is refuted); ``inconclusive`` otherwise."""
-    if p_holm < 0.05:
-        return "better" if difference > 0 else "worse"
-    if high < MARGIN:
-        return "no better"
-    return "inconclusive"
-
-
 def read_csv(path: Path) -> list[dict]:
     return list(csv.DictReader(io.StringIO(path.read_text()))) if path.exists() else []
 
@@ -163,7 +143,7 @@ def decide(part: str, plan: dict, out: Path, extra: list[dict] = ()) -> list[dic
                     else holm([float(r["p_value"]) for r in members]))
         for row, p in zip(members, adjusted):
             row.update(part=part, p_holm=p, family=size or len(members),
-                       verdict=verdict(float(row["difference"]), float(row["ci_low"]), float(row["ci_high"]), p))
+                       verdict=verdict(float(row["difference"]), float(row["ci_high"]), p, MARGIN))
     return rows
 
 

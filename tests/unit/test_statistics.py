@@ -10,7 +10,7 @@ import random
 import pytest
 
 from alignexp.metrics.preference import agreement, ranking_accuracy, ranking_verdicts
-from alignexp.metrics.seeds import bootstrap_mean_band, interpolate, paired_t_test, t_interval
+from alignexp.metrics.seeds import bootstrap_mean_band, holm, interpolate, paired_t_test, t_interval, verdict
 from alignexp.metrics.stats import (
     clustered_mean_stderr,
     mean_stderr,
@@ -135,6 +135,25 @@ def test_paired_t_test_by_hand():
     assert math.isnan(paired_t_test([0.5], [0.4]).p_value)
     with pytest.raises(ValueError, match="differ in length"):
         paired_t_test([0.1, 0.2], [0.1])
+
+
+def test_holm_by_hand():
+    """(0.01, 0.04, 0.03): sorted 0.01, 0.03, 0.04 times 3, 2, 1 = 0.03, 0.06, 0.04; made non-decreasing in that
+    order, 0.04 becomes 0.06. Capped at 1: (0.5, 0.6) -> 0.5 x 2 = 1.0, 0.6 raised to 1.0."""
+    assert holm([0.01, 0.04, 0.03]) == [pytest.approx(0.03), pytest.approx(0.06), pytest.approx(0.06)]
+    assert holm([0.5, 0.6]) == [1.0, 1.0]
+    assert holm([0.02]) == [0.02] and holm([]) == []
+    # Holm never adjusts below the raw p, nor above Bonferroni's m p
+    ps = [0.001, 0.2, 0.013, 0.04, 0.3]
+    assert all(p <= a <= min(1.0, len(ps) * p) for p, a in zip(ps, holm(ps)))
+
+
+def test_verdict_rules():
+    assert verdict(+0.1, 0.2, 0.01, margin=0.05) == "better"
+    assert verdict(-0.1, -0.02, 0.01, margin=0.05) == "worse"
+    assert verdict(+0.1, 0.2, 0.03, margin=0.05, alpha=0.025) == "inconclusive"  # a stricter alpha holds back
+    assert verdict(-0.01, 0.04, 0.3, margin=0.05) == "no better"  # the whole interval below the margin
+    assert verdict(-0.01, 0.06, 0.3, margin=0.05) == "inconclusive"
 
 
 def test_interpolate_never_extrapolates():

@@ -3,7 +3,8 @@ cannot save its policy loses it).
 
 :func:`planned_writes` estimates each thing a training run writes and where: the trained policy (its
 parameters at ``model.dtype``) in the run folder, Lightning's checkpoints there when
-``train.checkpoint_every`` is set (weights, fp32 master copy and Adam's two moments), the task's SFT
+``train.checkpoint_every`` is set (weights, fp32 master copy and Adam's two moments), PPO's last checkpoint
+(the policy, and the critic where there is one, each with AdamW's two fp32 moments), the task's SFT
 policy in the cache when it is not cached yet, and a margin for the tokenizer, logs, caches of samples and
 log-probs and eval files. :func:`check_free_space` adds them up per file system and refuses the run,
 naming the folder, its free space and the need, where they do not fit. :func:`free_bytes` is the one probe
@@ -81,9 +82,12 @@ def planned_writes(args: Any, task: Any) -> list[tuple[Path, str, int]]:
     if size is None:
         return writes
     writes.append((args.output_dir, "the trained policy", size))
+    params = size // DTYPE_BYTES.get(str(args.model.dtype), 4)
     if args.train.checkpoint_every:
-        params = size // DTYPE_BYTES.get(str(args.model.dtype), 4)
         writes.append((args.output_dir, "training checkpoints", size + params * 12))  # + fp32 master, Adam m and v
+    if args.loss.name == "ppo":  # its last checkpoint, always written: each trained model with AdamW's 2 moments
+        models = 2 if args.ppo.value_model == "critic" else 1
+        writes.append((args.output_dir, "the PPO checkpoint", models * (size + params * 8)))
     if not args.init_from and not args.model.path and task.trains_sft_policy:
         folder = sft_policy_folder(args, task)
         if not (folder / "config.json").exists():

@@ -40,6 +40,13 @@ def test_the_need_counts_the_policy_checkpoints_and_an_sft_policy_to_train(compo
     assert writes["the trained policy"] == params * 4
     assert writes["training checkpoints"] == params * 4 + params * 12
     assert writes["the task's SFT policy (cache)"] == params * 4
+    assert "the PPO checkpoint" not in writes
+    # PPO always writes its last checkpoint: the policy's weights and AdamW's two fp32 moments (the value head is
+    # a few hundred parameters, inside the margin); a critic doubles it. SmolLM2-135M: 0.54 + 1.08 = 1.6 GB.
+    for value_model, models in (("head", 1), ("critic", 2)):
+        ppo = validate(compose("debug=fast", "loss=ppo", f"ppo.value_model={value_model}"))
+        writes = {what: need for _, what, need in disk.planned_writes(ppo, build_task(ppo.task))}
+        assert writes["the PPO checkpoint"] == models * (params * 4 + params * 8)
 
 
 def test_a_failed_save_leaves_no_partial_policy_and_names_the_checkpoint(compose, tmp_path, monkeypatch):

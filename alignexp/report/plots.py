@@ -109,13 +109,26 @@ def plot_frontier(runs: Sequence[Run], points: Sequence[Point], fronts: Sequence
     return _finish(fig, ax, path, legend_size=8)
 
 
+def varied_params(points: Sequence[Point], params: Sequence[str]) -> dict[str, list[str]]:
+    """Per method, the swept parameters whose value differs between its points: in a folder where PPO sweeps
+    ``ppo.steps`` and DPO ``train.max_steps``, DPO's points are told apart by ``max_steps`` alone (``ppo.steps``
+    is swept, but every DPO point holds its default)."""
+    values: dict[str, dict[str, set[str]]] = {}
+    for point in points:
+        for key in params:
+            values.setdefault(point.method, {}).setdefault(key, set()).add(str(point.params.get(key)))
+    return {method: [key for key in params if len(seen[key]) > 1] for method, seen in values.items()}
+
+
 def _label_points(ax, anchors: Sequence[tuple[Point, float, float]], params: Sequence[str], colours: dict) -> None:
-    """Label points with their swept values where the label hides no other point or label."""
+    """Label points with the values that tell a method's points apart, where the label hides no other point or
+    label."""
     ax.autoscale_view()
     pixels = [(p, *ax.transData.transform((x, y)), x, y) for p, x, y in anchors]
+    varied = varied_params([p for p, _, _ in anchors], params)
     boxes: list[tuple[float, float, float, float]] = []
     for p, px, py, x, y in pixels:
-        text = p.describe(params)
+        text = p.describe(varied[p.method]) if varied[p.method] else ""
         box = (px + 3, py + 2, px + 8 + 5.5 * len(text), py + 16)  # the label's extent in pixels
         hides_point = any(box[0] - 4 <= qx <= box[2] and box[1] - 4 <= qy <= box[3] + 4
                           for other, qx, qy, _, _ in pixels if other is not p)

@@ -233,3 +233,20 @@ def test_comparison_options_are_checked(sweep, tmp_path, capsys):
     assert "--baseline: no method 'ipo'" in capsys.readouterr().err
     assert main([str(sweep), "--out", str(tmp_path), "--kl", "-1"]) == 2
     assert "KL values must be >= 0" in capsys.readouterr().err
+
+
+def test_plot_labels_name_only_what_tells_a_methods_points_apart():
+    """A folder where PPO sweeps ppo.steps and DPO train.max_steps: both are swept parameters of the folder, but
+    DPO's points all hold ppo.steps at its default (60) and PPO's train.max_steps at 1, so each method's labels
+    name only its own budget; a method with one point has no label (the legend names it)."""
+    from alignexp.report.aggregate import Point
+
+    def point(method, **params):
+        return Point(method, "imdb", {"ppo.steps": 60, "train.max_steps": 1, "loss.beta": 0.1, **params})
+
+    points = [point("dpo", **{"train.max_steps": 4}), point("dpo", **{"train.max_steps": 8}),
+              point("ppo", **{"ppo.steps": 2}), point("ppo", **{"ppo.steps": 4}), point("sft")]
+    params = ["ppo.steps", "train.max_steps", "loss.beta"]
+    varied = report_plots.varied_params(points, params)
+    assert varied == {"dpo": ["train.max_steps"], "ppo": ["ppo.steps"], "sft": []}
+    assert [p.describe(varied[p.method]) for p in points[:4]] == ["max_steps=4", "max_steps=8", "steps=2", "steps=4"]

@@ -96,6 +96,22 @@ def paired_t_test(a: Sequence[float], b: Sequence[float], level: float = 0.95) -
     return PairedTest(mean, mean - half, mean + half, p, t, n - 1, n)
 
 
+def seeds_for_half_width(half_width: float, n: int, target: float, level: float = 0.95) -> int:
+    """The fewest seeds m whose t-interval, t_{(1+level)/2, m-1} s / sqrt(m), is at most ``target`` on either
+    side, where s = half_width sqrt(n) / t_{(1+level)/2, n-1} is the per-seed standard deviation behind a
+    half-width ``half_width`` measured with n seeds (a planning figure: it takes the measured spread as the
+    truth). Example: half-width 0.3 with 3 seeds, target 0.1: s = 0.3 sqrt(3) / 4.303 = 0.1208; m = 8 gives
+    2.365 x 0.1208 / sqrt(8) = 0.101 > 0.1, m = 9 gives 2.306 x 0.1208 / 3 = 0.0928: 9 seeds."""
+    if n < 2 or not half_width > 0 or not target > 0:
+        raise ValueError(f"need n >= 2 seeds and positive widths, got n={n}, half_width={half_width}, target={target}")
+    q = (1 + level) / 2
+    s = half_width * math.sqrt(n) / student_t_quantile(q, n - 1)
+    m = 2
+    while student_t_quantile(q, m - 1) * s / math.sqrt(m) > target:
+        m += 1
+    return m
+
+
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm's step-down adjustment of a family of m p-values (Holm 1979): the i-th smallest p (i = 1..m) times
     m - i + 1, made non-decreasing in that order, capped at 1. Rejecting where the adjusted p < alpha controls the

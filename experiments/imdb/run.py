@@ -25,8 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignexp.metrics.seeds import holm, verdict
-from alignexp.metrics.stats import student_t_quantile
+from alignexp.metrics.seeds import holm, seeds_for_half_width, verdict
 from alignexp.sweeps import watch
 
 HERE = Path(__file__).resolve().parent
@@ -160,22 +159,10 @@ def verdicts(comparisons: Path, pairs: list[str], kls: list[str], alpha: float) 
             continue
         low, high, p = float(row["ci_low"]), float(row["ci_high"]), adjusted[id(row)]
         lines.append(f"| {name} | {kl} | {float(row['difference']):+.3f} [{low:+.3f}, {high:+.3f}] | "
-                     f"{(high - low) / 2:.3f} | {seeds_for((high - low) / 2, int(row['n_seeds']))} | "
+                     f"{(high - low) / 2:.3f} | {seeds_for_half_width((high - low) / 2, int(row['n_seeds']), PLANNED_HALF_WIDTH)} | "
                      f"{float(row['p_value']):.3g} | {p:.3g} | {row['seeds']} | "
                      f"{verdict(float(row['difference']), high, p, MARGIN, alpha)} |")
     return "\n".join(lines) + "\n"
-
-
-def seeds_for(half_width: float, n: int, target: float = PLANNED_HALF_WIDTH) -> int:
-    """The fewest seeds m whose 95% t-interval, t_{0.975, m-1} s / sqrt(m), is at most ``target`` wide on either
-    side, where s = half_width sqrt(n) / t_{0.975, n-1} is the per-seed standard deviation that gave
-    ``half_width`` with n seeds. Example: half-width 0.3 with 3 seeds: s = 0.3 sqrt(3) / 4.303 = 0.121; m = 8
-    gives 2.365 x 0.121 / sqrt(8) = 0.101 > 0.1, m = 9 gives 2.306 x 0.121 / 3 = 0.093."""
-    s = half_width * n**0.5 / student_t_quantile(0.975, n - 1)
-    m = 2
-    while student_t_quantile(0.975, m - 1) * s / m**0.5 > target:
-        m += 1
-    return m
 
 
 def main() -> None:

@@ -10,7 +10,15 @@ import random
 import pytest
 
 from alignexp.metrics.preference import agreement, ranking_accuracy, ranking_verdicts
-from alignexp.metrics.seeds import bootstrap_mean_band, holm, interpolate, paired_t_test, t_interval, verdict
+from alignexp.metrics.seeds import (
+    bootstrap_mean_band,
+    holm,
+    interpolate,
+    paired_t_test,
+    seeds_for_half_width,
+    t_interval,
+    verdict,
+)
 from alignexp.metrics.stats import (
     clustered_mean_stderr,
     mean_stderr,
@@ -154,6 +162,19 @@ def test_verdict_rules():
     assert verdict(+0.1, 0.2, 0.03, margin=0.05, alpha=0.025) == "inconclusive"  # a stricter alpha holds back
     assert verdict(-0.01, 0.04, 0.3, margin=0.05) == "no better"  # the whole interval below the margin
     assert verdict(-0.01, 0.06, 0.3, margin=0.05) == "inconclusive"
+
+
+def test_seeds_for_half_width_by_hand():
+    """Half-width 0.3 with 3 seeds: s = 0.3 sqrt(3) / 4.302653 = 0.120766; 8 seeds give 2.364624 x 0.120766 /
+    sqrt(8) = 0.100963 > 0.1, 9 give 2.306004 x 0.120766 / 3 = 0.092829: 9. Half-width 0.4 with 5 seeds:
+    s = 0.4 sqrt(5) / 2.776445 = 0.322148; 42 give 2.019541 x 0.322148 / sqrt(42) = 0.100388, 43 give
+    2.018082 x 0.322148 / sqrt(43) = 0.099143: 43, under 16 x 5 because the t quantile falls with the seeds.
+    A half-width already at the target needs the seeds it had."""
+    assert seeds_for_half_width(0.3, 3, 0.1) == 9
+    assert seeds_for_half_width(0.4, 5, 0.1) == 43
+    assert seeds_for_half_width(0.1, 3, 0.1) == 3
+    with pytest.raises(ValueError, match="n >= 2"):
+        seeds_for_half_width(0.3, 1, 0.1)
 
 
 def test_interpolate_never_extrapolates():

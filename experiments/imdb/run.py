@@ -144,24 +144,26 @@ def verdicts(comparisons: Path, pairs: list[str], kls: list[str], alpha: float) 
             if r["where"] == "matched KL"}
     asked = [(pair, kl, rows.get((*pair.split(":"), f"gold_reward at KL {kl}"))) for pair in pairs for kl in kls]
     made = [row for _, _, row in asked if row is not None]
-    adjusted = dict(zip(map(id, made), holm([float(row["p_value"]) for row in made])))
+    adjusted = iter(holm([float(row["p_value"]) for row in made]))  # in the order of ``made``, as read below
+    target = f"{PLANNED_HALF_WIDTH:g}"
     lines = [f"Matched-KL comparisons of the gold reward, paired over seeds; Holm's correction over the {len(made)} "
              f"made; better/worse at adjusted p < {alpha:g}, no better where the 95% interval lies below "
              f"+{MARGIN:g}. Half-width: half the interval's width, about the smallest difference these seeds could "
-             f"call before Holm's correction. Seeds for +-{PLANNED_HALF_WIDTH:g}: how many seeds the same spread of "
-             f"the per-seed differences would need for a half-width of {PLANNED_HALF_WIDTH:g}.",
-             "", "| comparison | KL | difference [95% CI] | half-width | seeds for +-0.1 | p | p (Holm) | seeds | "
-             "verdict |", "|---|---|---|---|---|---|---|---|---|"]
+             f"call before Holm's correction. Seeds for +-{target}: how many seeds the same spread of the per-seed "
+             f"differences would need for a half-width of {target}.",
+             "", f"| comparison | KL | difference [95% CI] | half-width | seeds for +-{target} | p | p (Holm) | seeds "
+             "| verdict |", "|---|---|---|---|---|---|---|---|---|"]
     for pair, kl, row in asked:
         name = pair.replace(":", " - ")
         if row is None:
             lines.append(f"| {name} | {kl} | | | | | | missing: a frontier does not reach KL {kl} on every seed |")
             continue
-        low, high, p = float(row["ci_low"]), float(row["ci_high"]), adjusted[id(row)]
-        lines.append(f"| {name} | {kl} | {float(row['difference']):+.3f} [{low:+.3f}, {high:+.3f}] | "
-                     f"{(high - low) / 2:.3f} | {seeds_for_half_width((high - low) / 2, int(row['n_seeds']), PLANNED_HALF_WIDTH)} | "
+        difference, low, high, p = float(row["difference"]), float(row["ci_low"]), float(row["ci_high"]), next(adjusted)
+        half = (high - low) / 2
+        lines.append(f"| {name} | {kl} | {difference:+.3f} [{low:+.3f}, {high:+.3f}] | {half:.3f} | "
+                     f"{seeds_for_half_width(half, int(row['n_seeds']), PLANNED_HALF_WIDTH)} | "
                      f"{float(row['p_value']):.3g} | {p:.3g} | {row['seeds']} | "
-                     f"{verdict(float(row['difference']), high, p, MARGIN, alpha)} |")
+                     f"{verdict(difference, high, p, MARGIN, alpha)} |")
     return "\n".join(lines) + "\n"
 
 

@@ -123,15 +123,13 @@ def run_arm(arm: Arm, log: Path, out: Path = OUT) -> dict[str, float]:
 
 def report(pilot: bool = False) -> None:
     out, folder = (PILOT_OUT, HERE / "pilot" / "report") if pilot else (OUT, HERE / "report")
+    pairs, kls, alpha = (PILOT_COMPARE, PILOT_KL_POINTS, PILOT_ALPHA) if pilot else (COMPARE, KL_POINTS, ALPHA)
     ran = {path.parent.name.split("-")[0] for path in out.glob("*/jobs.jsonl")}  # compare the arms that have runs
-    compare = [pair for pair in (PILOT_COMPARE if pilot else COMPARE) if set(pair.split(":")) <= ran]
-    command = [PYTHON, "-m", "alignexp.report", str(out), "--out", str(folder),
-               "--kl", *(PILOT_KL_POINTS if pilot else KL_POINTS), "--compare", *compare]
+    compare = [pair for pair in pairs if set(pair.split(":")) <= ran]
+    command = [PYTHON, "-m", "alignexp.report", str(out), "--out", str(folder), "--kl", *kls, "--compare", *compare]
     print("[imdb] " + " ".join(command[2:]), flush=True)
     subprocess.run(command, cwd=REPO, check=True)
-    kls = PILOT_KL_POINTS if pilot else KL_POINTS
-    text = verdicts(folder / "comparisons.csv", PILOT_COMPARE if pilot else COMPARE, kls,
-                    PILOT_ALPHA if pilot else ALPHA)
+    text = verdicts(folder / "comparisons.csv", pairs, kls, alpha)  # every pair asked: the unrun ones as missing
     (folder / "verdicts.md").write_text(text)
     print(text + f"[imdb] wrote {folder / 'verdicts.md'}", flush=True)
 
@@ -140,7 +138,7 @@ def verdicts(comparisons: Path, pairs: list[str], kls: list[str], alpha: float) 
     """The questions' verdicts from the report's matched-KL comparisons: every pair at every KL is one family
     under Holm's correction; a pair at a KL that the report could not compare (a frontier that does not reach it
     on a seed) is listed as missing and is not in the family."""
-    rows = {(r["first"], r["second"], r["quantity"]): r for r in csv.DictReader(comparisons.open())
+    rows = {(r["first"], r["second"], r["quantity"]): r for r in csv.DictReader(comparisons.read_text().splitlines())
             if r["where"] == "matched KL"}
     asked = [(pair, kl, rows.get((*pair.split(":"), f"gold_reward at KL {kl}"))) for pair in pairs for kl in kls]
     made = [row for _, _, row in asked if row is not None]
